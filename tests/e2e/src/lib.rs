@@ -1,0 +1,1 @@
+//! Trellis sandbox: a real control plane for end-to-end tests (arrives next).
