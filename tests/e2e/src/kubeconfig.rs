@@ -1,0 +1,123 @@
+//! The admin kubeconfig: rendered once per `up` with every credential embedded, so the file alone
+//! is enough for `kubectl --kubeconfig` and for [`client`].
+
+use std::path::Path;
+
+use base64::{Engine as _, engine::general_purpose::STANDARD};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+
+use crate::error::{Error, Result};
+
+/// Name of the cluster, user and context in the generated kubeconfig.
+pub const CONTEXT: &str = "trellis-sandbox";
+
+/// Render a kubeconfig for `server` (e.g. `https://127.0.0.1:6443`) that trusts `ca_pem` and
+/// authenticates with the client certificate `cert_pem` / `key_pem`.
+pub fn render(server: &str, ca_pem: &str, cert_pem: &str, key_pem: &str) -> String {
+    let ca = STANDARD.encode(ca_pem);
+    let cert = STANDARD.encode(cert_pem);
+    let key = STANDARD.encode(key_pem);
+    // Every value is either a fixed name, base64 or a URL without quotes or backslashes, so
+    // double-quoted YAML scalars need no escaping.
+    format!(
+        r#"apiVersion: v1
+kind: Config
+clusters:
+- name: {CONTEXT}
+  cluster:
+    server: "{server}"
+    certificate-authority-data: "{ca}"
+users:
+- name: {CONTEXT}
+  user:
+    client-certificate-data: "{cert}"
+    client-key-data: "{key}"
+contexts:
+- name: {CONTEXT}
+  context:
+    cluster: {CONTEXT}
+    user: {CONTEXT}
+    namespace: default
+current-context: {CONTEXT}
+"#
+    )
+}
+
+/// Load the kubeconfig at `path` into a client configuration.
+pub async fn config(path: &Path) -> Result<kube::Config> {
+    let kubeconfig_err = |source| Error::Kubeconfig {
+        path: path.to_path_buf(),
+        source,
+    };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_err)?;
+    kube::Config::from_custom_kubeconfig(kubeconfig, &KubeConfigOptions::default())
+        .await
+        .map_err(kubeconfig_err)
+}
+
+/// A kube client authenticated as the sandbox admin, from the kubeconfig at `path`.
+pub async fn client(path: &Path) -> Result<kube::Client> {
+    let config = config(path).await?;
+    kube::Client::try_from(config)
+        .map_err(|e| Error::kube(format!("building a client from {}", path.display()), e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_kubeconfig_kube_can_read() {
+        let text = render(
+            "https://127.0.0.1:40123",
+            "CA PEM\n",
+            "CERT PEM\n",
+            "KEY PEM\n",
+        );
+        let kc = Kubeconfig::from_yaml(&text).unwrap();
+        assert_eq!(kc.current_context.as_deref(), Some(CONTEXT));
+
+        let cluster = kc.clusters[0].cluster.as_ref().unwrap();
+        assert_eq!(cluster.server.as_deref(), Some("https://127.0.0.1:40123"));
+        let ca = STANDARD
+            .decode(cluster.certificate_authority_data.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(ca, b"CA PEM\n");
+
+        let user = kc.auth_infos[0].auth_info.as_ref().unwrap();
+        let cert = STANDARD
+            .decode(user.client_certificate_data.as_ref().unwrap())
+            .unwrap();
+        assert_eq!(cert, b"CERT PEM\n");
+        assert!(user.client_key_data.is_some());
+
+        let ctx = kc.contexts[0].context.as_ref().unwrap();
+        assert_eq!(ctx.cluster, CONTEXT);
+        assert_eq!(ctx.user.as_deref(), Some(CONTEXT));
+    }
+
+    #[tokio::test]
+    async fn rendered_kubeconfig_loads_into_a_client_config() {
+        let pki = crate::certs::Pki::generate().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-kc-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            render(
+                "https://127.0.0.1:40123",
+                &pki.ca_cert,
+                &pki.admin_cert,
+                &pki.admin_key,
+            ),
+        )
+        .unwrap();
+        let config = config(&path).await.unwrap();
+        assert_eq!(config.cluster_url.to_string(), "https://127.0.0.1:40123/");
+        assert_eq!(config.default_namespace, "default");
+        // The embedded PEM must survive the round trip and be accepted by the TLS stack.
+        kube::Client::try_from(config).unwrap();
+    }
+}

@@ -1,0 +1,417 @@
+//! The sandbox's state directory: what runs (pid files), where it listens (endpoints), how to
+//! reach it (kubeconfig, PKI) and what it said (logs). Everything a later command needs to find,
+//! check or end the sandbox lives here, so `up`, `status` and `down` can be separate processes.
+//!
+//! ```text
+//! <state>/
+//!   .trellis-sandbox        marker: only a directory holding it is ever wiped
+//!   endpoints.json          ports and URLs of etcd and kube-apiserver
+//!   kubeconfig              admin kubeconfig (credentials embedded)
+//!   pki/                    CA, serving and client certificates, service-account keys
+//!   pids/<name>.pid         pid, binary and start time of every process we started
+//!   logs/<name>.log         stdout+stderr of each process
+//!   etcd/                   etcd data
+//! ```
+
+use std::{
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    controlplane,
+    error::{Error, Result},
+    process::{self, Ended, PidRecord},
+};
+
+/// Default state directory of the CLI.
+pub const DEFAULT_STATE_DIR: &str = "/tmp/trellis-sandbox";
+/// Environment variable overriding [`DEFAULT_STATE_DIR`].
+pub const STATE_DIR_ENV: &str = "TRELLIS_SANDBOX_DIR";
+/// File that marks a directory as ours, so we may wipe it.
+pub const MARKER: &str = ".trellis-sandbox";
+/// How long a process gets between SIGTERM and SIGKILL.
+pub const TERM_GRACE: Duration = Duration::from_secs(10);
+
+/// Where the control plane listens; written by `up`, read by `status` and tests.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Endpoints {
+    /// `https://127.0.0.1:<port>`
+    pub apiserver_url: String,
+    pub apiserver_port: u16,
+    /// `http://127.0.0.1:<port>`
+    pub etcd_client_url: String,
+    pub etcd_client_port: u16,
+    pub etcd_peer_port: u16,
+}
+
+/// A sandbox state directory.
+#[derive(Debug, Clone)]
+pub struct Sandbox {
+    dir: PathBuf,
+}
+
+impl Sandbox {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Sandbox { dir: dir.into() }
+    }
+
+    /// `$TRELLIS_SANDBOX_DIR`, else [`DEFAULT_STATE_DIR`].
+    pub fn default_dir() -> PathBuf {
+        std::env::var_os(STATE_DIR_ENV)
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from(DEFAULT_STATE_DIR), PathBuf::from)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn kubeconfig_path(&self) -> PathBuf {
+        self.dir.join("kubeconfig")
+    }
+
+    pub fn endpoints_path(&self) -> PathBuf {
+        self.dir.join("endpoints.json")
+    }
+
+    pub fn pki_dir(&self) -> PathBuf {
+        self.dir.join("pki")
+    }
+
+    pub fn pids_dir(&self) -> PathBuf {
+        self.dir.join("pids")
+    }
+
+    pub fn logs_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    pub fn etcd_data_dir(&self) -> PathBuf {
+        self.dir.join("etcd")
+    }
+
+    pub fn pid_path(&self, name: &str) -> PathBuf {
+        self.pids_dir().join(format!("{name}.pid"))
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.logs_dir().join(format!("{name}.log"))
+    }
+
+    /// Every pid file under `pids/`, in the order processes should be ended (storage last).
+    pub fn recorded_processes(&self) -> Result<Vec<PidRecord>> {
+        let dir = self.pids_dir();
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(Error::io("list", dir, e)),
+        };
+        let mut records = Vec::new();
+        for entry in entries {
+            let path = entry.map_err(|e| Error::io("list", &dir, e))?.path();
+            if path.extension().is_some_and(|ext| ext == "pid") {
+                records.push(PidRecord::read(&path)?);
+            }
+        }
+        records.sort_by(|a, b| (stop_rank(&a.name), &a.name).cmp(&(stop_rank(&b.name), &b.name)));
+        Ok(records)
+    }
+
+    /// End every recorded process (by pid, identity-checked) and remove its pid file. Keeps
+    /// going past failures and reports all of them; a pid file whose process could not be
+    /// ended stays, so a later run can try again.
+    pub fn end_recorded_processes(&self) -> Result<Vec<Ended>> {
+        let mut ended = Vec::new();
+        let mut errors = Vec::new();
+        for record in self.recorded_processes()? {
+            match process::end(&record, None, TERM_GRACE) {
+                Ok(outcome) => {
+                    tracing::debug!(name = %record.name, pid = record.pid, %outcome, "ended recorded process");
+                    if let Err(e) = process::remove_pid_file(&self.pid_path(&record.name)) {
+                        errors.push(e);
+                    }
+                    ended.push(Ended { record, outcome });
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        Error::from_list(errors).map(|()| ended)
+    }
+
+    /// Make the directory a fresh, empty sandbox: end whatever an earlier run left running,
+    /// wipe the old state (only if it carries our marker) and lay out the subdirectories.
+    pub fn reset(&self) -> Result<Vec<Ended>> {
+        let ended = self.end_recorded_processes()?;
+        self.remove()?;
+        for dir in [
+            self.dir.clone(),
+            self.pids_dir(),
+            self.logs_dir(),
+            self.pki_dir(),
+        ] {
+            std::fs::create_dir_all(&dir).map_err(|e| Error::io("create", &dir, e))?;
+        }
+        let marker = self.dir.join(MARKER);
+        std::fs::write(
+            &marker,
+            "trellis sandbox state directory; `trellis-sandbox down` removes it\n",
+        )
+        .map_err(|e| Error::io("write", &marker, e))?;
+        Ok(ended)
+    }
+
+    /// Delete the state directory. Refuses a non-empty directory without our marker; a missing
+    /// directory is fine.
+    pub fn remove(&self) -> Result<()> {
+        let is_empty = match std::fs::read_dir(&self.dir) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(Error::io("list", &self.dir, e)),
+        };
+        if !is_empty && !self.dir.join(MARKER).is_file() {
+            return Err(Error::ForeignStateDir {
+                path: self.dir.clone(),
+                marker: MARKER,
+            });
+        }
+        std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io("remove", &self.dir, e))
+    }
+
+    /// End every recorded process, then delete the state directory unless `keep_state`.
+    pub fn down(&self, keep_state: bool) -> Result<Vec<Ended>> {
+        let ended = self.end_recorded_processes()?;
+        if !keep_state {
+            self.remove()?;
+        }
+        Ok(ended)
+    }
+
+    pub fn write_endpoints(&self, endpoints: &Endpoints) -> Result<()> {
+        let path = self.endpoints_path();
+        let text = serde_json::to_string_pretty(endpoints).map_err(|source| Error::Endpoints {
+            path: path.clone(),
+            source,
+        })?;
+        std::fs::write(&path, text + "\n").map_err(|e| Error::io("write", &path, e))
+    }
+
+    /// The recorded endpoints, `None` if the sandbox was never started here.
+    pub fn endpoints(&self) -> Result<Option<Endpoints>> {
+        let path = self.endpoints_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io("read", &path, e)),
+        };
+        serde_json::from_str(&text)
+            .map(Some)
+            .map_err(|source| Error::Endpoints { path, source })
+    }
+
+    /// Which recorded processes run, where the apiserver is and whether it is ready.
+    pub async fn status(&self) -> Result<Status> {
+        let processes = self
+            .recorded_processes()?
+            .into_iter()
+            .map(|record| {
+                let state = match process::proc_identity(record.pid) {
+                    None => ProcessState::Gone,
+                    Some(seen) if process::identity_matches(&record, &seen) => {
+                        ProcessState::Running
+                    }
+                    Some(_) => ProcessState::PidReused,
+                };
+                ProcessStatus { record, state }
+            })
+            .collect();
+        let endpoints = self.endpoints()?;
+        let readyz = if endpoints.is_none() || !self.kubeconfig_path().is_file() {
+            Err("no control plane recorded".to_string())
+        } else {
+            match crate::kubeconfig::client(&self.kubeconfig_path()).await {
+                Ok(client) => controlplane::readyz(&client, Duration::from_secs(5)).await,
+                Err(e) => Err(e.to_string()),
+            }
+        };
+        Ok(Status {
+            dir: self.dir.clone(),
+            processes,
+            endpoints,
+            readyz,
+        })
+    }
+}
+
+/// Storage goes last so that its clients shut down cleanly first.
+fn stop_rank(name: &str) -> u8 {
+    u8::from(name == crate::binaries::Tool::Etcd.name())
+}
+
+/// Whether a recorded process is running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProcessState {
+    Running,
+    Gone,
+    /// The pid is alive but runs something else now.
+    PidReused,
+}
+
+#[derive(Debug, Clone)]
+pub struct ProcessStatus {
+    pub record: PidRecord,
+    pub state: ProcessState,
+}
+
+/// Snapshot for `trellis-sandbox status`.
+#[derive(Debug, Clone)]
+pub struct Status {
+    pub dir: PathBuf,
+    pub processes: Vec<ProcessStatus>,
+    pub endpoints: Option<Endpoints>,
+    /// The body of `GET /readyz` as the admin, or why it failed.
+    pub readyz: std::result::Result<String, String>,
+}
+
+impl Status {
+    /// Every recorded process runs and `/readyz` answered `ok`.
+    pub fn healthy(&self) -> bool {
+        !self.processes.is_empty()
+            && self
+                .processes
+                .iter()
+                .all(|p| p.state == ProcessState::Running)
+            && self.readyz.as_deref().is_ok_and(|body| body.trim() == "ok")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn temp() -> tempfile::TempDir {
+        tempfile::Builder::new()
+            .prefix("trellis-sbx-")
+            .tempdir()
+            .unwrap()
+    }
+
+    #[test]
+    fn reset_lays_out_and_wipes_only_marked_dirs() {
+        let tmp = temp();
+        let sbx = Sandbox::new(tmp.path().join("state"));
+        sbx.reset().unwrap();
+        assert!(sbx.pids_dir().is_dir() && sbx.logs_dir().is_dir() && sbx.pki_dir().is_dir());
+        std::fs::write(sbx.log_path("etcd"), "old").unwrap();
+        sbx.reset().unwrap();
+        assert!(!sbx.log_path("etcd").exists(), "reset wipes earlier state");
+
+        // A directory that is not ours is never wiped.
+        let foreign = Sandbox::new(tmp.path().join("home"));
+        std::fs::create_dir_all(foreign.dir()).unwrap();
+        std::fs::write(foreign.dir().join("precious"), "x").unwrap();
+        assert!(matches!(
+            foreign.reset(),
+            Err(Error::ForeignStateDir { .. })
+        ));
+        assert!(matches!(
+            foreign.down(false),
+            Err(Error::ForeignStateDir { .. })
+        ));
+        assert!(foreign.dir().join("precious").exists());
+
+        sbx.down(false).unwrap();
+        assert!(!sbx.dir().exists());
+        sbx.down(false).unwrap();
+    }
+
+    #[test]
+    fn records_are_ended_storage_last() {
+        let tmp = temp();
+        let sbx = Sandbox::new(tmp.path());
+        sbx.reset().unwrap();
+        for (name, pid) in [("etcd", 10), ("kube-apiserver", 11), ("a-node", 12)] {
+            PidRecord {
+                name: name.into(),
+                pid,
+                binary: "/nonexistent".into(),
+                starttime: None,
+            }
+            .write(&sbx.pid_path(name))
+            .unwrap();
+        }
+        let names: Vec<_> = sbx
+            .recorded_processes()
+            .unwrap()
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["a-node", "kube-apiserver", "etcd"]);
+    }
+
+    #[test]
+    fn reset_ends_recorded_processes_but_not_reused_pids() {
+        use crate::process::{Outcome, is_alive, proc_identity};
+
+        let tmp = temp();
+        let sbx = Sandbox::new(tmp.path());
+        sbx.reset().unwrap();
+        let sleep = std::fs::canonicalize("/bin/sleep").unwrap();
+        let mut ours = std::process::Command::new(&sleep)
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let mut stranger = std::process::Command::new(&sleep)
+            .arg("600")
+            .spawn()
+            .unwrap();
+        let record = |name: &str, pid: u32, binary: &Path| PidRecord {
+            name: name.into(),
+            pid,
+            binary: binary.to_path_buf(),
+            starttime: proc_identity(pid).unwrap().starttime,
+        };
+        record("ours", ours.id(), &sleep)
+            .write(&sbx.pid_path("ours"))
+            .unwrap();
+        // What a pid file looks like after the kernel handed its pid to another program.
+        record("stranger", stranger.id(), Path::new("/opt/trellis/etcd"))
+            .write(&sbx.pid_path("stranger"))
+            .unwrap();
+
+        let mut ended = sbx.reset().unwrap();
+        ended.sort_by(|a, b| a.record.name.cmp(&b.record.name));
+        assert_eq!(ended[0].record.name, "ours");
+        assert_eq!(ended[0].outcome, Outcome::Terminated);
+        assert_eq!(ended[1].record.name, "stranger");
+        assert_eq!(ended[1].outcome, Outcome::PidReused);
+        assert!(!is_alive(ours.id()));
+        assert!(
+            is_alive(stranger.id()),
+            "a pid that is not ours must never be signalled"
+        );
+        assert!(sbx.recorded_processes().unwrap().is_empty());
+
+        ours.wait().unwrap();
+        stranger.kill().unwrap();
+        stranger.wait().unwrap();
+    }
+
+    #[test]
+    fn endpoints_round_trip() {
+        let tmp = temp();
+        let sbx = Sandbox::new(tmp.path());
+        assert_eq!(sbx.endpoints().unwrap(), None);
+        let ep = Endpoints {
+            apiserver_url: "https://127.0.0.1:1".into(),
+            apiserver_port: 1,
+            etcd_client_url: "http://127.0.0.1:2".into(),
+            etcd_client_port: 2,
+            etcd_peer_port: 3,
+        };
+        sbx.write_endpoints(&ep).unwrap();
+        assert_eq!(sbx.endpoints().unwrap(), Some(ep));
+    }
+}
