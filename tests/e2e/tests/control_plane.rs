@@ -234,28 +234,33 @@ async fn a_new_start_ends_the_processes_of_a_crashed_run() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_process_that_dies_fails_the_start_at_once_with_its_log() {
+/// Start options whose etcd and kube-apiserver are both `script`, in a fresh temp dir (kept
+/// alive by the returned guard).
+fn fake_control_plane(script: &str) -> (tempfile::TempDir, StartOptions) {
     let tmp = tempfile::Builder::new()
         .prefix("trellis-fake-")
         .tempdir()
-        .unwrap();
+        .expect("temp dir");
     let fake = tmp.path().join("etcd");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\necho \"trellis-fake-etcd: cannot start: $1\" >&2\nexit 3\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let state_dir = tmp.path().join("state");
+    std::fs::write(&fake, script).expect("write fake binary");
+    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755))
+        .expect("make fake binary executable");
     let opts = StartOptions {
         binaries: Some(Binaries {
             etcd: fake.clone(),
-            kube_apiserver: fake.clone(),
+            kube_apiserver: fake,
         }),
         crd_dir: None,
-        ..StartOptions::new(&state_dir)
+        ..StartOptions::new(tmp.path().join("state"))
     };
+    (tmp, opts)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_process_that_dies_fails_the_start_at_once_with_its_log() {
+    let (_tmp, opts) =
+        fake_control_plane("#!/bin/sh\necho \"trellis-fake-etcd: cannot start: $1\" >&2\nexit 3\n");
+    let state_dir = opts.state_dir.clone();
 
     let started = Instant::now();
     let err = match ControlPlane::start(opts).await {
@@ -292,26 +297,12 @@ async fn a_process_that_dies_fails_the_start_at_once_with_its_log() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_process_that_never_gets_ready_times_out_and_is_ended() {
-    let tmp = tempfile::Builder::new()
-        .prefix("trellis-fake-")
-        .tempdir()
-        .unwrap();
-    let fake = tmp.path().join("etcd");
-    std::fs::write(
-        &fake,
-        "#!/bin/sh\necho 'trellis-fake-etcd: hanging'\nexec sleep 600\n",
-    )
-    .unwrap();
-    std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    let state_dir = tmp.path().join("state");
+    let (_tmp, opts) =
+        fake_control_plane("#!/bin/sh\necho 'trellis-fake-etcd: hanging'\nexec sleep 600\n");
+    let state_dir = opts.state_dir.clone();
     let opts = StartOptions {
-        binaries: Some(Binaries {
-            etcd: fake.clone(),
-            kube_apiserver: fake.clone(),
-        }),
-        crd_dir: None,
         ready_timeout: Duration::from_secs(1),
-        ..StartOptions::new(&state_dir)
+        ..opts
     };
 
     let err = match ControlPlane::start(opts).await {
