@@ -4,6 +4,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, KubeSchema};
 use serde::{Deserialize, Serialize};
 
+/// Condition: the settings make sense together and for every node.
+pub const NETWORKCONFIG_VALID: &str = "Valid";
 /// The name of the one `NetworkConfig` object Trellis reads.
 pub const NETWORK_CONFIG_NAME: &str = "default";
 /// Default VXLAN network identifier (Flannel's and the Linux default).
@@ -30,7 +32,7 @@ pub const VXLAN_OVERHEAD: i32 = 50;
     printcolumn(name = "Encapsulation", type_ = "string", json_path = ".spec.encapsulation"),
     printcolumn(name = "VNI", type_ = "integer", json_path = ".spec.vxlan.vni"),
     printcolumn(name = "Port", type_ = "integer", json_path = ".spec.vxlan.port"),
-    printcolumn(name = "MTU", type_ = "string", json_path = ".spec.mtu", description = "Pod MTU; empty means automatic (underlay MTU minus encapsulation overhead)"),
+    printcolumn(name = "MTU", type_ = "integer", json_path = ".spec.mtu", description = "Pod MTU; empty means automatic (underlay MTU minus encapsulation overhead)"),
     printcolumn(name = "Enforcement", type_ = "string", json_path = ".spec.policyEnforcement"),
     printcolumn(name = "Valid", type_ = "string", json_path = ".status.conditions[?(@.type==\"Valid\")].status"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
@@ -128,7 +130,8 @@ pub enum PolicyEnforcement {
     /// policy selects it for that direction.
     #[default]
     Default,
-    /// Isolate every pod in both directions; only what policy allows passes.
+    /// Isolate every pod in both directions; only what policy allows passes
+    /// (plus traffic from the pod's own node, such as health probes).
     Always,
     /// Enforce no policy.
     Never,

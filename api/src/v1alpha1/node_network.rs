@@ -44,6 +44,7 @@ pub const NODENETWORK_BLOCKS_ASSIGNED: &str = "BlocksAssigned";
     )
 )]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.encapsulation != 'VXLAN' || (has(self.vxlan) && has(self.vtep))").message("spec.vxlan and spec.vtep are required when spec.encapsulation is VXLAN"))]
 pub struct NodeNetworkSpec {
     /// Pod address blocks held by this node, IPv4 and IPv6. A block is never
     /// moved to another node while this node exists. Each lies inside exactly

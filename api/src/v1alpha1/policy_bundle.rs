@@ -193,8 +193,9 @@ pub struct PolicyPort {
     #[serde(default)]
     pub protocol: Protocol,
     /// A port number (1–65535) or the name of a container port of the
-    /// destination pod (an IANA service name: at most 15 characters of
-    /// lowercase letters, digits and '-'). Unset: every port.
+    /// destination pod (an IANA service name: at most 15 lowercase letters,
+    /// digits and '-', with at least one letter, '-' neither first, last nor
+    /// doubled; so a quoted "8080" is not a name). Unset: every port.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(schema_with = "port_schema")]
     pub port: Option<IntOrString>,
@@ -238,8 +239,9 @@ pub enum Protocol {
     Sctp,
 }
 
-/// Whether the bundle is accepted and how far it is enforced. Counts, never
-/// per-node lists, so the object stays small at 5,000 nodes.
+/// Whether the bundle is accepted and how far it is enforced. Counts and at
+/// most 10 node names, never a full per-node list, so the object stays small
+/// at 5,000 nodes.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct PolicyBundleStatus {
@@ -256,7 +258,7 @@ pub struct PolicyBundleStatus {
     pub realized_nodes: i32,
     /// Up to 10 names of nodes that do not enforce the current generation yet.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 10))]
+    #[schemars(length(max = 10), inner(length(max = 253)))]
     pub lagging_nodes: Vec<String>,
     /// `Accepted`, `Realized`, `Conflicting`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
