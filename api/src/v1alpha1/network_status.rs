@@ -73,7 +73,6 @@ pub struct NetworkStatusStatus {
     pub pod_cidrs: Vec<String>,
     /// Encapsulation in effect.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(extend("description" = "Encapsulation in effect on the node: VXLAN or None."))]
     pub encapsulation: Option<Encapsulation>,
     /// Pod endpoints on the node.
     #[serde(default)]
