@@ -1,18 +1,25 @@
 //! `trellis-operator`: the cluster brain.
 //!
 //! ```text
-//!  IPPool  NetworkConfig  Node  NodeNetwork (the record)
-//!        │ watch
+//!  IPPool  NetworkConfig  Node  NodeNetwork (the record)  NetworkStatus
+//!        │ controller: watches → stores → Snapshot     (only while the lease is ours)
 //!        ▼
-//!  ipam::allocate ──▶ desired::node_network_spec ──▶ NodeNetwork (one per node)
-//!        └──────────▶ status::pool_conditions ─────▶ IPPool.status, Events
+//!  plan ── ipam::allocate ──▶ desired::node_network_spec ──▶ NodeNetwork specs
+//!       └─ status::* ────────▶ NodeNetwork / IPPool / NetworkConfig status, Events
+//!        │ Plan (only what differs)
+//!        ▼
+//!  apply::Writer ── server-side apply, field manager "trellis-operator"
 //! ```
 //!
-//! The modules above are pure (values in, values out; no client, no clock)
-//! and tested in microseconds; a thin controller shell does the I/O.
+//! `ipam`, `desired`, `status`, `conditions`, `selector` and `plan` are pure
+//! (values in, values out; no client, no clock) and tested in microseconds;
+//! `controller` and `apply` are the thin shell that does the I/O; `lease`
+//! elects the one replica that writes; `ops` serves metrics and health.
 
 pub mod conditions;
 pub mod desired;
 pub mod ipam;
+pub mod lease;
+pub mod ops;
 pub mod selector;
 pub mod status;
