@@ -16,10 +16,13 @@
 //! `controller` and `apply` are the thin shell that does the I/O; `lease`
 //! elects the one replica that writes; `ops` serves metrics and health.
 
+pub mod apply;
 pub mod conditions;
+pub mod controller;
 pub mod desired;
 pub mod ipam;
 pub mod lease;
 pub mod ops;
+pub mod plan;
 pub mod selector;
 pub mod status;

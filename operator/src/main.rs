@@ -1,18 +1,271 @@
-//! `trellis-operator`: the cluster brain.
-//!
-//! ```text
-//!  IPPool  NetworkConfig  Node ──▶ ipam ──▶ NodeNetwork (one per node)
-//!  Pod  Namespace  NetworkPolicy  PolicyBundle ──▶ identity + policy ──▶ compiled rules
-//!  NetworkStatus ×N ──▶ rollup ──▶ IPPool / PolicyBundle / NetworkConfig status
-//! ```
-//!
-//! The controllers arrive with the IPAM issue; until then this binary only
-//! identifies itself so that packaging and manifests can refer to it.
+//! `trellis-operator`: watches IPPools, NetworkConfig and Nodes and keeps one
+//! `NodeNetwork` per node; see the library crate for the flow.
 
-fn main() {
-    eprintln!(
-        "trellis-operator {}: controllers are not built yet (IPAM issue)",
-        env!("CARGO_PKG_VERSION")
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{Parser, ValueEnum};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio::sync::{Notify, watch};
+use trellis_operator::apply::Writer;
+use trellis_operator::controller::{self, LoopConfig};
+use trellis_operator::lease::{Elector, LeaseConfig};
+use trellis_operator::ops::{self, ErrorKind, Health, Metrics, WriteKind};
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-operator",
+    version,
+    about = "Trellis cluster operator: IPAM and per-node desired state"
+)]
+struct Args {
+    /// Kubeconfig to use; in-cluster configuration (or $KUBECONFIG) when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Namespace of the leader-election Lease.
+    #[arg(long, default_value = "trellis-system")]
+    leader_election_namespace: String,
+    /// Name of the leader-election Lease.
+    #[arg(long, default_value = "trellis-operator")]
+    leader_election_name: String,
+    /// This replica's identity in the Lease (default: $POD_NAME, else host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Address of /metrics, /healthz and /readyz.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    metrics_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    /// Seconds between full passes when nothing changes.
+    #[arg(long, default_value_t = 300)]
+    resync_seconds: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(args.log_format);
+    let identity = args.identity.clone().unwrap_or_else(default_identity);
+
+    let client = client(args.kubeconfig.as_deref()).await?;
+    let metrics = Metrics::new();
+    let health = Health::new(Duration::from_secs(120));
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (leading_tx, leading) = watch::channel(false);
+
+    let listener = ops::bind(args.metrics_addr).await?;
+    tracing::info!(addr = %listener.local_addr()?, identity = %identity, "serving /metrics, /healthz, /readyz");
+    let server = tokio::spawn(ops::serve(
+        listener,
+        metrics.clone(),
+        health.clone(),
+        wait_for(shutdown.clone()),
+    ));
+
+    let changed = Arc::new(Notify::new());
+    let (stores, watches) = controller::watch_all(&client, changed.clone());
+
+    let elector = Elector::new(
+        client.clone(),
+        LeaseConfig::new(
+            &args.leader_election_namespace,
+            &args.leader_election_name,
+            &identity,
+        ),
     );
-    std::process::exit(2);
+    let mut election = tokio::spawn(elector.run(leading_tx, shutdown.clone()));
+    {
+        let (metrics, mut leading) = (metrics.clone(), leading.clone());
+        tokio::spawn(async move {
+            while leading.changed().await.is_ok() {
+                let now = *leading.borrow_and_update();
+                metrics.set_leader(now);
+                tracing::info!(leading = now, "leadership changed");
+            }
+        });
+    }
+
+    let writer = Writer::new(client.clone(), Some(identity.clone()));
+    let cfg = LoopConfig {
+        resync: Duration::from_secs(args.resync_seconds),
+        ..LoopConfig::default()
+    };
+    let on_pass = {
+        let (metrics, health) = (metrics.clone(), health.clone());
+        move |pass: &controller::PassReport| {
+            health.beat();
+            metrics.reconciled(pass.took);
+            let p = &pass.plan;
+            metrics.set_ipam(p.blocks_in_use, p.blocks_total, p.nodes_without_block);
+            count_writes(&metrics, p);
+            for e in &pass.errors {
+                metrics.error(error_kind(e));
+                tracing::warn!(error = %e, transient = e.is_transient(), "write failed");
+            }
+            for skipped in &p.skipped {
+                tracing::warn!(%skipped, "ignored an object the schema should have refused");
+            }
+            if p.writes() > 0 || !pass.errors.is_empty() {
+                tracing::info!(writes = p.writes(), errors = pass.errors.len(), took_ms = pass.took.as_millis() as u64,
+                    waiting_for_address = ?p.waiting_for_address, "reconciled");
+                for write in p.summary() {
+                    tracing::debug!(%write, "wrote");
+                }
+            } else {
+                tracing::debug!(
+                    took_ms = pass.took.as_millis() as u64,
+                    "reconciled; nothing to change"
+                );
+            }
+        }
+    };
+    // One task waits for the caches and then runs the loop: kube-runtime's
+    // `Store::wait_until_ready` wakes only one of several concurrent waiters
+    // (a oneshot receiver keeps a single waker), so nothing else waits on it.
+    let mut controller_task = {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if stores.ready().await.is_err() {
+                return;
+            }
+            tracing::info!("caches synced");
+            health.set_ready(true);
+            controller::run(stores, changed, writer, leading, shutdown, cfg, on_pass).await;
+        })
+    };
+
+    // Liveness heartbeat for standby replicas, which make no passes.
+    {
+        let health = health.clone();
+        tokio::spawn(async move {
+            loop {
+                health.beat();
+                tokio::time::sleep(Duration::from_secs(10)).await;
+            }
+        });
+    }
+
+    let result = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutting down");
+            Ok(())
+        }
+        res = &mut election => match res {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("leader election")),
+            Err(e) => Err(anyhow::anyhow!("leader election task failed: {e}")),
+        },
+        res = &mut controller_task => Err(anyhow::anyhow!("controller loop ended unexpectedly: {res:?}")),
+    };
+
+    // Stop writing first, then give the lease back so a standby takes over at once.
+    let _ = shutdown_tx.send(true);
+    let _ = controller_task.await;
+    if !election.is_finished() {
+        match election.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "releasing the lease failed"),
+            Err(e) => tracing::warn!(error = %e, "leader election task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    for task in watches {
+        task.abort();
+    }
+    let _ = server.await;
+    result
+}
+
+fn count_writes(metrics: &Metrics, p: &trellis_operator::plan::Plan) {
+    let counts = [
+        (WriteKind::NodeNetworkSpec, p.node_network_specs.len()),
+        (WriteKind::NodeNetworkStatus, p.node_network_statuses.len()),
+        (WriteKind::NodeNetworkDelete, p.node_network_deletes.len()),
+        (WriteKind::PoolStatus, p.pool_statuses.len()),
+        (
+            WriteKind::PoolFinalizer,
+            p.finalizers_to_add.len() + p.finalizers_to_remove.len(),
+        ),
+        (
+            WriteKind::NetworkConfigStatus,
+            usize::from(p.config_status.is_some()),
+        ),
+        (WriteKind::Event, p.events.len()),
+    ];
+    for (kind, n) in counts {
+        for _ in 0..n {
+            metrics.wrote(kind);
+        }
+    }
+}
+
+fn error_kind(e: &trellis_operator::apply::WriteError) -> ErrorKind {
+    match e.kind() {
+        "conflict" => ErrorKind::Conflict,
+        "invalid" => ErrorKind::Invalid,
+        "timeout" | "transport" => ErrorKind::Timeout,
+        _ => ErrorKind::Api,
+    }
+}
+
+async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)
+                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .with_context(|| format!("loading kubeconfig {}", path.display()))?
+        }
+        None => kube::Config::infer()
+            .await
+            .context("no kubeconfig given and no in-cluster configuration")?,
+    };
+    kube::Client::try_from(config).context("building the Kubernetes client")
+}
+
+fn default_identity() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    format!("{}-{}", host.trim(), std::process::id())
+}
+
+fn init_tracing(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| "info,kube_client=warn,kube_runtime=warn".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn wait_for(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
