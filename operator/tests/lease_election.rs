@@ -145,6 +145,19 @@ fn transitions(lease: &Lease) -> i32 {
         .unwrap_or_default()
 }
 
+/// Two candidates racing for the lease in a fresh control plane, once one of
+/// them leads: `(control plane, lease api, leader, follower)`.
+async fn elected_pair(test: &str) -> (ControlPlane, Api<Lease>, Candidate, Candidate) {
+    let cp = start(test).await;
+    let client = cp.client();
+    let api: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
+    let a = Candidate::spawn(&client, short("a"));
+    let b = Candidate::spawn(&client, short("b"));
+    let (i, _) = await_one_leader(&[&a, &b], FIRST_ELECTION).await;
+    let (leader, follower) = if i == 0 { (a, b) } else { (b, a) };
+    (cp, api, leader, follower)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn exactly_one_leader_and_it_holds_the_lease() {
     let mut cp = start("one-leader").await;
@@ -195,13 +208,7 @@ async fn exactly_one_leader_and_it_holds_the_lease() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn follower_takes_over_after_the_leader_dies() {
-    let mut cp = start("abrupt-death").await;
-    let client = cp.client();
-    let api: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let a = Candidate::spawn(&client, short("a"));
-    let b = Candidate::spawn(&client, short("b"));
-    let (i, _) = await_one_leader(&[&a, &b], FIRST_ELECTION).await;
-    let (leader, follower) = if i == 0 { (a, b) } else { (b, a) };
+    let (mut cp, api, leader, follower) = elected_pair("abrupt-death").await;
     let before = read_lease(&api).await;
     assert_eq!(holder(&before), Some(leader.identity.as_str()));
 
@@ -240,13 +247,7 @@ async fn follower_takes_over_after_the_leader_dies() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn graceful_shutdown_hands_over_at_once() {
-    let mut cp = start("graceful").await;
-    let client = cp.client();
-    let api: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let a = Candidate::spawn(&client, short("a"));
-    let b = Candidate::spawn(&client, short("b"));
-    let (i, _) = await_one_leader(&[&a, &b], FIRST_ELECTION).await;
-    let (leader, follower) = if i == 0 { (a, b) } else { (b, a) };
+    let (mut cp, api, leader, follower) = elected_pair("graceful").await;
     let before = read_lease(&api).await;
 
     let stopping = Instant::now();
@@ -297,13 +298,7 @@ async fn graceful_shutdown_hands_over_at_once() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn follower_shutdown_leaves_the_lease_alone() {
-    let mut cp = start("follower-shutdown").await;
-    let client = cp.client();
-    let api: Api<Lease> = Api::namespaced(client.clone(), NAMESPACE);
-    let a = Candidate::spawn(&client, short("a"));
-    let b = Candidate::spawn(&client, short("b"));
-    let (i, _) = await_one_leader(&[&a, &b], FIRST_ELECTION).await;
-    let (leader, follower) = if i == 0 { (a, b) } else { (b, a) };
+    let (mut cp, api, leader, follower) = elected_pair("follower-shutdown").await;
 
     follower.shutdown.send(true).expect("the elector listens");
     follower.result(RENEW_DEADLINE).await.expect("clean stop");
@@ -324,12 +319,7 @@ async fn follower_shutdown_leaves_the_lease_alone() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn leader_steps_down_when_the_apiserver_goes_away() {
-    let mut cp = start("apiserver-lost").await;
-    let client = cp.client();
-    let a = Candidate::spawn(&client, short("a"));
-    let b = Candidate::spawn(&client, short("b"));
-    let (i, _) = await_one_leader(&[&a, &b], FIRST_ELECTION).await;
-    let (leader, follower) = if i == 0 { (a, b) } else { (b, a) };
+    let (mut cp, _api, leader, follower) = elected_pair("apiserver-lost").await;
 
     let stopping = Instant::now();
     // Ends the apiserver first (renewals fail from then on), then etcd.
