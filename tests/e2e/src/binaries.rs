@@ -107,7 +107,8 @@ pub fn build_script(repo_root: &Path) -> PathBuf {
     repo_root.join("tests/e2e/tools/build.sh")
 }
 
-fn executable(path: &Path) -> Option<PathBuf> {
+/// The canonical path of `path` if it is an executable file.
+pub(crate) fn executable(path: &Path) -> Option<PathBuf> {
     let canonical = std::fs::canonicalize(path).ok()?;
     let meta = std::fs::metadata(&canonical).ok()?;
     (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(canonical)

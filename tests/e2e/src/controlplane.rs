@@ -3,7 +3,10 @@
 //!
 //! ```text
 //! reset state dir ─► binaries ─► PKI ─► etcd ──/health──► kube-apiserver ──/readyz──► CRDs
-//!  (end stale pids)  (build.sh)  (rcgen)  (127.0.0.1:free)   (127.0.0.1:free)         (SSA, Established)
+//!  (end stale pids)  (build.sh,  (rcgen)  (127.0.0.1:free)   (127.0.0.1:free)         (SSA, Established)
+//!                     cargo)
+//!   ─► namespace trellis-system ─► Nodes ─► trellis-operator ──/readyz──► ready
+//!      (if asked)                  (if any)  (if asked; 127.0.0.1:free metrics)
 //! ```
 //!
 //! Each phase is timed. Readiness is polled, never slept for; a process that exits while we
@@ -24,6 +27,8 @@ use crate::{
     crds,
     error::{Error, Result},
     kubeconfig,
+    nodes::{NodeSpec, Nodes},
+    operator::{self, OperatorOptions},
     process::{Ended, PidRecord, Process},
     sandbox::{Endpoints, Sandbox, TERM_GRACE},
 };
@@ -59,11 +64,20 @@ pub struct StartOptions {
     /// Delete the state directory when the control plane is stopped or dropped (it is kept if
     /// the drop happens during a panic, so a failed test leaves its logs).
     pub remove_state_on_stop: bool,
+    /// Create the namespace `trellis-system` once the CRDs are in (always done when
+    /// `operator` is set: its Lease lives there).
+    pub system_namespace: bool,
+    /// Nodes to register once the CRDs are in (see [`crate::nodes`]); e.g.
+    /// [`crate::nodes::numbered`].
+    pub nodes: Vec<NodeSpec>,
+    /// Run `trellis-operator` once the nodes exist, and wait for its `/readyz`; it is ended
+    /// first on stop. `None` runs none.
+    pub operator: Option<OperatorOptions>,
 }
 
 impl StartOptions {
     /// Defaults for `state_dir`: this repository, its `config/crd`, binaries from `build.sh`,
-    /// [`DEFAULT_READY_TIMEOUT`], state kept on stop.
+    /// [`DEFAULT_READY_TIMEOUT`], state kept on stop; no namespace, nodes or operator.
     pub fn new(state_dir: impl Into<PathBuf>) -> Self {
         let repo_root = repo_root();
         StartOptions {
@@ -73,7 +87,21 @@ impl StartOptions {
             binaries: None,
             ready_timeout: DEFAULT_READY_TIMEOUT,
             remove_state_on_stop: false,
+            system_namespace: false,
+            nodes: Vec::new(),
+            operator: None,
         }
+    }
+
+    /// What `trellis-sandbox up` runs: the namespace `trellis-system`, `nodes` numbered nodes
+    /// and the operator (with default options).
+    pub fn with_cluster(self, nodes: usize) -> Result<Self> {
+        Ok(StartOptions {
+            system_namespace: true,
+            nodes: crate::nodes::numbered(nodes)?,
+            operator: Some(OperatorOptions::default()),
+            ..self
+        })
     }
 
     /// Like [`StartOptions::new`] in `<temp dir>/trellis-e2e-<name>`, removed again on stop.
@@ -150,6 +178,13 @@ impl ControlPlane {
             Some(b) => b,
             None => Binaries::resolve(&opts.repo_root).await?,
         };
+        let operator_binary = match &opts.operator {
+            None => None,
+            Some(OperatorOptions {
+                binary: Some(path), ..
+            }) => Some(path.clone()),
+            Some(_) => Some(operator::resolve(&opts.repo_root).await?),
+        };
         phase("binaries", t);
 
         let t = Instant::now();
@@ -179,12 +214,13 @@ impl ControlPlane {
         .await?;
         phase("kube-apiserver", t);
 
-        let endpoints = Endpoints {
+        let mut endpoints = Endpoints {
             apiserver_url: format!("https://127.0.0.1:{apiserver_port}"),
             apiserver_port,
             etcd_client_url,
             etcd_client_port,
             etcd_peer_port,
+            operator_metrics_port: None,
         };
         sandbox.write_endpoints(&endpoints)?;
 
@@ -200,6 +236,30 @@ impl ControlPlane {
             None => Vec::new(),
         };
         phase("crds", t);
+
+        if opts.system_namespace || opts.operator.is_some() {
+            let t = Instant::now();
+            ensure_namespace(&client, operator::SYSTEM_NAMESPACE).await?;
+            phase("namespace", t);
+        }
+
+        if !opts.nodes.is_empty() {
+            let t = Instant::now();
+            Nodes::new(sandbox.clone(), client.clone())
+                .add_all(&opts.nodes)
+                .await?;
+            phase("nodes", t);
+        }
+
+        if let (Some(op), Some(binary)) = (&opts.operator, &operator_binary) {
+            let t = Instant::now();
+            let port =
+                start_operator(&sandbox, binary, op, opts.ready_timeout, &mut processes).await?;
+            endpoints.operator_metrics_port = Some(port);
+            sandbox.write_endpoints(&endpoints)?;
+            phase("operator", t);
+        }
+
         timings.push(Phase {
             name: "total",
             took: total.elapsed(),
@@ -236,6 +296,20 @@ impl ControlPlane {
         &self.endpoints
     }
 
+    /// Adds and removes the sandbox's nodes.
+    pub fn nodes(&self) -> Nodes {
+        Nodes::new(self.sandbox.clone(), self.client.clone())
+    }
+
+    /// The operator's process, if this control plane runs one.
+    pub fn operator(&self) -> Option<PidRecord> {
+        self.processes
+            .0
+            .iter()
+            .find(|p| p.name() == operator::NAME)
+            .map(|p| p.record.clone())
+    }
+
     /// The processes this control plane runs, in start order.
     pub fn processes(&self) -> Vec<PidRecord> {
         self.processes.0.iter().map(|p| p.record.clone()).collect()
@@ -256,7 +330,7 @@ impl ControlPlane {
         &self.stale
     }
 
-    /// End the processes (apiserver first), remove their pid files and, if so configured,
+    /// End the processes (newest first: the operator, the apiserver, etcd), remove their pid files and, if so configured,
     /// the state directory. Keeps going past failures and reports all of them. Idempotent.
     pub fn stop(&mut self) -> Result<Vec<Ended>> {
         if self.finished {
@@ -456,6 +530,63 @@ async fn start_apiserver(
     }
 }
 
+async fn start_operator(
+    sandbox: &Sandbox,
+    binary: &Path,
+    opts: &OperatorOptions,
+    timeout: Duration,
+    processes: &mut Processes,
+) -> Result<u16> {
+    let name = operator::NAME;
+    // Its log is a file: no colour codes in it.
+    let env = [
+        ("RUST_LOG", opts.log_filter.as_deref()),
+        ("NO_COLOR", Some("1")),
+    ];
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let port = free_port()?;
+        let args = operator::args(&sandbox.kubeconfig_path(), &opts.identity, port);
+        let mut process = Process::spawn_with_env(
+            name,
+            binary,
+            &args,
+            &env,
+            &sandbox.log_path(name),
+            &sandbox.pid_path(name),
+        )?;
+        let ready = wait_ready(&mut process, timeout, || {
+            operator::readyz(port, PROBE_TIMEOUT)
+        })
+        .await;
+        if !retry_on_port_clash(ready, attempt, &mut process, sandbox)? {
+            processes.0.push(process);
+            return Ok(port);
+        }
+    }
+}
+
+/// Create namespace `name` unless it exists.
+pub async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<()> {
+    use k8s_openapi::api::core::v1::Namespace;
+    let ns = Namespace {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_string()),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    match kube::Api::<Namespace>::all(client.clone())
+        .create(&kube::api::PostParams::default(), &ns)
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 409 => Ok(()),
+        Err(e) => Err(Error::kube(format!("create namespace {name}"), e)),
+    }
+}
+
 /// `Ok(false)`: ready. `Ok(true)`: the process lost its port to someone else between
 /// [`free_port`] and its bind, and was cleaned up; try again. `Err`: give up.
 fn retry_on_port_clash(
@@ -468,7 +599,8 @@ fn retry_on_port_clash(
         Ok(()) => return Ok(false),
         Err(e) => e,
     };
-    let clash = matches!(&err, Error::ProcessExited { tail, .. } if tail.contains("address already in use"));
+    let clash = matches!(&err, Error::ProcessExited { tail, .. }
+        if tail.to_ascii_lowercase().contains("address already in use"));
     // Whatever happened, this process is not going to be used.
     let _ = process.end(TERM_GRACE);
     if !clash || attempt == PORT_ATTEMPTS {

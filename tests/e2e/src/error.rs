@@ -146,6 +146,10 @@ pub enum Error {
         detail: Option<String>,
     },
 
+    /// A sandbox node cannot be added as asked.
+    #[error("node {name}: {reason}")]
+    InvalidNode { name: String, reason: String },
+
     /// Several independent steps failed (teardown keeps going and reports all of them).
     #[error("{}", ErrorList(.0))]
     Many(Vec<Error>),

@@ -8,7 +8,10 @@
 //!                            ├─ certs       CA, apiserver serving cert, admin client cert, SA key
 //!                            ├─ etcd        127.0.0.1:<free>, data in the state dir
 //!                            ├─ apiserver   https://127.0.0.1:<free>, ready on /readyz
-//!                            └─ crds        config/crd/*.yaml, server-side applied, Established
+//!                            ├─ crds        config/crd/*.yaml, server-side applied, Established
+//!                            ├─ namespace   trellis-system                     (if asked)
+//!                            ├─ nodes       Node objects trellis-node-<i>, 192.0.2.<10+i>
+//!                            └─ operator    trellis-operator, ready on its /readyz (if asked)
 //!                            │
 //!                   kube::Client / kubectl --kubeconfig <state>/kubeconfig
 //! ```
@@ -25,10 +28,14 @@ pub mod controlplane;
 pub mod crds;
 pub mod error;
 pub mod kubeconfig;
+pub mod nodes;
+pub mod operator;
 pub mod process;
 pub mod sandbox;
 
 pub use binaries::{Binaries, Tool};
 pub use controlplane::{ControlPlane, Phase, StartOptions};
 pub use error::{Error, Result};
+pub use nodes::{NodeSpec, Nodes};
+pub use operator::OperatorOptions;
 pub use sandbox::{Endpoints, Sandbox, Status};

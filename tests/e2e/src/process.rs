@@ -297,13 +297,33 @@ impl Process {
         log: &Path,
         pid_file: &Path,
     ) -> Result<Self> {
+        Process::spawn_with_env(name, binary, args, &[], log, pid_file)
+    }
+
+    /// [`Process::spawn`] with changes to the inherited environment: `(key, Some(value))` sets
+    /// a variable, `(key, None)` removes it.
+    pub fn spawn_with_env(
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(&str, Option<&str>)],
+        log: &Path,
+        pid_file: &Path,
+    ) -> Result<Self> {
         let out = File::options()
             .create(true)
             .append(true)
             .open(log)
             .map_err(|e| Error::io("open log", log, e))?;
         let err = out.try_clone().map_err(|e| Error::io("open log", log, e))?;
-        let mut child = Command::new(binary)
+        let mut command = Command::new(binary);
+        for (key, value) in env {
+            match value {
+                Some(value) => command.env(key, value),
+                None => command.env_remove(key),
+            };
+        }
+        let mut child = command
             .args(args)
             .stdin(Stdio::null())
             .stdout(out)

@@ -5,7 +5,7 @@
 //! ```text
 //! <state>/
 //!   .trellis-sandbox        marker: only a directory holding it is ever wiped
-//!   endpoints.json          ports and URLs of etcd and kube-apiserver
+//!   endpoints.json          ports and URLs of etcd, kube-apiserver and the operator's metrics
 //!   kubeconfig              admin kubeconfig (credentials embedded)
 //!   pki/                    CA, serving and client certificates, service-account keys
 //!   pids/<name>.pid         pid, binary and start time of every process we started
@@ -45,6 +45,10 @@ pub struct Endpoints {
     pub etcd_client_url: String,
     pub etcd_client_port: u16,
     pub etcd_peer_port: u16,
+    /// Port of `trellis-operator`'s `/metrics`, `/healthz` and `/readyz` on 127.0.0.1, if the
+    /// sandbox runs the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub operator_metrics_port: Option<u16>,
 }
 
 /// A sandbox state directory.
@@ -101,7 +105,8 @@ impl Sandbox {
         self.logs_dir().join(format!("{name}.log"))
     }
 
-    /// Every pid file under `pids/`, in the order processes should be ended (storage last).
+    /// Every pid file under `pids/`, in the order processes should be ended: clients of the
+    /// apiserver (the operator, later the nodes) first, then the apiserver, storage last.
     pub fn recorded_processes(&self) -> Result<Vec<PidRecord>> {
         let dir = self.pids_dir();
         let entries = match std::fs::read_dir(&dir) {
@@ -228,6 +233,14 @@ impl Sandbox {
             })
             .collect();
         let endpoints = self.endpoints()?;
+        let operator_readyz = match endpoints.as_ref().and_then(|e| e.operator_metrics_port) {
+            Some(port) => Some(
+                crate::operator::readyz(port, Duration::from_secs(5))
+                    .await
+                    .map(|()| "ok".to_string()),
+            ),
+            None => None,
+        };
         let readyz = if endpoints.is_none() || !self.kubeconfig_path().is_file() {
             Err("no control plane recorded".to_string())
         } else {
@@ -241,13 +254,22 @@ impl Sandbox {
             processes,
             endpoints,
             readyz,
+            operator_readyz,
         })
     }
 }
 
-/// Storage goes last so that its clients shut down cleanly first.
+/// The apiserver's clients go first, storage last, so that each shuts down while what it
+/// talks to is still there.
 fn stop_rank(name: &str) -> u8 {
-    u8::from(name == crate::binaries::Tool::Etcd.name())
+    use crate::binaries::Tool;
+    if name == Tool::Etcd.name() {
+        2
+    } else if name == Tool::KubeApiserver.name() {
+        1
+    } else {
+        0
+    }
 }
 
 /// Whether a recorded process is running.
@@ -273,6 +295,9 @@ pub struct Status {
     pub endpoints: Option<Endpoints>,
     /// The body of `GET /readyz` as the admin, or why it failed.
     pub readyz: std::result::Result<String, String>,
+    /// `ok` if the operator's `GET /readyz` answered 200, or why not; `None` if the sandbox
+    /// runs no operator.
+    pub operator_readyz: Option<std::result::Result<String, String>>,
 }
 
 impl Status {
@@ -284,6 +309,7 @@ impl Status {
                 .iter()
                 .all(|p| p.state == ProcessState::Running)
             && self.readyz.as_deref().is_ok_and(|body| body.trim() == "ok")
+            && self.operator_readyz.as_ref().is_none_or(Result::is_ok)
     }
 }
 
@@ -332,7 +358,12 @@ mod tests {
         let tmp = temp();
         let sbx = Sandbox::new(tmp.path());
         sbx.reset().unwrap();
-        for (name, pid) in [("etcd", 10), ("kube-apiserver", 11), ("a-node", 12)] {
+        for (name, pid) in [
+            ("etcd", 10),
+            ("kube-apiserver", 11),
+            ("a-node", 12),
+            ("trellis-operator", 13),
+        ] {
             PidRecord {
                 name: name.into(),
                 pid,
@@ -348,7 +379,10 @@ mod tests {
             .into_iter()
             .map(|r| r.name)
             .collect();
-        assert_eq!(names, ["a-node", "kube-apiserver", "etcd"]);
+        assert_eq!(
+            names,
+            ["a-node", "trellis-operator", "kube-apiserver", "etcd"]
+        );
     }
 
     #[test]
@@ -410,8 +444,20 @@ mod tests {
             etcd_client_url: "http://127.0.0.1:2".into(),
             etcd_client_port: 2,
             etcd_peer_port: 3,
+            operator_metrics_port: Some(4),
         };
         sbx.write_endpoints(&ep).unwrap();
         assert_eq!(sbx.endpoints().unwrap(), Some(ep));
+        // Written before the sandbox ran an operator.
+        std::fs::write(
+            sbx.endpoints_path(),
+            r#"{"apiserver_url": "https://127.0.0.1:1", "apiserver_port": 1,
+                "etcd_client_url": "http://127.0.0.1:2", "etcd_client_port": 2, "etcd_peer_port": 3}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            sbx.endpoints().unwrap().unwrap().operator_metrics_port,
+            None
+        );
     }
 }

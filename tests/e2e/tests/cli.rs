@@ -120,3 +120,60 @@ fn down_keep_state_keeps_logs() {
     let log = std::fs::read_to_string(state_dir.join("logs/kube-apiserver.log")).unwrap();
     assert!(!log.is_empty());
 }
+
+#[test]
+fn up_runs_nodes_and_the_operator_and_node_commands_change_them() {
+    let tmp = tempfile::Builder::new()
+        .prefix("trellis-cli-")
+        .tempdir()
+        .unwrap();
+    let state_dir = tmp.path().join("sandbox");
+    let _down = Down(state_dir.clone());
+
+    ok(&state_dir, &["up", "--nodes", "2"]);
+    let records = recorded(&state_dir);
+    let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["trellis-operator", "kube-apiserver", "etcd"]);
+    let status = ok(&state_dir, &["status"]);
+    assert!(status.contains("operator readyz: ok"), "{status}");
+    assert!(status.contains("operator:   http://127.0.0.1:"), "{status}");
+
+    let list = ok(&state_dir, &["node", "list"]);
+    assert!(list.contains("trellis-node-1   192.0.2.11"), "{list}");
+    assert!(list.contains("trellis-node-2   192.0.2.12"), "{list}");
+    assert!(!list.contains("trellis-node-3"), "{list}");
+
+    ok(
+        &state_dir,
+        &["node", "add", "trellis-extra", "--label", "rack=r1"],
+    );
+    ok(
+        &state_dir,
+        &["node", "add", "trellis-fixed", "--ip", "192.0.2.200"],
+    );
+    let list = ok(&state_dir, &["node", "list"]);
+    assert!(
+        list.lines().any(|l| l.starts_with("trellis-extra")
+            && l.contains("192.0.2.13")
+            && l.contains("rack=r1")),
+        "the first free underlay address: {list}"
+    );
+    assert!(list.contains("192.0.2.200"), "{list}");
+    let out = sandbox_cmd(&state_dir, &["node", "add", "trellis-extra"]);
+    assert!(!out.status.success(), "a second node of the same name");
+
+    ok(&state_dir, &["node", "del", "trellis-extra"]);
+    let list = ok(&state_dir, &["node", "list"]);
+    assert!(!list.contains("trellis-extra"), "{list}");
+    let out = sandbox_cmd(&state_dir, &["node", "del", "trellis-extra"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no node trellis-extra"),
+        "{out:?}"
+    );
+
+    ok(&state_dir, &["down"]);
+    for r in &records {
+        assert!(!is_alive(r.pid), "{} (pid {}) survived down", r.name, r.pid);
+    }
+}

@@ -1,19 +1,23 @@
 //! `trellis-sandbox`: start, inspect and end a local Trellis sandbox.
 //!
 //! ```text
-//! trellis-sandbox up          etcd + kube-apiserver + CRDs, detached; prints the kubeconfig
-//! trellis-sandbox status      are the recorded processes alive, does /readyz say ok
+//! trellis-sandbox up          etcd + kube-apiserver + CRDs, namespace trellis-system, 3 Nodes
+//!                             and trellis-operator, detached; prints the kubeconfig
+//! trellis-sandbox status      are the recorded processes alive, do both /readyz say ok
+//! trellis-sandbox node add|del|list   register, remove and show nodes
 //! trellis-sandbox kubeconfig  path of the admin kubeconfig
 //! trellis-sandbox down        end the recorded processes, delete the state dir
 //! ```
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use trellis_e2e::{
-    ControlPlane, Sandbox, StartOptions,
+    ControlPlane, NodeSpec, Nodes, OperatorOptions, Sandbox, StartOptions,
     controlplane::{DEFAULT_READY_TIMEOUT, repo_root},
+    nodes::{self, HOSTNAME_LABEL, MAX_NUMBERED},
+    operator,
     sandbox::{DEFAULT_STATE_DIR, ProcessState, STATE_DIR_ENV},
 };
 
@@ -21,7 +25,7 @@ use trellis_e2e::{
 #[command(
     name = "trellis-sandbox",
     version,
-    about = "Local Trellis sandbox: a real kube-apiserver and etcd"
+    about = "Local Trellis sandbox: a real kube-apiserver and etcd, Nodes and trellis-operator"
 )]
 struct Cli {
     /// State directory: pid files, logs, certificates, kubeconfig, etcd data.
@@ -34,8 +38,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start the control plane (ending whatever an earlier run left in the state dir) and
-    /// install the CRDs.
+    /// Start the control plane (ending whatever an earlier run left in the state dir), install
+    /// the CRDs, create namespace trellis-system and the nodes, and start trellis-operator.
     Up(UpArgs),
     /// End the recorded processes and delete the state directory.
     Down {
@@ -47,6 +51,40 @@ enum Command {
     Status,
     /// Print the path of the admin kubeconfig.
     Kubeconfig,
+    /// Add, remove or list the sandbox's nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+}
+
+#[derive(Subcommand)]
+enum NodeCommand {
+    /// Register a Node (created with the hostname label, addresses written through the status
+    /// subresource as a kubelet does).
+    Add {
+        /// Node name.
+        name: String,
+        /// InternalIP; repeat for dual-stack [default: the first free 192.0.2.x, x > 10].
+        #[arg(long = "ip", value_name = "IP")]
+        ips: Vec<IpAddr>,
+        /// Extra label KEY=VALUE (repeatable); kubernetes.io/hostname=NAME is always set.
+        #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    /// Delete a Node; the operator then deletes its NodeNetwork.
+    #[command(visible_alias = "delete")]
+    Del {
+        /// Node name.
+        name: String,
+    },
+    /// Show every Node with its InternalIPs and the pod CIDRs of its NodeNetwork.
+    List,
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not KEY=VALUE")),
+    }
 }
 
 #[derive(Args)]
@@ -57,9 +95,15 @@ struct UpArgs {
     /// Directory of CRD YAML to install [default: <repo>/config/crd].
     #[arg(long)]
     crd_dir: Option<PathBuf>,
-    /// Install no CRDs.
+    /// Install no CRDs (and so run no operator, which needs them).
     #[arg(long, conflicts_with = "crd_dir")]
     no_crds: bool,
+    /// Number of nodes to register: trellis-node-1..N at 192.0.2.11.. (0 for none).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(0..=MAX_NUMBERED as i64))]
+    nodes: u8,
+    /// Do not start trellis-operator (binary: $TRELLIS_OPERATOR, else built with cargo).
+    #[arg(long)]
+    no_operator: bool,
     /// Seconds to wait for each component to become ready.
     #[arg(long, default_value_t = DEFAULT_READY_TIMEOUT.as_secs())]
     timeout: u64,
@@ -84,6 +128,8 @@ async fn main() -> ExitCode {
 async fn run() -> anyhow::Result<ExitCode> {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour for a terminal, plain text when the output is kept (scripts, CI logs).
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 // kube logs every failed readiness probe as an error; our errors say it better.
@@ -96,6 +142,7 @@ async fn run() -> anyhow::Result<ExitCode> {
         Command::Up(args) => up(&cli.state_dir, args).await,
         Command::Down { keep_state } => down(&sandbox, keep_state),
         Command::Status => status(&sandbox).await,
+        Command::Node(cmd) => node(&sandbox, cmd).await,
         Command::Kubeconfig => {
             let path = sandbox.kubeconfig_path();
             if !path.is_file() {
@@ -113,12 +160,20 @@ async fn run() -> anyhow::Result<ExitCode> {
 async fn up(state_dir: &std::path::Path, args: UpArgs) -> anyhow::Result<ExitCode> {
     let crd_dir =
         (!args.no_crds).then(|| args.crd_dir.unwrap_or_else(|| args.repo.join("config/crd")));
+    if args.no_crds && !args.no_operator {
+        eprintln!("note: --no-crds: not starting trellis-operator, which needs the CRDs");
+    }
+    let run_operator = !args.no_crds && !args.no_operator;
     let opts = StartOptions {
         crd_dir: crd_dir.clone(),
         repo_root: args.repo,
         ready_timeout: Duration::from_secs(args.timeout),
+        system_namespace: true,
+        nodes: nodes::numbered(usize::from(args.nodes))?,
+        operator: run_operator.then(OperatorOptions::default),
         ..StartOptions::new(state_dir)
     };
+    let node_names: Vec<String> = opts.nodes.iter().map(|n| n.name.clone()).collect();
     let cp = ControlPlane::start(opts)
         .await
         .with_context(|| format!("starting the sandbox in {}", state_dir.display()))?;
@@ -138,6 +193,18 @@ async fn up(state_dir: &std::path::Path, args: UpArgs) -> anyhow::Result<ExitCod
         (Some(_), names) => eprintln!("CRDs established: {}", names.join(", ")),
     }
     eprintln!("apiserver: {}", cp.endpoints().apiserver_url);
+    if node_names.is_empty() {
+        eprintln!("nodes: none");
+    } else {
+        eprintln!("nodes: {}", node_names.join(", "));
+    }
+    if let (Some(record), Some(port)) = (cp.operator(), cp.endpoints().operator_metrics_port) {
+        eprintln!(
+            "operator: pid {}, ready; metrics http://127.0.0.1:{port}/metrics, log {}",
+            record.pid,
+            cp.sandbox().log_path(operator::NAME).display()
+        );
+    }
 
     let kubeconfig = cp.kubeconfig_path();
     // The processes outlive this command; `down` ends them.
@@ -180,15 +247,23 @@ async fn status(sandbox: &Sandbox) -> anyhow::Result<ExitCode> {
             ProcessState::Gone => "not running",
             ProcessState::PidReused => "not running (pid reused by another program)",
         };
-        println!("{:<15} pid {:<8} {state}", p.record.name, p.record.pid);
+        println!("{:<16} pid {:<8} {state}", p.record.name, p.record.pid);
     }
     if let Some(ep) = &status.endpoints {
         println!("apiserver:  {}", ep.apiserver_url);
         println!("etcd:       {}", ep.etcd_client_url);
+        if let Some(port) = ep.operator_metrics_port {
+            println!("operator:   http://127.0.0.1:{port}/metrics");
+        }
     }
     match &status.readyz {
         Ok(body) => println!("readyz:     {}", body.trim()),
         Err(e) => println!("readyz:     error: {e}"),
+    }
+    match &status.operator_readyz {
+        None => {}
+        Some(Ok(body)) => println!("operator readyz: {}", body.trim()),
+        Some(Err(e)) => println!("operator readyz: error: {e}"),
     }
     if status.healthy() {
         println!("healthy");
@@ -196,5 +271,88 @@ async fn status(sandbox: &Sandbox) -> anyhow::Result<ExitCode> {
     } else {
         println!("NOT healthy");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+async fn node(sandbox: &Sandbox, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
+    let nodes = Nodes::connect(sandbox).await?;
+    match cmd {
+        NodeCommand::Add { name, ips, labels } => {
+            let ips = if ips.is_empty() {
+                vec![IpAddr::V4(nodes.next_free_address().await?)]
+            } else {
+                ips
+            };
+            let mut spec = NodeSpec {
+                internal_ips: ips.clone(),
+                ..NodeSpec::new(&name, ips[0])
+            };
+            for (k, v) in labels {
+                if k == HOSTNAME_LABEL {
+                    bail!("{HOSTNAME_LABEL} is always the node name");
+                }
+                spec = spec.with_label(k, v);
+            }
+            nodes.add(&spec).await?;
+            let ips: Vec<String> = spec.internal_ips.iter().map(ToString::to_string).collect();
+            eprintln!("added node {name} ({})", ips.join(", "));
+        }
+        NodeCommand::Del { name } => {
+            if !nodes.remove(&name).await? {
+                bail!("no node {name}");
+            }
+            eprintln!("deleted node {name}");
+        }
+        NodeCommand::List => print_nodes(&nodes.list().await?),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_nodes(views: &[nodes::NodeView]) {
+    let dash = || "-".to_string();
+    let rows: Vec<[String; 4]> = views
+        .iter()
+        .map(|n| {
+            let labels: BTreeMap<_, _> = n
+                .labels
+                .iter()
+                .filter(|(k, _)| *k != HOSTNAME_LABEL)
+                .collect();
+            [
+                n.name.clone(),
+                Some(n.internal_ips.join(","))
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(dash),
+                n.pod_cidrs
+                    .as_ref()
+                    .map(|c| c.join(","))
+                    .filter(|s| !s.is_empty())
+                    .unwrap_or_else(|| "(none yet)".into()),
+                Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| format!("{k}={v}"))
+                        .collect::<Vec<_>>()
+                        .join(","),
+                )
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(dash),
+            ]
+        })
+        .collect();
+    let header = ["NAME", "INTERNAL-IP", "POD-CIDRS", "LABELS"].map(String::from);
+    let mut widths = [0; 4];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("   ").trim_end());
     }
 }
