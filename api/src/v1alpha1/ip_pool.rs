@@ -85,8 +85,9 @@ pub struct IPPoolSpec {
 
     /// Prefix length of the blocks given to nodes: 16–30 for IPv4 (a /24
     /// holds 256 pod addresses), 112–126 for IPv6. At least the prefix length
-    /// of `cidr`. A node receives another block when its blocks are full.
-    /// Immutable.
+    /// of `cidr`. Each node holds one block per IP family, so the block size
+    /// bounds the pods per node (a /24 holds 254 pods beside the VTEP
+    /// address). Immutable.
     #[schemars(range(min = 0, max = 128))]
     #[x_kube(validation = kube::core::Rule::new("self == oldSelf").message(
         "spec.blockSize is immutable: blocks already given to nodes keep their size"
