@@ -6,9 +6,15 @@
 //! ```
 //!
 //! `model`, `desired` and `plan` are pure (values in, values out) and
-//! unit-tested; the netlink `observed`/`apply` layer and the `NetworkStatus`
-//! report build on them.
+//! unit-tested. `netns` runs work inside a node's network namespace on a
+//! dedicated thread (setns, never `ip netns exec`); `observe` dumps links,
+//! addresses, routes, neighbour and FDB entries there, keeping only what
+//! Trellis owns; `apply` executes the planned ops with replace semantics.
+//! The agent loop and the `NetworkStatus` report build on these.
 
+pub mod apply;
 pub mod desired;
 pub mod model;
+pub mod netns;
+pub mod observe;
 pub mod plan;
