@@ -33,6 +33,7 @@ go_minor=$(go env GOVERSION | sed -E 's/^go1\.([0-9]+).*/\1/')
 # Debian packages: installed only when a command is missing.
 declare -A need=(
   [ip]=iproute2        # network namespaces for sandbox nodes and pods
+  [ping]=iputils-ping  # traffic checks between sandbox pods
   [jq]=jq              # JSON in scripts
   [curl]=curl
   [update-ca-certificates]=ca-certificates

@@ -226,6 +226,13 @@ pub fn desired(
                     skip(SkipReason::UnderlayFamily);
                     continue;
                 }
+                // The kernel refuses to manage an FDB entry for these.
+                if pmac.0 == [0; 6] || pmac.0[0] & 1 == 1 {
+                    skip(SkipReason::Invalid(format!(
+                        "spec.vtep.mac {pmac} is not a unicast address"
+                    )));
+                    continue;
+                }
                 if pmac == mac || fdb.contains_key(&pmac) {
                     skip(SkipReason::DuplicateMac(pmac));
                     continue;

@@ -371,6 +371,8 @@ fn bad_peers_are_skipped_without_harming_the_rest() {
     let mut overlapping = mk_node(6);
     overlapping.pod_cidrs = vec!["10.244.2.0/25".into()];
     let switching = native(mk_node(7));
+    let mut multicast_mac = mk_node(9);
+    multicast_mac.vtep.as_mut().unwrap().mac = "01:00:5e:00:00:09".into();
     let mut v6_underlay = mk_node(8);
     v6_underlay.underlay_address = "fd00::8".into();
     let d = desired_of(
@@ -383,6 +385,7 @@ fn bad_peers_are_skipped_without_harming_the_rest() {
             ("overlapping", &overlapping),
             ("switching", &switching),
             ("v6-underlay", &v6_underlay),
+            ("multicast-mac", &multicast_mac),
         ],
     );
     let reasons: Vec<(&str, &SkipReason)> = d
@@ -390,7 +393,7 @@ fn bad_peers_are_skipped_without_harming_the_rest() {
         .iter()
         .map(|s| (s.peer.as_str(), &s.reason))
         .collect();
-    assert_eq!(reasons.len(), 6, "{reasons:?}");
+    assert_eq!(reasons.len(), 7, "{reasons:?}");
     assert!(matches!(reasons[0], ("no-vtep", SkipReason::NoVtep)));
     assert!(matches!(reasons[1], ("bad-mac", SkipReason::Invalid(_))));
     assert!(matches!(
