@@ -9,8 +9,8 @@ use std::hint::black_box;
 use criterion::{Criterion, criterion_group, criterion_main};
 use trellis_api::v1alpha1::{Encapsulation, NodeNetworkSpec, Vtep, VxlanConfig};
 use trellis_node::desired::{Host, desired};
-use trellis_node::model::{Observed, ObservedVxlan, UnderlayLink};
-use trellis_node::plan::{Op, plan};
+use trellis_node::model::{Observed, UnderlayLink};
+use trellis_node::plan::{kernel_after, plan};
 
 const UNDERLAY: UnderlayLink = UnderlayLink {
     index: 2,
@@ -35,37 +35,6 @@ fn node(i: u32) -> (String, NodeNetworkSpec) {
     (format!("node-{i}"), spec)
 }
 
-/// The kernel of a node on which `plan(desired)` has been applied.
-fn converged(ops: &[Op]) -> Observed {
-    let mut k = Observed {
-        underlay: Some(UNDERLAY),
-        ..Observed::default()
-    };
-    for op in ops {
-        match op {
-            Op::CreateVxlan(v) => {
-                k.vxlan = Some(ObservedVxlan {
-                    index: 3,
-                    vni: Some(v.vni),
-                    port: Some(v.port),
-                    local: Some(v.local),
-                    underlay_index: Some(v.underlay_index),
-                    learning: false,
-                    mac: Some(v.mac),
-                    mtu: v.mtu,
-                    up: true,
-                    addresses: v.addresses.clone(),
-                })
-            }
-            Op::ReplaceNeighbour(n) => k.neighbours.push(*n),
-            Op::ReplaceFdb(e) => k.fdb.push(*e),
-            Op::ReplaceRoute(r) => k.routes.push(r.clone()),
-            _ => {}
-        }
-    }
-    k
-}
-
 fn bench(c: &mut Criterion) {
     let host = Host {
         underlay: Some(UNDERLAY),
@@ -84,7 +53,7 @@ fn bench(c: &mut Criterion) {
             ..Observed::default()
         };
         let first = plan(&d, &empty);
-        let kernel = converged(&first);
+        let kernel = kernel_after(&empty, &first);
         assert!(
             plan(&d, &kernel).is_empty(),
             "converged kernel must plan nothing"

@@ -209,6 +209,84 @@ pub fn plan(desired: &Desired, observed: &Observed) -> Vec<Op> {
     ops
 }
 
+/// The interface index [`kernel_after`] gives a device it creates.
+pub const MODEL_INDEX: u32 = 7;
+
+/// What a kernel holds after `ops` ran on `before`: the model of the kernel
+/// that tests and benchmarks check plans against ("plan, apply, plan again
+/// plans nothing") without one. Deleting the device takes its entries and
+/// routes with it, as in the kernel; an op on a device that does not exist
+/// changes nothing (the kernel would refuse it). A created device gets index
+/// [`MODEL_INDEX`].
+pub fn kernel_after(before: &Observed, ops: &[Op]) -> Observed {
+    let mut k = before.clone();
+    for op in ops {
+        match op {
+            Op::CreateVxlan(v) => {
+                k.vxlan = Some(ObservedVxlan {
+                    index: MODEL_INDEX,
+                    vni: Some(v.vni),
+                    port: Some(v.port),
+                    local: Some(v.local),
+                    underlay_index: Some(v.underlay_index),
+                    learning: false,
+                    mac: Some(v.mac),
+                    mtu: v.mtu,
+                    up: true,
+                    addresses: vec![],
+                });
+            }
+            Op::DeleteVxlan { .. } => {
+                k.vxlan = None;
+                k.neighbours.clear();
+                k.fdb.clear();
+                k.routes.retain(|r| r.dev != Device::Vxlan);
+            }
+            Op::SetVxlanMtu(m) => {
+                if let Some(v) = k.vxlan.as_mut() {
+                    v.mtu = *m;
+                }
+            }
+            Op::SetVxlanMac(m) => {
+                if let Some(v) = k.vxlan.as_mut() {
+                    v.mac = Some(*m);
+                }
+            }
+            Op::SetVxlanUp => {
+                if let Some(v) = k.vxlan.as_mut() {
+                    v.up = true;
+                }
+            }
+            Op::AddAddress(a) => {
+                if let Some(v) = k.vxlan.as_mut() {
+                    v.addresses.push(*a);
+                }
+            }
+            Op::DelAddress(a) => {
+                if let Some(v) = k.vxlan.as_mut() {
+                    v.addresses.retain(|x| x != a);
+                }
+            }
+            Op::ReplaceNeighbour(n) => {
+                k.neighbours.retain(|x| x.ip != n.ip);
+                k.neighbours.push(*n);
+            }
+            Op::DelNeighbour(n) => k.neighbours.retain(|x| x.ip != n.ip),
+            Op::ReplaceFdb(e) => {
+                k.fdb.retain(|x| x.mac != e.mac);
+                k.fdb.push(*e);
+            }
+            Op::DelFdb(e) => k.fdb.retain(|x| x.mac != e.mac),
+            Op::ReplaceRoute(r) => {
+                k.routes.retain(|x| x.dst != r.dst);
+                k.routes.push(r.clone());
+            }
+            Op::DelRoute(r) => k.routes.retain(|x| x.dst != r.dst),
+        }
+    }
+    k
+}
+
 /// Attributes the kernel cannot change on a live VXLAN device.
 fn immutable_mismatch(want: &Vxlan, have: &ObservedVxlan) -> Option<&'static str> {
     if have.vni != Some(want.vni) {

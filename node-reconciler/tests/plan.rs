@@ -11,10 +11,8 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use trellis_api::v1alpha1::{Encapsulation, NodeNetworkSpec, Vtep, VxlanConfig};
 use trellis_node::desired::{Desired, Host, SkipReason, desired};
-use trellis_node::model::{
-    Device, Fdb, Mac, Neighbour, Observed, ObservedVxlan, Route, UnderlayLink,
-};
-use trellis_node::plan::{Op, plan};
+use trellis_node::model::{Device, Fdb, Mac, Neighbour, Observed, Route, UnderlayLink};
+use trellis_node::plan::{Op, kernel_after, plan};
 
 const UNDERLAY: UnderlayLink = UnderlayLink {
     index: 2,
@@ -62,57 +60,6 @@ fn mac(n: u8) -> Mac {
 /// Desired state of node 1 with the given peers (node 1 itself may be among them).
 fn desired_of(own: &NodeNetworkSpec, peers: &[(&str, &NodeNetworkSpec)]) -> Desired {
     desired("node-1", own, peers, &host()).expect("desired")
-}
-
-/// What the kernel holds after every op of `ops` ran on `before`: a model of
-/// the kernel, so "plan, apply, plan again" can be checked without one.
-fn kernel_after(before: &Observed, ops: &[Op]) -> Observed {
-    let mut k = before.clone();
-    for op in ops {
-        match op {
-            Op::CreateVxlan(v) => {
-                k.vxlan = Some(ObservedVxlan {
-                    index: 7,
-                    vni: Some(v.vni),
-                    port: Some(v.port),
-                    local: Some(v.local),
-                    underlay_index: Some(v.underlay_index),
-                    learning: false,
-                    mac: Some(v.mac),
-                    mtu: v.mtu,
-                    up: true,
-                    addresses: vec![],
-                });
-            }
-            Op::DeleteVxlan { .. } => {
-                k.vxlan = None;
-                k.neighbours.clear();
-                k.fdb.clear();
-                k.routes.retain(|r| r.dev != Device::Vxlan);
-            }
-            Op::SetVxlanMtu(m) => k.vxlan.as_mut().unwrap().mtu = *m,
-            Op::SetVxlanMac(m) => k.vxlan.as_mut().unwrap().mac = Some(*m),
-            Op::SetVxlanUp => k.vxlan.as_mut().unwrap().up = true,
-            Op::AddAddress(a) => k.vxlan.as_mut().unwrap().addresses.push(*a),
-            Op::DelAddress(a) => k.vxlan.as_mut().unwrap().addresses.retain(|x| x != a),
-            Op::ReplaceNeighbour(n) => {
-                k.neighbours.retain(|x| x.ip != n.ip);
-                k.neighbours.push(*n);
-            }
-            Op::DelNeighbour(n) => k.neighbours.retain(|x| x.ip != n.ip),
-            Op::ReplaceFdb(e) => {
-                k.fdb.retain(|x| x.mac != e.mac);
-                k.fdb.push(*e);
-            }
-            Op::DelFdb(e) => k.fdb.retain(|x| x.mac != e.mac),
-            Op::ReplaceRoute(r) => {
-                k.routes.retain(|x| x.dst != r.dst);
-                k.routes.push(r.clone());
-            }
-            Op::DelRoute(r) => k.routes.retain(|x| x.dst != r.dst),
-        }
-    }
-    k
 }
 
 fn converge(d: &Desired, before: &Observed) -> Observed {
