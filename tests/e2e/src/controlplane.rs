@@ -468,13 +468,7 @@ async fn start_etcd(
         attempt += 1;
         let (client_port, peer_port) = (free_port()?, free_port()?);
         let args = etcd_args(&sandbox.etcd_data_dir(), client_port, peer_port);
-        let mut process = Process::spawn(
-            name,
-            binary,
-            &args,
-            &sandbox.log_path(name),
-            &sandbox.pid_path(name),
-        )?;
+        let mut process = sandbox.spawn(name, binary, &args, &[])?;
         let ready = wait_ready(&mut process, timeout, || etcd_health(client_port)).await;
         if !retry_on_port_clash(ready, attempt, &mut process, sandbox)? {
             processes.0.push(process);
@@ -508,13 +502,7 @@ async fn start_apiserver(
         let client = kubeconfig::client(&kubeconfig_path).await?;
 
         let args = apiserver_args(etcd_url, port, pki_paths);
-        let mut process = Process::spawn(
-            name,
-            binary,
-            &args,
-            &sandbox.log_path(name),
-            &sandbox.pid_path(name),
-        )?;
+        let mut process = sandbox.spawn(name, binary, &args, &[])?;
         let ready = wait_ready(&mut process, timeout, || async {
             match readyz(&client, PROBE_TIMEOUT).await {
                 Ok(body) if body.trim() == "ok" => Ok(()),
@@ -548,14 +536,7 @@ async fn start_operator(
         attempt += 1;
         let port = free_port()?;
         let args = operator::args(&sandbox.kubeconfig_path(), &opts.identity, port);
-        let mut process = Process::spawn_with_env(
-            name,
-            binary,
-            &args,
-            &env,
-            &sandbox.log_path(name),
-            &sandbox.pid_path(name),
-        )?;
+        let mut process = sandbox.spawn(name, binary, &args, &env)?;
         let ready = wait_ready(&mut process, timeout, || {
             operator::readyz(port, PROBE_TIMEOUT)
         })

@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     controlplane,
     error::{Error, Result},
-    process::{self, Ended, PidRecord},
+    process::{self, Ended, PidRecord, Process},
 };
 
 /// Default state directory of the CLI.
@@ -103,6 +103,27 @@ impl Sandbox {
 
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.logs_dir().join(format!("{name}.log"))
+    }
+
+    /// Starts `binary` as the sandbox's process `name`: output to
+    /// [`Sandbox::log_path`], recorded at [`Sandbox::pid_path`] so `down` and
+    /// the next `up` can end it. `env`: `(key, Some(value))` sets a variable,
+    /// `(key, None)` removes it.
+    pub fn spawn(
+        &self,
+        name: &str,
+        binary: &Path,
+        args: &[String],
+        env: &[(&str, Option<&str>)],
+    ) -> Result<Process> {
+        Process::spawn_with_env(
+            name,
+            binary,
+            args,
+            env,
+            &self.log_path(name),
+            &self.pid_path(name),
+        )
     }
 
     /// Every pid file under `pids/`, in the order processes should be ended: clients of the
