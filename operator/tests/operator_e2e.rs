@@ -20,7 +20,7 @@ use kube::{Client, ResourceExt};
 use serde_json::json;
 use trellis_api::v1alpha1::{IPPool, NodeNetwork};
 use trellis_e2e::controlplane::free_port;
-use trellis_e2e::{ControlPlane, StartOptions};
+use trellis_e2e::{ControlPlane, StartOptions, wait_for};
 
 const NAMESPACE: &str = "trellis-system";
 const TIMEOUT: Duration = Duration::from_secs(30);
@@ -98,25 +98,6 @@ impl Operator {
 impl Drop for Operator {
     fn drop(&mut self) {
         self.kill();
-    }
-}
-
-/// Polls `check` until it returns `Some`, or fails after `timeout` with `what`.
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 

@@ -32,6 +32,7 @@ pub mod nodes;
 pub mod operator;
 pub mod process;
 pub mod sandbox;
+pub mod wait;
 
 pub use binaries::{Binaries, Tool};
 pub use controlplane::{ControlPlane, Phase, StartOptions};
@@ -39,3 +40,4 @@ pub use error::{Error, Result};
 pub use nodes::{NodeSpec, Nodes};
 pub use operator::OperatorOptions;
 pub use sandbox::{Endpoints, Sandbox, Status};
+pub use wait::wait_for;

@@ -3,11 +3,7 @@
 //! that gives each node a `NodeNetwork` from the default IPPool sample, follows a removed node,
 //! and is ended (first) when the sandbox stops.
 
-use std::{
-    collections::BTreeMap,
-    net::Ipv4Addr,
-    time::{Duration, Instant},
-};
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
 use kube::{
@@ -22,28 +18,10 @@ use trellis_e2e::{
     nodes::{self, HOSTNAME_LABEL},
     operator,
     process::{identity_matches, is_alive, proc_identity},
+    wait_for,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Polls `check` until it returns `Some`, or fails after `timeout` naming `what`.
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = check().await {
-            return v;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
 
 /// Server-side apply of every IPPool in `config/samples/<file>`.
 async fn apply_pool_sample(client: &Client, file: &str) -> Vec<String> {
