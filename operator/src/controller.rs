@@ -25,7 +25,7 @@ use kube::runtime::reflector::{self, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
-use tokio::sync::{Notify, watch};
+use tokio::sync::{Notify, OnceCell, watch};
 use tokio::task::JoinHandle;
 use trellis_api::v1alpha1::{IPPool, NetworkConfig, NetworkStatus, NodeNetwork};
 
@@ -40,9 +40,36 @@ pub struct Stores {
     pub configs: Store<NetworkConfig>,
     pub node_networks: Store<NodeNetwork>,
     pub statuses: Store<NetworkStatus>,
+    /// One shared wait for all five caches: kube-runtime's
+    /// `Store::wait_until_ready` keeps a single waker (a oneshot receiver),
+    /// so of several tasks waiting on a store at once only the last polled
+    /// would ever wake. Through this cell any number of tasks may wait.
+    synced: Arc<OnceCell<bool>>,
 }
 
+/// A watch ended before its cache held the initial list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a watch stopped before its cache was filled")]
+pub struct CachesNotSynced;
+
 impl Stores {
+    pub fn new(
+        nodes: Store<Node>,
+        pools: Store<IPPool>,
+        configs: Store<NetworkConfig>,
+        node_networks: Store<NodeNetwork>,
+        statuses: Store<NetworkStatus>,
+    ) -> Self {
+        Stores {
+            nodes,
+            pools,
+            configs,
+            node_networks,
+            statuses,
+            synced: Arc::default(),
+        }
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             nodes: self.nodes.state(),
@@ -53,15 +80,24 @@ impl Stores {
         }
     }
 
-    /// Waits until every store has its initial list. kube-runtime's readiness
-    /// wakes only one of several tasks waiting at the same time: wait from
-    /// one task, then share the fact.
-    pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        self.nodes.wait_until_ready().await?;
-        self.pools.wait_until_ready().await?;
-        self.configs.wait_until_ready().await?;
-        self.node_networks.wait_until_ready().await?;
-        self.statuses.wait_until_ready().await
+    /// Waits until every store has its initial list; safe from any number of
+    /// tasks at once.
+    pub async fn ready(&self) -> Result<(), CachesNotSynced> {
+        let synced = self
+            .synced
+            .get_or_init(|| async {
+                self.nodes.wait_until_ready().await.is_ok()
+                    && self.pools.wait_until_ready().await.is_ok()
+                    && self.configs.wait_until_ready().await.is_ok()
+                    && self.node_networks.wait_until_ready().await.is_ok()
+                    && self.statuses.wait_until_ready().await.is_ok()
+            })
+            .await;
+        if *synced {
+            Ok(())
+        } else {
+            Err(CachesNotSynced)
+        }
     }
 }
 
@@ -74,13 +110,7 @@ pub fn watch_all(client: &Client, changed: Arc<Notify>) -> (Stores, Vec<JoinHand
     let node_networks = watch_kind::<NodeNetwork>(client, &changed, &mut tasks);
     let statuses = watch_kind::<NetworkStatus>(client, &changed, &mut tasks);
     (
-        Stores {
-            nodes,
-            pools,
-            configs,
-            node_networks,
-            statuses,
-        },
+        Stores::new(nodes, pools, configs, node_networks, statuses),
         tasks,
     )
 }
@@ -176,7 +206,6 @@ pub async fn run(
 ) {
     // Never plan from a partial view: with an empty NodeNetwork store every
     // node would look unallocated and its blocks would be handed out anew.
-    // (Call this from one task only: kube-runtime wakes one waiter per store.)
     tokio::select! {
         res = stores.ready() => if res.is_err() { return },
         _ = shutdown.wait_for(|s| *s) => return,
@@ -210,5 +239,45 @@ pub async fn run(
         } else {
             None
         };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::runtime::watcher::Event;
+
+    /// kube-runtime wakes one of several concurrent waiters on a store;
+    /// `Stores::ready` must wake them all.
+    #[tokio::test]
+    async fn every_concurrent_waiter_sees_the_caches_synced() {
+        let (nodes, mut w1) = reflector::store::<Node>();
+        let (pools, mut w2) = reflector::store::<IPPool>();
+        let (configs, mut w3) = reflector::store::<NetworkConfig>();
+        let (node_networks, mut w4) = reflector::store::<NodeNetwork>();
+        let (statuses, mut w5) = reflector::store::<NetworkStatus>();
+        let stores = Stores::new(nodes, pools, configs, node_networks, statuses);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let stores = stores.clone();
+                tokio::spawn(async move { stores.ready().await })
+            })
+            .collect();
+        // Let every waiter register before the caches fill.
+        tokio::task::yield_now().await;
+        w1.apply_watcher_event(&Event::InitDone);
+        w2.apply_watcher_event(&Event::InitDone);
+        w3.apply_watcher_event(&Event::InitDone);
+        w4.apply_watcher_event(&Event::InitDone);
+        w5.apply_watcher_event(&Event::InitDone);
+        for waiter in waiters {
+            let woke = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+            assert_eq!(woke.expect("every waiter wakes").expect("task"), Ok(()));
+        }
+        assert_eq!(
+            stores.ready().await,
+            Ok(()),
+            "and later callers return at once"
+        );
     }
 }

@@ -129,9 +129,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
-    // One task waits for the caches and then runs the loop: kube-runtime's
-    // `Store::wait_until_ready` wakes only one of several concurrent waiters
-    // (a oneshot receiver keeps a single waker), so nothing else waits on it.
+    // Ready (for /readyz) once the caches are synced; the loop starts then.
     let mut controller_task = {
         let (health, shutdown) = (health.clone(), shutdown.clone());
         tokio::spawn(async move {
