@@ -26,7 +26,7 @@
 //!    gives out blocks (not disabled, not being deleted, not overlapping an
 //!    earlier pool). A node holds at most one block per family.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -451,16 +451,6 @@ impl Cursor {
             }
         }
     }
-}
-
-/// The set of pool names that still hold blocks, which keeps their finalizer.
-pub fn pools_in_use(allocation: &Allocation) -> BTreeSet<&str> {
-    allocation
-        .pools
-        .iter()
-        .filter(|(_, u)| u.used > 0)
-        .map(|(n, _)| n.as_str())
-        .collect()
 }
 
 #[cfg(test)]

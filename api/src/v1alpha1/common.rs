@@ -1,5 +1,5 @@
-//! Pieces shared by several kinds: label selectors with schema validation,
-//! status conditions, and the CEL building blocks the schemas use.
+//! Pieces shared by several kinds: label selectors with schema validation
+//! and the CEL building blocks the schemas use.
 //!
 //! Every list and string that a CEL rule walks carries a `maxItems` /
 //! `maxLength` bound: the apiserver estimates the worst-case cost of each rule
@@ -7,7 +7,6 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::KubeSchema;
 use serde::{Deserialize, Serialize};
 
@@ -64,16 +63,6 @@ pub enum SelectorOperator {
     Exists,
     /// The label is absent.
     DoesNotExist,
-}
-
-/// The condition of this `type` in a status' condition list, if present.
-pub fn find_condition<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
-    conditions.iter().find(|c| c.type_ == type_)
-}
-
-/// True when the condition of this `type` is present with status `True`.
-pub fn is_condition_true(conditions: &[Condition], type_: &str) -> bool {
-    find_condition(conditions, type_).is_some_and(|c| c.status == "True")
 }
 
 /// A label key: an optional DNS-subdomain prefix and `/`, then a name of at
