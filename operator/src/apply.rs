@@ -2,10 +2,12 @@
 //! with a UID precondition, Events. Keeps going after a failed write and
 //! reports every failure, so one bad object never starves the others.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::core::v1::ObjectReference;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, Preconditions};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use serde_json::json;
 use trellis_api::v1alpha1::{IPPool, NETWORK_CONFIG_NAME, NetworkConfig, NodeNetwork};
 
@@ -73,6 +75,53 @@ impl WriteError {
     }
 }
 
+/// What a pass changed on the apiserver, so the next pass can wait until the
+/// watch caches show it (read-your-writes). Without this, a pass that starts
+/// before the watch delivers our own write plans from the old state: it
+/// writes the same object again, or, worse, allocates a block again for a
+/// node whose record the cache does not show yet.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Written {
+    /// NodeNetwork name → the `resourceVersion` of our last write to it.
+    pub node_networks: BTreeMap<String, String>,
+    /// NodeNetworks we deleted: name → UID of the deleted object.
+    pub node_networks_deleted: BTreeMap<String, String>,
+    /// IPPool name → `resourceVersion` of our last write.
+    pub pools: BTreeMap<String, String>,
+    /// `resourceVersion` of our last write to the NetworkConfig.
+    pub config: Option<String>,
+}
+
+impl Written {
+    pub fn is_empty(&self) -> bool {
+        *self == Written::default()
+    }
+
+    fn record<K: Resource>(map: &mut BTreeMap<String, String>, name: &str, obj: &K) {
+        if let Some(rv) = obj.meta().resource_version.clone() {
+            map.insert(name.to_owned(), rv);
+        }
+    }
+}
+
+/// Whether a cache holding `have` reflects a write that returned `want`.
+/// The apiserver's resource versions are etcd revisions, so numeric order is
+/// write order (Kubernetes 1.33's own list/watch cache relies on the same);
+/// anything that is not a number only counts when equal.
+pub fn resource_version_reached(have: &str, want: &str) -> bool {
+    match (have.parse::<u64>(), want.parse::<u64>()) {
+        (Ok(have), Ok(want)) => have >= want,
+        _ => have == want,
+    }
+}
+
+/// The result of applying a plan.
+#[derive(Debug, Default)]
+pub struct Applied {
+    pub errors: Vec<WriteError>,
+    pub written: Written,
+}
+
 /// Writes plans to the apiserver.
 pub struct Writer {
     client: Client,
@@ -91,9 +140,10 @@ impl Writer {
         }
     }
 
-    /// Applies every write of the plan; returns the failures.
-    pub async fn apply(&self, plan: &Plan) -> Vec<WriteError> {
+    /// Applies every write of the plan; returns the failures and what was written.
+    pub async fn apply(&self, plan: &Plan) -> Applied {
         let mut errors = Vec::new();
+        let mut written = Written::default();
         let apply = PatchParams::apply(FIELD_MANAGER).force();
         let node_networks: Api<NodeNetwork> = Api::all(self.client.clone());
         let pools: Api<IPPool> = Api::all(self.client.clone());
@@ -115,7 +165,7 @@ impl Writer {
             });
             let result = timed(node_networks.patch(name, &apply, &Patch::Apply(&body)))
                 .await
-                .map(drop);
+                .map(|nn| Written::record(&mut written.node_networks, name, &nn));
             record(format!("apply NodeNetwork {name} spec"), result);
         }
         for (name, status) in &plan.node_network_statuses {
@@ -125,7 +175,7 @@ impl Writer {
             });
             let result = timed(node_networks.patch_status(name, &apply, &Patch::Apply(&body)))
                 .await
-                .map(drop);
+                .map(|nn| Written::record(&mut written.node_networks, name, &nn));
             record(format!("apply NodeNetwork {name} status"), result);
         }
         for (name, uid) in &plan.node_network_deletes {
@@ -137,7 +187,12 @@ impl Writer {
                 ..DeleteParams::default()
             };
             let result = match timed(node_networks.delete(name, &params)).await {
-                Ok(_) => Ok(()),
+                Ok(_) => {
+                    written
+                        .node_networks_deleted
+                        .insert(name.clone(), uid.clone());
+                    Ok(())
+                }
                 // Already gone (or replaced): nothing to do.
                 Err(WriteFailure::Kube(kube::Error::Api(s))) if s.code == 404 || s.code == 409 => {
                     Ok(())
@@ -156,7 +211,7 @@ impl Writer {
             });
             let result = timed(pools.patch(name, &apply, &Patch::Apply(&body)))
                 .await
-                .map(drop);
+                .map(|p| Written::record(&mut written.pools, name, &p));
             record(format!("add finalizer to IPPool {name}"), result);
         }
         for (name, status) in &plan.pool_statuses {
@@ -166,7 +221,7 @@ impl Writer {
             });
             let result = timed(pools.patch_status(name, &apply, &Patch::Apply(&body)))
                 .await
-                .map(drop);
+                .map(|p| Written::record(&mut written.pools, name, &p));
             record(format!("apply IPPool {name} status"), result);
         }
         for name in &plan.finalizers_to_remove {
@@ -176,7 +231,14 @@ impl Writer {
                 "apiVersion": "network.trellis.dev/v1alpha1", "kind": "IPPool", "metadata": {"name": name},
             });
             let result = match timed(pools.patch(name, &apply, &Patch::Apply(&body))).await {
-                Ok(_) => Ok(()),
+                // Releasing the last finalizer of a deleting pool removes it;
+                // the watch then shows it gone rather than at this version.
+                Ok(p) => {
+                    if p.meta().deletion_timestamp.is_none() || !p.finalizers().is_empty() {
+                        Written::record(&mut written.pools, name, &p);
+                    }
+                    Ok(())
+                }
                 Err(WriteFailure::Kube(kube::Error::Api(s))) if s.code == 404 => Ok(()),
                 Err(e) => Err(e),
             };
@@ -190,14 +252,14 @@ impl Writer {
             let result =
                 timed(configs.patch_status(NETWORK_CONFIG_NAME, &apply, &Patch::Apply(&body)))
                     .await
-                    .map(drop);
+                    .map(|c| written.config = c.meta().resource_version.clone());
             record("apply NetworkConfig status".into(), result);
         }
         for event in &plan.events {
             let result = timed(self.publish(event)).await;
             record(format!("publish event {}", event.reason), result);
         }
-        errors
+        Applied { errors, written }
     }
 
     async fn publish(&self, event: &PlannedEvent) -> Result<(), kube::Error> {

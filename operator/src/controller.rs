@@ -21,15 +21,17 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::{Notify, OnceCell, watch};
 use tokio::task::JoinHandle;
-use trellis_api::v1alpha1::{IPPool, NetworkConfig, NetworkStatus, NodeNetwork};
+use trellis_api::v1alpha1::{
+    IPPool, NETWORK_CONFIG_NAME, NetworkConfig, NetworkStatus, NodeNetwork,
+};
 
-use crate::apply::Writer;
+use crate::apply::{Applied, Writer, Written, resource_version_reached};
 use crate::plan::{Plan, Snapshot, plan};
 
 /// In-memory copies of everything the operator reads.
@@ -45,6 +47,8 @@ pub struct Stores {
     /// so of several tasks waiting on a store at once only the last polled
     /// would ever wake. Through this cell any number of tasks may wait.
     synced: Arc<OnceCell<bool>>,
+    /// Bumped after every event any watch applied to its store.
+    updates: Arc<watch::Sender<u64>>,
 }
 
 /// A watch ended before its cache held the initial list.
@@ -60,6 +64,24 @@ impl Stores {
         node_networks: Store<NodeNetwork>,
         statuses: Store<NetworkStatus>,
     ) -> Self {
+        Self::with_updates(
+            nodes,
+            pools,
+            configs,
+            node_networks,
+            statuses,
+            Arc::new(watch::Sender::new(0)),
+        )
+    }
+
+    fn with_updates(
+        nodes: Store<Node>,
+        pools: Store<IPPool>,
+        configs: Store<NetworkConfig>,
+        node_networks: Store<NodeNetwork>,
+        statuses: Store<NetworkStatus>,
+        updates: Arc<watch::Sender<u64>>,
+    ) -> Self {
         Stores {
             nodes,
             pools,
@@ -67,7 +89,64 @@ impl Stores {
             node_networks,
             statuses,
             synced: Arc::default(),
+            updates,
         }
+    }
+
+    /// Tells waiters in [`Stores::reflects`] that a store changed; the watch
+    /// tasks call it after every event (tests that fill stores by hand too).
+    pub fn touched(&self) {
+        self.updates.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// Whether every store shows the writes of `written`: each written
+    /// object at the returned version or later, each deleted one gone.
+    pub fn shows(&self, written: &Written) -> bool {
+        let reached = |rv: Option<&String>, want: &str| {
+            rv.is_some_and(|rv| resource_version_reached(rv, want))
+        };
+        let nn_ok = written.node_networks.iter().all(|(name, want)| {
+            self.node_networks
+                .get(&ObjectRef::new(name))
+                .is_some_and(|nn| reached(nn.metadata.resource_version.as_ref(), want))
+        });
+        let deleted_ok = written.node_networks_deleted.iter().all(|(name, uid)| {
+            self.node_networks
+                .get(&ObjectRef::new(name))
+                .is_none_or(|nn| nn.metadata.uid.as_deref() != Some(uid.as_str()))
+        });
+        let pools_ok = written.pools.iter().all(|(name, want)| {
+            // A pool deleted meanwhile has nothing left to show.
+            self.pools
+                .get(&ObjectRef::new(name))
+                .is_none_or(|p| reached(p.metadata.resource_version.as_ref(), want))
+        });
+        let config_ok = written.config.as_deref().is_none_or(|want| {
+            self.configs
+                .get(&ObjectRef::new(NETWORK_CONFIG_NAME))
+                .is_none_or(|c| reached(c.metadata.resource_version.as_ref(), want))
+        });
+        nn_ok && deleted_ok && pools_ok && config_ok
+    }
+
+    /// Waits until the stores show `written` (read-your-writes), at most
+    /// `limit`; returns whether they do. Plans made before the watch has
+    /// delivered our own writes would repeat them.
+    pub async fn reflects(&self, written: &Written, limit: Duration) -> bool {
+        let mut updates = self.updates.subscribe();
+        let wait = async {
+            loop {
+                updates.borrow_and_update();
+                if self.shows(written) {
+                    return;
+                }
+                if updates.changed().await.is_err() {
+                    // No watch is left to bring the change.
+                    std::future::pending::<()>().await;
+                }
+            }
+        };
+        tokio::time::timeout(limit, wait).await.is_ok()
     }
 
     pub fn snapshot(&self) -> Snapshot {
@@ -104,22 +183,32 @@ impl Stores {
 /// Starts a watch per kind; each change notifies `changed`.
 pub fn watch_all(client: &Client, changed: Arc<Notify>) -> (Stores, Vec<JoinHandle<()>>) {
     let mut tasks = Vec::new();
-    let nodes = watch_kind::<Node>(client, &changed, &mut tasks);
-    let pools = watch_kind::<IPPool>(client, &changed, &mut tasks);
-    let configs = watch_kind::<NetworkConfig>(client, &changed, &mut tasks);
-    let node_networks = watch_kind::<NodeNetwork>(client, &changed, &mut tasks);
-    let statuses = watch_kind::<NetworkStatus>(client, &changed, &mut tasks);
+    let updates = Arc::new(watch::Sender::new(0));
+    let signal = Signal {
+        changed,
+        updates: updates.clone(),
+    };
+    let nodes = watch_kind::<Node>(client, &signal, &mut tasks);
+    let pools = watch_kind::<IPPool>(client, &signal, &mut tasks);
+    let configs = watch_kind::<NetworkConfig>(client, &signal, &mut tasks);
+    let node_networks = watch_kind::<NodeNetwork>(client, &signal, &mut tasks);
+    let statuses = watch_kind::<NetworkStatus>(client, &signal, &mut tasks);
     (
-        Stores::new(nodes, pools, configs, node_networks, statuses),
+        Stores::with_updates(nodes, pools, configs, node_networks, statuses, updates),
         tasks,
     )
 }
 
-fn watch_kind<K>(
-    client: &Client,
-    changed: &Arc<Notify>,
-    tasks: &mut Vec<JoinHandle<()>>,
-) -> Store<K>
+/// What a watch task pokes after applying an event to its store.
+#[derive(Clone)]
+struct Signal {
+    /// Wakes the reconcile loop.
+    changed: Arc<Notify>,
+    /// Wakes read-your-writes waiters.
+    updates: Arc<watch::Sender<u64>>,
+}
+
+fn watch_kind<K>(client: &Client, signal: &Signal, tasks: &mut Vec<JoinHandle<()>>) -> Store<K>
 where
     K: Resource<DynamicType = ()>
         + Clone
@@ -131,7 +220,7 @@ where
 {
     let (store, writer) = reflector::store::<K>();
     let api: Api<K> = Api::all(client.clone());
-    let changed = changed.clone();
+    let signal = signal.clone();
     let stream = watcher(api, watcher::Config::default())
         .default_backoff()
         .reflect(writer);
@@ -139,7 +228,10 @@ where
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => changed.notify_one(),
+                Ok(_) => {
+                    signal.updates.send_modify(|n| *n = n.wrapping_add(1));
+                    signal.changed.notify_one();
+                }
                 Err(e) => tracing::warn!(kind = %K::kind(&()), error = %e, "watch error; retrying with backoff"),
             }
         }
@@ -152,6 +244,7 @@ where
 pub struct PassReport {
     pub plan: Plan,
     pub errors: Vec<crate::apply::WriteError>,
+    pub written: Written,
     pub took: Duration,
 }
 
@@ -160,14 +253,15 @@ pub async fn reconcile_once(stores: &Stores, writer: &Writer) -> PassReport {
     let started = Instant::now();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let plan = plan(&stores.snapshot(), &now);
-    let errors = if plan.writes() == 0 {
-        Vec::new()
+    let applied = if plan.writes() == 0 {
+        Applied::default()
     } else {
         writer.apply(&plan).await
     };
     PassReport {
         plan,
-        errors,
+        errors: applied.errors,
+        written: applied.written,
         took: started.elapsed(),
     }
 }
@@ -180,6 +274,10 @@ pub struct LoopConfig {
     /// First retry delay after a transient failure; doubles up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// How long the next pass waits for the watches to show this pass's
+    /// writes before it plans anyway (a watch that lags this long is
+    /// broken; the writes are idempotent, so planning then is only wasteful).
+    pub read_your_writes: Duration,
 }
 
 impl Default for LoopConfig {
@@ -188,6 +286,7 @@ impl Default for LoopConfig {
             resync: Duration::from_secs(300),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
+            read_your_writes: Duration::from_secs(10),
         }
     }
 }
@@ -232,6 +331,17 @@ pub async fn run(
             _ = shutdown.wait_for(|s| *s) => return,
         };
         on_pass(&pass);
+        if !pass.written.is_empty() {
+            tokio::select! {
+                shown = stores.reflects(&pass.written, cfg.read_your_writes) => if !shown {
+                    tracing::warn!(
+                        after = ?cfg.read_your_writes,
+                        "the watches do not show this pass's writes yet; planning anyway"
+                    );
+                },
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+        }
         // Transient failures retry after a growing delay (the `sleep` arm
         // above), even without a new event; permanent ones wait for a change.
         backoff = if pass.errors.iter().any(|e| e.is_transient()) {
@@ -279,5 +389,94 @@ mod tests {
             Ok(()),
             "and later callers return at once"
         );
+    }
+
+    fn node_network(name: &str, rv: &str) -> NodeNetwork {
+        let spec = trellis_api::v1alpha1::NodeNetworkSpec {
+            pod_cidrs: vec!["10.244.0.0/24".into()],
+            underlay_address: "192.0.2.1".into(),
+            encapsulation: trellis_api::v1alpha1::Encapsulation::None,
+            vxlan: None,
+            vtep: None,
+            mtu: None,
+        };
+        let mut nn = NodeNetwork::new(name, spec);
+        nn.metadata.resource_version = Some(rv.into());
+        nn.metadata.uid = Some(format!("uid-{name}"));
+        nn
+    }
+
+    fn empty_stores() -> (Stores, reflector::store::Writer<NodeNetwork>) {
+        let (nodes, _) = reflector::store::<Node>();
+        let (pools, _) = reflector::store::<IPPool>();
+        let (configs, _) = reflector::store::<NetworkConfig>();
+        let (node_networks, w) = reflector::store::<NodeNetwork>();
+        let (statuses, _) = reflector::store::<NetworkStatus>();
+        (
+            Stores::new(nodes, pools, configs, node_networks, statuses),
+            w,
+        )
+    }
+
+    /// A pass must not plan from a cache that predates its own writes: the
+    /// wait ends when the watch brings the written version, not before.
+    #[tokio::test]
+    async fn the_next_pass_waits_for_the_cache_to_show_its_writes() {
+        let (stores, mut w) = empty_stores();
+        w.apply_watcher_event(&Event::Apply(node_network("n1", "41")));
+        stores.touched();
+        let written = Written {
+            node_networks: [("n1".to_owned(), "42".to_owned())].into(),
+            ..Written::default()
+        };
+        assert!(!stores.shows(&written), "version 41 predates the write");
+        let waiter = {
+            let (stores, written) = (stores.clone(), written.clone());
+            tokio::spawn(async move { stores.reflects(&written, Duration::from_secs(5)).await })
+        };
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished(), "nothing new arrived yet");
+        w.apply_watcher_event(&Event::Apply(node_network("n1", "42")));
+        stores.touched();
+        let shown = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+        assert!(shown.expect("the waiter wakes").expect("task"));
+    }
+
+    #[tokio::test]
+    async fn a_deleted_object_is_shown_once_the_cache_drops_it() {
+        let (stores, mut w) = empty_stores();
+        let old = node_network("gone", "7");
+        w.apply_watcher_event(&Event::Apply(old.clone()));
+        let written = Written {
+            node_networks_deleted: [("gone".to_owned(), "uid-gone".to_owned())].into(),
+            ..Written::default()
+        };
+        assert!(!stores.shows(&written));
+        w.apply_watcher_event(&Event::Delete(old));
+        assert!(stores.shows(&written));
+        // A new object of the same name (another UID) is not the deleted one.
+        let mut again = node_network("gone", "9");
+        again.metadata.uid = Some("uid-new".into());
+        w.apply_watcher_event(&Event::Apply(again));
+        assert!(stores.shows(&written));
+    }
+
+    #[tokio::test]
+    async fn waiting_gives_up_after_its_limit() {
+        let (stores, _w) = empty_stores();
+        let written = Written {
+            node_networks: [("never".to_owned(), "1".to_owned())].into(),
+            ..Written::default()
+        };
+        assert!(!stores.reflects(&written, Duration::from_millis(50)).await);
+    }
+
+    #[test]
+    fn resource_versions_compare_as_numbers_when_they_are_numbers() {
+        assert!(resource_version_reached("100", "99"));
+        assert!(resource_version_reached("99", "99"));
+        assert!(!resource_version_reached("99", "100"));
+        assert!(resource_version_reached("abc", "abc"));
+        assert!(!resource_version_reached("abd", "abc"));
     }
 }
