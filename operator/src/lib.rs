@@ -17,7 +17,8 @@
 //! elects the one replica that writes; `ops` serves metrics and health.
 
 pub mod apply;
-pub mod conditions;
+/// Condition bookkeeping, shared with `trellis-node`.
+pub use trellis_common::conditions;
 pub mod controller;
 pub mod desired;
 pub mod ipam;

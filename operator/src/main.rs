@@ -6,10 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use clap::{Parser, ValueEnum};
-use kube::config::{KubeConfigOptions, Kubeconfig};
+use clap::Parser;
 use tokio::sync::{Notify, watch};
+use trellis_common::process::{LogFormat, client, init_tracing, shutdown_signal, until_true};
 use trellis_operator::apply::Writer;
 use trellis_operator::controller::{self, LoopConfig};
 use trellis_operator::lease::{Elector, LeaseConfig};
@@ -45,12 +44,6 @@ struct Args {
     resync_seconds: u64,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -59,7 +52,7 @@ async fn main() -> anyhow::Result<()> {
 
     let client = client(args.kubeconfig.as_deref()).await?;
     let metrics = Metrics::new();
-    let health = Health::new(Duration::from_secs(120));
+    let health = Health::new(Duration::from_secs(120), "caches not synced");
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (leading_tx, leading) = watch::channel(false);
 
@@ -69,7 +62,7 @@ async fn main() -> anyhow::Result<()> {
         listener,
         metrics.clone(),
         health.clone(),
-        wait_for(shutdown.clone()),
+        until_true(shutdown.clone()),
     ));
 
     let changed = Arc::new(Notify::new());
@@ -215,55 +208,7 @@ fn error_kind(e: &trellis_operator::apply::WriteError) -> ErrorKind {
     }
 }
 
-async fn client(kubeconfig: Option<&std::path::Path>) -> anyhow::Result<kube::Client> {
-    let config = match kubeconfig {
-        Some(path) => {
-            let kc = Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                .await
-                .with_context(|| format!("loading kubeconfig {}", path.display()))?
-        }
-        None => kube::Config::infer()
-            .await
-            .context("no kubeconfig given and no in-cluster configuration")?,
-    };
-    kube::Client::try_from(config).context("building the Kubernetes client")
-}
-
 fn default_identity() -> String {
     let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
     format!("{}-{}", host.trim(), std::process::id())
-}
-
-fn init_tracing(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| "info,kube_client=warn,kube_runtime=warn".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
-async fn wait_for(mut shutdown: watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await;
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot listen for SIGTERM; only Ctrl-C stops the operator");
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
