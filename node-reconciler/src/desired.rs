@@ -38,6 +38,9 @@ pub struct Desired {
     pub pod_mtu: u32,
     /// Peers whose blocks are all programmed.
     pub peers_programmed: usize,
+    /// The peer each route leads to, by destination (for status: which
+    /// peers a failed route or entry affects).
+    pub route_owners: BTreeMap<IpNet, String>,
     /// Peers (or some of their blocks) left out, and why.
     pub skipped: Vec<Skipped>,
 }
@@ -158,6 +161,7 @@ pub fn desired(
         taken.insert(block);
     }
     let mut routes: BTreeMap<IpNet, Route> = BTreeMap::new();
+    let mut route_owners: BTreeMap<IpNet, String> = BTreeMap::new();
     let mut neighbours: BTreeMap<IpAddr, Neighbour> = BTreeMap::new();
     let mut fdb: BTreeMap<Mac, Fdb> = BTreeMap::new();
 
@@ -266,6 +270,7 @@ pub fn desired(
                             onlink: true,
                         },
                     );
+                    route_owners.insert(block, (*peer).to_owned());
                     neighbours.insert(via, Neighbour { ip: via, mac: pmac });
                     any = true;
                 }
@@ -332,6 +337,7 @@ pub fn desired(
                             onlink: false,
                         },
                     );
+                    route_owners.insert(block, (*peer).to_owned());
                 }
                 if complete {
                     out.peers_programmed += 1;
@@ -340,6 +346,7 @@ pub fn desired(
         }
     }
     out.routes = routes.into_values().collect();
+    out.route_owners = route_owners;
     out.neighbours = neighbours.into_values().collect();
     out.fdb = fdb.into_values().collect();
     Ok(out)

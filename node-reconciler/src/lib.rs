@@ -9,12 +9,17 @@
 //! unit-tested. `netns` runs work inside a node's network namespace on a
 //! dedicated thread (setns, never `ip netns exec`); `observe` dumps links,
 //! addresses, routes, neighbour and FDB entries there, keeping only what
-//! Trellis owns; `apply` executes the planned ops with replace semantics.
-//! The agent loop and the `NetworkStatus` report build on these.
+//! Trellis owns; `apply` executes the planned ops with replace semantics;
+//! `report` (pure) turns the outcome into the node's `NetworkStatus`;
+//! `agent` is the loop that ties them to the apiserver and to netlink
+//! notifications.
 
+pub mod agent;
 pub mod apply;
 pub mod desired;
+pub mod metrics;
 pub mod model;
 pub mod netns;
 pub mod observe;
 pub mod plan;
+pub mod report;

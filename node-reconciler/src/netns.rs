@@ -18,8 +18,15 @@ use std::pin::Pin;
 use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 
+use futures::StreamExt;
+use netlink_sys::{AsyncSocket, SocketAddr};
 use nix::sched::{CloneFlags, setns};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// Multicast groups of [`NetnsHandle::subscribe`]: `RTMGRP_LINK`,
+/// `RTMGRP_NEIGH` (neighbour and FDB entries), `RTMGRP_IPV4_IFADDR`,
+/// `RTMGRP_IPV4_ROUTE`, `RTMGRP_IPV6_IFADDR`, `RTMGRP_IPV6_ROUTE`.
+pub const NOTIFICATION_GROUPS: u32 = 0x1 | 0x4 | 0x10 | 0x40 | 0x100 | 0x400;
 
 /// Why a namespace thread could not start or run a job.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +49,8 @@ pub enum NetnsError {
     Runtime(#[source] std::io::Error),
     #[error("cannot open a netlink socket: {0}")]
     Connect(#[source] std::io::Error),
+    #[error("cannot subscribe to netlink notifications in {0}: {1}")]
+    Subscribe(Namespace, #[source] std::io::Error),
     /// The thread is gone (a job panicked), so no job runs any more.
     #[error("the thread of network namespace {0} has stopped")]
     Stopped(Namespace),
@@ -186,6 +195,42 @@ impl NetnsHandle {
         self.submit(f)?
             .blocking_recv()
             .map_err(|_| NetnsError::Stopped(self.namespace.clone()))
+    }
+
+    /// Subscribes to the namespace's link, address, route and neighbour
+    /// (including FDB) notifications on a socket of its own. The returned
+    /// counter grows by one per notification; many notifications between
+    /// two reads coalesce into one wake-up. The receiver reports an error
+    /// once the subscription ends (the socket failed, e.g. on a receive
+    /// buffer overrun): subscribe again and do a full resync, as events may
+    /// have been lost.
+    pub async fn subscribe(&self) -> Result<watch::Receiver<u64>, NetnsError> {
+        let namespace = self.namespace.clone();
+        self.run(move |_| async move {
+            let (mut connection, handle, mut messages) =
+                rtnetlink::new_connection_with_socket::<netlink_sys::TokioSocket>()
+                    .map_err(NetnsError::Connect)?;
+            let groups = SocketAddr::new(0, NOTIFICATION_GROUPS);
+            connection
+                .socket_mut()
+                .socket_mut()
+                .bind(&groups)
+                .map_err(|e| NetnsError::Subscribe(namespace.clone(), e))?;
+            let (tx, rx) = watch::channel(0u64);
+            tokio::spawn(connection);
+            tokio::spawn(async move {
+                // The connection ends when its last handle is dropped.
+                let _handle = handle;
+                while messages.next().await.is_some() {
+                    tx.send_modify(|n| *n = n.wrapping_add(1));
+                    if tx.is_closed() {
+                        break;
+                    }
+                }
+            });
+            Ok(rx)
+        })
+        .await?
     }
 
     fn submit<F, Fut, T>(&self, f: F) -> Result<oneshot::Receiver<T>, NetnsError>

@@ -928,3 +928,59 @@ async fn the_async_run_does_not_block_the_callers_runtime() {
     let observed = a.unwrap().unwrap();
     assert_eq!((observed.vxlan, observed.underlay, b), (None, None, 7));
 }
+
+/// Drift repair rests on this: a change made by hand in the node's
+/// namespace (a link, a route deleted) wakes the subscriber.
+#[tokio::test]
+async fn notifications_report_changes_made_by_hand() {
+    let ns = Netns::new("trellis-t-notify-1".into());
+    ns.ip(&[
+        "link",
+        "add",
+        "trls-notify",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "trls-notify-p",
+    ]);
+    let path = ns.path();
+    let h = tokio::task::spawn_blocking(move || NetnsHandle::new(Some(&path)))
+        .await
+        .unwrap()
+        .expect("handle");
+    let mut events = h.subscribe().await.expect("subscribe");
+    let seen = *events.borrow_and_update();
+
+    ns.ip(&["link", "set", "trls-notify", "up"]);
+    let wake = |events: &mut tokio::sync::watch::Receiver<u64>| {
+        let mut events = events.clone();
+        async move {
+            tokio::time::timeout(std::time::Duration::from_secs(5), events.changed())
+                .await
+                .expect("a notification within 5 s")
+                .expect("the subscription is alive");
+            *events.borrow_and_update()
+        }
+    };
+    let after_link = wake(&mut events).await;
+    assert!(after_link > seen, "a link change is reported");
+
+    ns.ip(&["address", "add", "192.0.2.1/24", "dev", "trls-notify"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.9.0/24",
+        "via",
+        "192.0.2.9",
+        "proto",
+        "210",
+    ]);
+    events.borrow_and_update();
+    ns.ip(&["route", "del", "10.244.9.0/24"]);
+    let after_route = wake(&mut events).await;
+    assert!(
+        after_route > after_link,
+        "a route deleted by hand is reported"
+    );
+}

@@ -1,0 +1,427 @@
+//! The reconcile loop: the shell around `desired`, `plan` and `report`.
+//!
+//! ```text
+//!  watch NodeNetwork (all) ──▶ store ──┐
+//!  netlink notifications (links, addresses, routes, neighbours, FDB) ──┼──▶ reconcile ──▶ NetworkStatus (SSA, only on change)
+//!  resync timer, retry backoff ────────┘      observe ─▶ desired ─▶ plan ─▶ apply ─▶ observe ─▶ plan (what is still missing)
+//! ```
+//!
+//! One reconcile at a time, always from a fresh netlink dump and the whole
+//! store, so events only say *when* to look, never *what* changed: a lost or
+//! coalesced event costs nothing but latency, bounded by the resync period.
+//! Nothing is done to the kernel before the store holds the initial list
+//! (a partial view would delete routes to peers not yet seen), and nothing
+//! at all while the node's own `NodeNetwork` is absent, so a restart adopts
+//! the kernel state as it is.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, Resource};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+use trellis_api::v1alpha1::{NETWORKSTATUS_READY, NetworkStatus, NetworkStatusStatus, NodeNetwork};
+use trellis_common::ops::Health;
+use trellis_common::process::until_true;
+
+use crate::desired::{Desired, DesiredError, Host, desired};
+use crate::metrics::{ErrorKind, Metrics, Trigger};
+use crate::netns::NetnsHandle;
+use crate::observe::{Snapshot, observe};
+use crate::plan::{Op, plan};
+use crate::report::{Outcome, report, status};
+
+/// Field manager of every write `trellis-node` makes.
+pub const FIELD_MANAGER: &str = "trellis-node";
+
+/// Settings of the loop.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The Node this reconciler manages (the `NodeNetwork` and
+    /// `NetworkStatus` of the same name).
+    pub node_name: String,
+    /// A full reconcile at least this often, even without events.
+    pub resync: Duration,
+    /// First retry delay after a failure; doubles up to `max_backoff`.
+    pub min_backoff: Duration,
+    pub max_backoff: Duration,
+}
+
+impl Config {
+    pub fn new(node_name: impl Into<String>) -> Self {
+        Config {
+            node_name: node_name.into(),
+            resync: Duration::from_secs(10),
+            min_backoff: Duration::from_millis(200),
+            max_backoff: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Runs until `shutdown` turns true. Leaves the kernel as it is on the way
+/// out: the datapath outlives the process.
+pub async fn run(
+    client: Client,
+    netns: Arc<NetnsHandle>,
+    cfg: Config,
+    metrics: Metrics,
+    health: Health,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let spec_changed = Arc::new(Notify::new());
+    let (store, watch_task) = watch_node_networks(&client, spec_changed.clone());
+    let mut kernel = netns.subscribe().await?;
+    let mut reporter = Reporter::new(client.clone(), &cfg.node_name).await;
+
+    tokio::select! {
+        res = store.wait_until_ready() => res?,
+        () = until_true(shutdown.clone()) => {
+            watch_task.abort();
+            return Ok(());
+        }
+    }
+    tracing::info!(node = %cfg.node_name, "NodeNetwork cache synced");
+
+    let mut trigger = Trigger::Start;
+    let mut backoff: Option<Duration> = None;
+    loop {
+        health.beat();
+        let failed = reconcile(&store, &netns, &cfg, &metrics, &mut reporter, trigger).await;
+        health.set_ready(true);
+        backoff = if failed {
+            Some(backoff.map_or(cfg.min_backoff, |b| (b * 2).min(cfg.max_backoff)))
+        } else {
+            None
+        };
+        // Notifications our own writes caused arrive around now; the next
+        // turn consumes them in one reconcile that finds nothing to do.
+        trigger = tokio::select! {
+            _ = spec_changed.notified() => Trigger::Spec,
+            changed = kernel.changed() => match changed {
+                Ok(()) => {
+                    metrics.netlink_events(1);
+                    kernel.borrow_and_update();
+                    Trigger::Kernel
+                }
+                Err(_) => {
+                    tracing::warn!("netlink notifications stopped (socket overrun?); subscribing again");
+                    kernel = netns.subscribe().await?;
+                    Trigger::Resync
+                }
+            },
+            _ = tokio::time::sleep(backoff.unwrap_or(cfg.resync)) => {
+                if backoff.is_some() { Trigger::Retry } else { Trigger::Resync }
+            }
+            () = until_true(shutdown.clone()) => break,
+        };
+    }
+    watch_task.abort();
+    Ok(())
+}
+
+fn watch_node_networks(
+    client: &Client,
+    changed: Arc<Notify>,
+) -> (Store<NodeNetwork>, tokio::task::JoinHandle<()>) {
+    let (store, writer) = reflector::store::<NodeNetwork>();
+    let stream = watcher(
+        Api::<NodeNetwork>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff()
+    .reflect(writer);
+    let task = tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(_) => changed.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "NodeNetwork watch error; retrying with backoff")
+                }
+            }
+        }
+    });
+    (store, task)
+}
+
+/// What one pass through the kernel found.
+struct Pass {
+    snapshot: Snapshot,
+    desired: Desired,
+    remaining: Vec<Op>,
+    errors: Vec<String>,
+    transient: bool,
+}
+
+/// One reconcile; returns whether it should be retried soon.
+async fn reconcile(
+    store: &Store<NodeNetwork>,
+    netns: &NetnsHandle,
+    cfg: &Config,
+    metrics: &Metrics,
+    reporter: &mut Reporter,
+    trigger: Trigger,
+) -> bool {
+    let started = Instant::now();
+    let own = store.get(&ObjectRef::new(&cfg.node_name));
+    let Some(own) = own else {
+        let r = report(&cfg.node_name, &[], None, &Outcome::NoNodeNetwork);
+        metrics.reconciled(trigger, started.elapsed());
+        metrics.set_state(0, 0, false);
+        return !reporter.publish(r, metrics).await;
+    };
+    let generation = own.metadata.generation;
+    let cidrs = &own.spec.pod_cidrs;
+
+    let result = converge(store, netns, &cfg.node_name, &own, metrics).await;
+    let (r, retry) = match &result {
+        Err(Failure::Observe(why)) => {
+            metrics.error(ErrorKind::Observe);
+            (
+                report(
+                    &cfg.node_name,
+                    cidrs,
+                    generation,
+                    &Outcome::ObserveFailed(why.clone()),
+                ),
+                true,
+            )
+        }
+        Err(Failure::Spec(err, host)) => {
+            metrics.error(ErrorKind::Spec);
+            tracing::warn!(error = %err, "cannot program this node's NodeNetwork");
+            (
+                report(
+                    &cfg.node_name,
+                    cidrs,
+                    generation,
+                    &Outcome::Unusable(err, host),
+                ),
+                false,
+            )
+        }
+        Ok(pass) => {
+            if !pass.errors.is_empty() {
+                metrics.error(ErrorKind::Apply);
+            }
+            let outcome = Outcome::Reconciled {
+                desired: &pass.desired,
+                host: &pass.snapshot.host,
+                remaining: &pass.remaining,
+                errors: &pass.errors,
+            };
+            let r = report(&cfg.node_name, cidrs, generation, &outcome);
+            // Ops the kernel refused for good (a conflict a person must
+            // resolve) are retried at the resync pace, not in a hot loop.
+            (
+                r,
+                pass.transient || (!pass.remaining.is_empty() && pass.errors.is_empty()),
+            )
+        }
+    };
+    let ready = r
+        .conditions
+        .iter()
+        .any(|c| c.type_ == NETWORKSTATUS_READY && c.status);
+    let peers = usize::try_from(r.status.peers).unwrap_or(0);
+    let routes = result.as_ref().map_or(0, |p| p.desired.routes.len());
+    metrics.set_state(peers, routes, ready);
+    let published = reporter.publish(r, metrics).await;
+    metrics.reconciled(trigger, started.elapsed());
+    retry || !published
+}
+
+enum Failure {
+    Observe(String),
+    Spec(DesiredError, Host),
+}
+
+/// observe → desired → plan → apply → observe → plan.
+async fn converge(
+    store: &Store<NodeNetwork>,
+    netns: &NetnsHandle,
+    node: &str,
+    own: &NodeNetwork,
+    metrics: &Metrics,
+) -> Result<Pass, Failure> {
+    let underlay: IpAddr = match own.spec.underlay_address.parse() {
+        Ok(ip) => ip,
+        Err(_) => {
+            let err = DesiredError::Underlay(own.spec.underlay_address.clone());
+            let host = Host {
+                underlay: None,
+                underlay_networks: Vec::new(),
+            };
+            return Err(Failure::Spec(err, host));
+        }
+    };
+    let snapshot = observe_in(netns, underlay).await?;
+    let all = store.state();
+    let peers: Vec<(&str, &trellis_api::v1alpha1::NodeNetworkSpec)> = all
+        .iter()
+        .filter_map(|nn| Some((nn.metadata.name.as_deref()?, &nn.spec)))
+        .collect();
+    let want = desired(node, &own.spec, &peers, &snapshot.host)
+        .map_err(|e| Failure::Spec(e, snapshot.host.clone()))?;
+    let ops = plan(&want, &snapshot.observed);
+    if ops.is_empty() {
+        return Ok(Pass {
+            snapshot,
+            desired: want,
+            remaining: Vec::new(),
+            errors: Vec::new(),
+            transient: false,
+        });
+    }
+    tracing::info!(ops = ops.len(), "converging");
+    let to_apply = ops.clone();
+    let failures = netns
+        .run(move |h| async move {
+            crate::apply::apply(&h, &to_apply)
+                .await
+                .into_iter()
+                .map(|e| (e.to_string(), e.is_transient()))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| Failure::Observe(e.to_string()))?;
+    metrics.wrote(&ops);
+    let after = observe_in(netns, underlay).await?;
+    let remaining = plan(&want, &after.observed);
+    Ok(Pass {
+        snapshot: after,
+        desired: want,
+        remaining,
+        transient: failures.iter().any(|(_, t)| *t),
+        errors: failures.into_iter().map(|(e, _)| e).collect(),
+    })
+}
+
+async fn observe_in(netns: &NetnsHandle, underlay: IpAddr) -> Result<Snapshot, Failure> {
+    netns
+        .run(move |h| async move { observe(&h, underlay).await.map_err(|e| e.to_string()) })
+        .await
+        .map_err(|e| Failure::Observe(e.to_string()))?
+        .map_err(Failure::Observe)
+}
+
+/// Writes the node's `NetworkStatus` when it differs from what was last
+/// written (read back once at start, so a restart that changes nothing
+/// writes nothing).
+struct Reporter {
+    api: Api<NetworkStatus>,
+    name: String,
+    owner: Option<OwnerReference>,
+    last: Option<NetworkStatusStatus>,
+    exists: bool,
+}
+
+impl Reporter {
+    async fn new(client: Client, node: &str) -> Self {
+        let api: Api<NetworkStatus> = Api::all(client.clone());
+        let (exists, last) = match api.get_opt(node).await {
+            Ok(Some(obj)) => (true, obj.status),
+            Ok(None) => (false, None),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read this node's NetworkStatus; will write it");
+                (false, None)
+            }
+        };
+        // Owned by the Node, so the garbage collector removes it with the Node.
+        let owner = match Api::<Node>::all(client).get_opt(node).await {
+            Ok(Some(n)) => n.metadata.uid.map(|uid| OwnerReference {
+                api_version: Node::api_version(&()).into_owned(),
+                kind: Node::kind(&()).into_owned(),
+                name: node.to_owned(),
+                uid,
+                ..OwnerReference::default()
+            }),
+            Ok(None) => None,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read this node's Node; its NetworkStatus gets no owner");
+                None
+            }
+        };
+        Reporter {
+            api,
+            name: node.to_owned(),
+            owner,
+            last,
+            exists,
+        }
+    }
+
+    /// Writes the report if it changes the status; returns false when a
+    /// write failed (to be retried).
+    async fn publish(&mut self, r: crate::report::Report, metrics: &Metrics) -> bool {
+        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        let next = status(self.last.as_ref(), r, &now);
+        if self.last.as_ref() == Some(&next) {
+            return true;
+        }
+        match self.write(&next).await {
+            Ok(()) => {
+                metrics.status_written();
+                let ready = next
+                    .conditions
+                    .iter()
+                    .find(|c| c.type_ == NETWORKSTATUS_READY)
+                    .map(|c| format!("{} ({})", c.status, c.reason));
+                tracing::info!(
+                    ready = ready.as_deref().unwrap_or("?"),
+                    peers = next.peers,
+                    "NetworkStatus written"
+                );
+                self.last = Some(next);
+                true
+            }
+            Err(e) => {
+                metrics.error(ErrorKind::Status);
+                tracing::warn!(error = %e, "cannot write NetworkStatus; will retry");
+                false
+            }
+        }
+    }
+
+    async fn write(&mut self, status: &NetworkStatusStatus) -> Result<(), kube::Error> {
+        let params = PatchParams::apply(FIELD_MANAGER).force();
+        if !self.exists {
+            let mut metadata = json!({"name": self.name});
+            if let Some(owner) = &self.owner {
+                metadata["ownerReferences"] = json!([owner]);
+            }
+            let body = json!({
+                "apiVersion": NetworkStatus::api_version(&()), "kind": NetworkStatus::kind(&()),
+                "metadata": metadata, "spec": {},
+            });
+            self.api
+                .patch(&self.name, &params, &Patch::Apply(&body))
+                .await?;
+            self.exists = true;
+        }
+        let body = json!({
+            "apiVersion": NetworkStatus::api_version(&()), "kind": NetworkStatus::kind(&()),
+            "metadata": {"name": self.name}, "status": status,
+        });
+        match self
+            .api
+            .patch_status(&self.name, &params, &Patch::Apply(&body))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                // Deleted meanwhile: create it again on the next try.
+                self.exists = false;
+                Err(kube::Error::Api(s))
+            }
+            Err(e) => Err(e),
+        }
+    }
+}

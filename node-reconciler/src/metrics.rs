@@ -1,0 +1,296 @@
+//! `trellis-node`'s Prometheus metrics. Labels come from closed enums (what
+//! triggered a reconcile, which kind of kernel write, which step failed),
+//! never from peer names, so the series count is fixed whatever the cluster
+//! size.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::{Registry, Unit};
+use trellis_common::ops::OpsError;
+
+use crate::plan::Op;
+
+/// Reconcile durations from 100 µs (nothing to do) to 10 s.
+const DURATION_BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 10.0,
+];
+
+macro_rules! label_enum {
+    ($(#[$doc:meta])* $name:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+        pub enum $name { $($variant),+ }
+        impl $name {
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+        impl EncodeLabelValue for $name {
+            fn encode(&self, encoder: &mut LabelValueEncoder) -> Result<(), fmt::Error> {
+                fmt::Write::write_str(encoder, self.as_str())
+            }
+        }
+    };
+}
+
+label_enum!(
+    /// What woke a reconcile.
+    Trigger {
+        Start => "start",
+        Spec => "spec",
+        Kernel => "kernel",
+        Resync => "resync",
+        Retry => "retry",
+    }
+);
+
+label_enum!(
+    /// The kind of object a kernel write touched.
+    WriteKind {
+        Link => "link",
+        Address => "address",
+        Neighbour => "neighbour",
+        Fdb => "fdb",
+        Route => "route",
+    }
+);
+
+label_enum!(
+    /// Which step of a reconcile failed.
+    ErrorKind {
+        Observe => "observe",
+        Spec => "spec",
+        Apply => "apply",
+        Status => "status",
+    }
+);
+
+impl WriteKind {
+    pub fn of(op: &Op) -> Self {
+        match op {
+            Op::CreateVxlan(_)
+            | Op::DeleteVxlan { .. }
+            | Op::SetVxlanMtu(_)
+            | Op::SetVxlanMac(_)
+            | Op::SetVxlanUp => Self::Link,
+            Op::AddAddress(_) | Op::DelAddress(_) => Self::Address,
+            Op::ReplaceNeighbour(_) | Op::DelNeighbour(_) => Self::Neighbour,
+            Op::ReplaceFdb(_) | Op::DelFdb(_) => Self::Fdb,
+            Op::ReplaceRoute(_) | Op::DelRoute(_) => Self::Route,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct TriggerLabels {
+    trigger: Trigger,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct ErrorLabels {
+    kind: ErrorKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct WriteLabels {
+    kind: WriteKind,
+}
+
+/// The node reconciler's metrics; clones share the same series.
+#[derive(Debug, Clone)]
+pub struct Metrics {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Registry,
+    reconciles: Family<TriggerLabels, Counter>,
+    reconcile_duration: Histogram,
+    errors: Family<ErrorLabels, Counter>,
+    netlink_writes: Family<WriteLabels, Counter>,
+    netlink_events: Counter,
+    status_writes: Counter,
+    peers: Gauge,
+    routes: Gauge,
+    ready: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("trellis_node");
+        let reconciles = Family::<TriggerLabels, Counter>::default();
+        let errors = Family::<ErrorLabels, Counter>::default();
+        let netlink_writes = Family::<WriteLabels, Counter>::default();
+        for &trigger in Trigger::ALL {
+            drop(reconciles.get_or_create(&TriggerLabels { trigger }));
+        }
+        for &kind in ErrorKind::ALL {
+            drop(errors.get_or_create(&ErrorLabels { kind }));
+        }
+        for &kind in WriteKind::ALL {
+            drop(netlink_writes.get_or_create(&WriteLabels { kind }));
+        }
+        let reconcile_duration = Histogram::new(DURATION_BUCKETS);
+        let netlink_events = Counter::default();
+        let status_writes = Counter::default();
+        let [peers, routes, ready] = std::array::from_fn(|_| Gauge::default());
+
+        registry.register(
+            "reconciles",
+            "Reconciles by what woke them",
+            reconciles.clone(),
+        );
+        registry.register_with_unit(
+            "reconcile_duration",
+            "Duration of a reconcile: observe, plan, apply, observe again",
+            Unit::Seconds,
+            reconcile_duration.clone(),
+        );
+        registry.register("reconcile_errors", "Failed reconcile steps", errors.clone());
+        registry.register(
+            "netlink_writes",
+            "Kernel writes (ops applied, successful or not) by object kind",
+            netlink_writes.clone(),
+        );
+        registry.register(
+            "netlink_events",
+            "Netlink notifications received from the node's namespace",
+            netlink_events.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "Writes of this node's NetworkStatus",
+            status_writes.clone(),
+        );
+        registry.register("peers", "Peers whose blocks are programmed", peers.clone());
+        registry.register(
+            "routes",
+            "Routes to remote pod blocks wanted",
+            routes.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 while the node's Ready condition is True",
+            ready.clone(),
+        );
+        Metrics {
+            inner: Arc::new(Inner {
+                registry,
+                reconciles,
+                reconcile_duration,
+                errors,
+                netlink_writes,
+                netlink_events,
+                status_writes,
+                peers,
+                routes,
+                ready,
+            }),
+        }
+    }
+
+    pub fn reconciled(&self, trigger: Trigger, took: Duration) {
+        self.inner
+            .reconciles
+            .get_or_create(&TriggerLabels { trigger })
+            .inc();
+        self.inner.reconcile_duration.observe(took.as_secs_f64());
+    }
+
+    pub fn error(&self, kind: ErrorKind) {
+        self.inner.errors.get_or_create(&ErrorLabels { kind }).inc();
+    }
+
+    pub fn wrote(&self, ops: &[Op]) {
+        for op in ops {
+            let kind = WriteKind::of(op);
+            self.inner
+                .netlink_writes
+                .get_or_create(&WriteLabels { kind })
+                .inc();
+        }
+    }
+
+    pub fn netlink_events(&self, n: u64) {
+        self.inner.netlink_events.inc_by(n);
+    }
+
+    pub fn status_written(&self) {
+        self.inner.status_writes.inc();
+    }
+
+    pub fn set_state(&self, peers: usize, routes: usize, ready: bool) {
+        self.inner
+            .peers
+            .set(i64::try_from(peers).unwrap_or(i64::MAX));
+        self.inner
+            .routes
+            .set(i64::try_from(routes).unwrap_or(i64::MAX));
+        self.inner.ready.set(i64::from(ready));
+    }
+}
+
+impl trellis_common::ops::Metrics for Metrics {
+    fn encode(&self) -> Result<String, OpsError> {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.inner.registry)
+            .map_err(OpsError::Encode)?;
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_common::ops::Metrics as _;
+
+    #[test]
+    fn every_series_exists_from_the_start_and_counts() {
+        let m = Metrics::new();
+        let text = m.encode().expect("encode");
+        for line in [
+            "trellis_node_reconciles_total{trigger=\"kernel\"} 0",
+            "trellis_node_netlink_writes_total{kind=\"route\"} 0",
+            "trellis_node_reconcile_errors_total{kind=\"apply\"} 0",
+            "trellis_node_status_writes_total 0",
+            "trellis_node_ready 0",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        m.reconciled(Trigger::Kernel, Duration::from_millis(2));
+        m.wrote(&[Op::SetVxlanUp, Op::SetVxlanMtu(1450)]);
+        m.set_state(4, 8, true);
+        let text = m.encode().expect("encode");
+        for line in [
+            "trellis_node_reconciles_total{trigger=\"kernel\"} 1",
+            "trellis_node_netlink_writes_total{kind=\"link\"} 2",
+            "trellis_node_peers 4",
+            "trellis_node_routes 8",
+            "trellis_node_ready 1",
+            "trellis_node_reconcile_duration_seconds_count 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+    }
+}
