@@ -79,11 +79,13 @@ pub async fn run(
     let (store, watch_task) = watch_node_networks(&client, spec_changed.clone());
     let mut kernel = netns.subscribe().await?;
     let mut reporter = Reporter::new(client.clone(), &cfg.node_name).await;
+    let (mut written_elsewhere, status_task) = watch_own_status(&client, &cfg.node_name);
 
     tokio::select! {
         res = store.wait_until_ready() => res?,
         () = until_true(shutdown.clone()) => {
             watch_task.abort();
+            status_task.abort();
             return Ok(());
         }
     }
@@ -104,6 +106,15 @@ pub async fn run(
         // turn consumes them in one reconcile that finds nothing to do.
         trigger = tokio::select! {
             _ = spec_changed.notified() => Trigger::Spec,
+            Some(seen) = written_elsewhere.recv() => {
+                // Our own writes come back too; only a status that is not
+                // what we wrote (deleted, or changed by someone else) counts.
+                if reporter.last.as_ref() != seen.as_ref() {
+                    tracing::info!("NetworkStatus was changed or deleted by someone else; writing it again");
+                    reporter.forget(seen.is_some());
+                }
+                Trigger::Spec
+            }
             changed = kernel.changed() => match changed {
                 Ok(()) => {
                     metrics.netlink_events(1);
@@ -123,7 +134,44 @@ pub async fn run(
         };
     }
     watch_task.abort();
+    status_task.abort();
     Ok(())
+}
+
+/// Watches this node's own `NetworkStatus`, sending its status after every
+/// change (`None` once deleted), so a status deleted or overwritten by hand
+/// is written again rather than left wrong until the next change.
+fn watch_own_status(
+    client: &Client,
+    node: &str,
+) -> (
+    tokio::sync::mpsc::Receiver<Option<NetworkStatusStatus>>,
+    tokio::task::JoinHandle<()>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    let api = Api::<NetworkStatus>::all(client.clone());
+    let cfg = watcher::Config::default().fields(&format!("metadata.name={node}"));
+    let task = tokio::spawn(async move {
+        let stream = watcher(api, cfg).default_backoff();
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            let seen = match event {
+                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => Some(obj.status),
+                Ok(watcher::Event::Delete(_)) => Some(None),
+                Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
+                Err(e) => {
+                    tracing::warn!(error = %e, "NetworkStatus watch error; retrying with backoff");
+                    None
+                }
+            };
+            if let Some(seen) = seen
+                && tx.send(seen).await.is_err()
+            {
+                break;
+            }
+        }
+    });
+    (rx, task)
 }
 
 fn watch_node_networks(
@@ -356,6 +404,13 @@ impl Reporter {
             last,
             exists,
         }
+    }
+
+    /// Forgets what was written, so the next report is written whatever it
+    /// says; `exists` says whether the object is still there.
+    fn forget(&mut self, exists: bool) {
+        self.last = None;
+        self.exists = exists;
     }
 
     /// Writes the report if it changes the status; returns false when a
