@@ -416,7 +416,10 @@ impl Reporter {
     /// Writes the report if it changes the status; returns false when a
     /// write failed (to be retried).
     async fn publish(&mut self, r: crate::report::Report, metrics: &Metrics) -> bool {
-        let now = Time(k8s_openapi::jiff::Timestamp::now());
+        // The apiserver keeps condition times to the second; so do we, or
+        // what we wrote would never equal what the watch shows.
+        let secs = k8s_openapi::jiff::Timestamp::now().as_second();
+        let now = Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap_or_default());
         let next = status(self.last.as_ref(), r, &now);
         if self.last.as_ref() == Some(&next) {
             return true;

@@ -36,7 +36,8 @@ pub struct Desired {
     pub fdb: Vec<Fdb>,
     /// Pod interface MTU.
     pub pod_mtu: u32,
-    /// Peers whose blocks are all programmed.
+    /// Peers whose blocks are all programmed (peers without any block yet
+    /// are neither programmed nor skipped).
     pub peers_programmed: usize,
     /// The peer each route leads to, by destination (for status: which
     /// peers a failed route or entry affects).
@@ -201,6 +202,11 @@ pub fn desired(
                         reason,
                     })
                 };
+                // Nothing to route to yet (waiting for a block): not a
+                // peer to program, and nothing wrong with it.
+                if spec.pod_cidrs.is_empty() {
+                    continue;
+                }
                 if spec.encapsulation != Encapsulation::Vxlan {
                     skip(SkipReason::OtherEncapsulation);
                     continue;
@@ -300,6 +306,11 @@ pub fn desired(
                         reason,
                     })
                 };
+                // Nothing to route to yet (waiting for a block): not a
+                // peer to program, and nothing wrong with it.
+                if spec.pod_cidrs.is_empty() {
+                    continue;
+                }
                 if spec.encapsulation != Encapsulation::None {
                     skip(SkipReason::OtherEncapsulation);
                     continue;

@@ -220,6 +220,13 @@ fn reconciled(
     };
 
     let ready = match [&tunnel, &routes].into_iter().find(|c| !c.status) {
+        // Peers can reach nothing here: no pod can get an address.
+        None if status.pod_cidrs.is_empty() => Cond::new(
+            NETWORKSTATUS_READY,
+            false,
+            "NoPodCIDR",
+            "the NodeNetwork has no pod address block yet: does an IPPool select this node and have free blocks? (kubectl get ippools)",
+        ),
         None => Cond::new(
             NETWORKSTATUS_READY,
             true,

@@ -336,3 +336,27 @@ fn long_errors_are_cut_to_the_schema_bound() {
     let r = report("node-1", &[], Some(1), &Outcome::ObserveFailed(err));
     assert!(r.status.last_error.unwrap().len() <= trellis_node::report::MAX_ERROR_LEN);
 }
+
+#[test]
+fn a_node_without_a_block_is_not_ready_and_blockless_peers_are_no_peers() {
+    let mut own = mk_node(1);
+    own.pod_cidrs.clear();
+    own.vtep.as_mut().unwrap().ipv4 = None;
+    let mut waiting = mk_node(3);
+    waiting.pod_cidrs.clear();
+    waiting.vtep.as_mut().unwrap().ipv4 = None;
+    let specs = vec![own, mk_node(2), waiting];
+    let s = after_apply(&specs, |_| false, &[]);
+    let ready = cond(&s, NETWORKSTATUS_READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "NoPodCIDR")
+    );
+    assert!(ready.message.contains("IPPool"), "{}", ready.message);
+    assert_eq!(cond(&s, NETWORKSTATUS_ROUTES_READY).status, "True");
+    assert_eq!(s.peers, 1, "node-3 has nothing to route to yet");
+    assert!(
+        s.unhealthy_peers.is_empty(),
+        "waiting for a block is not a fault"
+    );
+}
