@@ -9,6 +9,8 @@
 #       `trellis-sandbox up` with those binaries.
 # warm: `trellis-sandbox up` with cached binaries (etcd ready, apiserver
 #       /readyz ok, CRDs Established), RUNS times; median reported.
+# Both run `up --no-datapath`: this measures the control plane, not the node
+# namespaces and agents.
 # Prints a Markdown table row set for BENCHMARKS.md. Leaves nothing behind.
 set -euo pipefail
 
@@ -38,7 +40,7 @@ done
 t1=$(now)
 cold_build=$(secs "$t0" "$t1")
 t0=$(now)
-TRELLIS_CACHE_DIR="$scratch/tools" "$sandbox" --state-dir "$scratch/state" up >/dev/null
+TRELLIS_CACHE_DIR="$scratch/tools" "$sandbox" --state-dir "$scratch/state" up --no-datapath >/dev/null
 t1=$(now)
 cold_up=$(secs "$t0" "$t1")
 "$sandbox" --state-dir "$scratch/state" down >/dev/null
@@ -48,7 +50,7 @@ unset GOMODCACHE GOCACHE
 warm=()
 for _ in $(seq "$runs"); do
   t0=$(now)
-  TRELLIS_CACHE_DIR="$scratch/tools" "$sandbox" --state-dir "$scratch/state" up >/dev/null
+  TRELLIS_CACHE_DIR="$scratch/tools" "$sandbox" --state-dir "$scratch/state" up --no-datapath >/dev/null
   t1=$(now)
   warm+=("$(awk -v a="$t0" -v b="$t1" 'BEGIN {printf "%.2f", b - a}')")
   "$sandbox" --state-dir "$scratch/state" down >/dev/null

@@ -1,9 +1,14 @@
-//! Where the pinned etcd and kube-apiserver binaries come from: an explicit path in the
-//! environment, else `tests/e2e/tools/build.sh`, which builds them once into a cache outside
-//! the repository and prints the cached path.
+//! Where the sandbox's binaries come from.
+//!
+//! - The pinned etcd, kube-apiserver and kubectl ([`Tool`]): an explicit path in the
+//!   environment, else `tests/e2e/tools/build.sh`, which builds them once into a cache outside
+//!   the repository and prints the cached path.
+//! - This workspace's own programs ([`CargoBinary`]: `trellis-operator`, `trellis-node`): an
+//!   explicit path in the environment, else one `cargo build` of both packages' binaries
+//!   ([`cargo_build_args`]), whichever is asked for.
 
 use std::{
-    os::unix::fs::PermissionsExt,
+    os::{fd::AsFd as _, unix::fs::PermissionsExt},
     path::{Path, PathBuf},
     process::Stdio,
 };
@@ -112,4 +117,229 @@ pub(crate) fn executable(path: &Path) -> Option<PathBuf> {
     let canonical = std::fs::canonicalize(path).ok()?;
     let meta = std::fs::metadata(&canonical).ok()?;
     (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(canonical)
+}
+
+/// A program of this workspace that the sandbox runs: built with cargo on demand unless an
+/// environment variable names a binary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CargoBinary {
+    /// Cargo package (`-p`).
+    pub package: &'static str,
+    /// Binary target (`--bin`); also the file name under `<target>/<profile>/`.
+    pub bin: &'static str,
+    /// Environment variable naming a binary to run instead of building one.
+    pub env_var: &'static str,
+}
+
+/// `trellis-operator` (`$TRELLIS_OPERATOR` overrides it).
+pub const OPERATOR: CargoBinary = CargoBinary {
+    package: "trellis-operator",
+    bin: "trellis-operator",
+    env_var: "TRELLIS_OPERATOR",
+};
+
+/// `trellis-node`, the node agent (`$TRELLIS_NODE` overrides it).
+pub const NODE_AGENT: CargoBinary = CargoBinary {
+    package: "trellis-node",
+    bin: "trellis-node",
+    env_var: "TRELLIS_NODE",
+};
+
+/// Every program of this workspace the sandbox runs. They are always built together, by one
+/// cargo invocation ([`cargo_build_args`]).
+pub const WORKSPACE_BINARIES: [CargoBinary; 2] = [OPERATOR, NODE_AGENT];
+
+/// Whether this crate was built with optimisations; the workspace's programs are then built
+/// the same way.
+pub fn release_build() -> bool {
+    !cfg!(debug_assertions)
+}
+
+/// Whether cargo sets the environment variable `name` for the programs it runs (`cargo run`,
+/// `cargo test`, and so whatever a test starts), rather than a user setting it to configure a
+/// build (`CARGO_HOME`, `CARGO_TARGET_DIR`, `CARGO_PROFILE_*`, … are not).
+///
+/// The sandbox's `cargo build` runs without them. A build script in the workspace's
+/// dependencies (ring's) reruns when `CARGO_MANIFEST_DIR`, `CARGO_PKG_NAME`, … differ from
+/// the last build, and everything above it (rustls, kube, every Trellis crate) compiles again:
+/// a build started by a test (where they name `trellis-e2e`) and one from a shell or by
+/// `cargo test` itself (where they are unset) would undo each other, some 40 s every time.
+pub fn set_by_cargo(name: &str) -> bool {
+    const NAMES: [&str; 9] = [
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+        "OUT_DIR",
+    ];
+    const PREFIXES: [&str; 4] = [
+        "CARGO_PKG_",
+        "CARGO_BIN_EXE_",
+        "CARGO_FEATURE_",
+        "CARGO_CFG_",
+    ];
+    NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// The arguments of the one `cargo` invocation that builds every binary of
+/// [`WORKSPACE_BINARIES`]: `build -q [--release] -p trellis-operator -p trellis-node --bins`.
+///
+/// One invocation for all of them, whichever binary is asked for: cargo unifies dependency
+/// features over the packages of an invocation, so building the packages one at a time
+/// compiles shared dependencies in two configurations that invalidate each other, and every
+/// sandbox start would rebuild. Built together, a second build finds everything fresh.
+pub fn cargo_build_args() -> Vec<&'static str> {
+    let mut args = vec!["build", "-q"];
+    if release_build() {
+        args.push("--release");
+    }
+    for binary in WORKSPACE_BINARIES {
+        args.extend(["-p", binary.package]);
+    }
+    args.push("--bins");
+    args
+}
+
+impl CargoBinary {
+    /// The binary: `$<env_var>` if set, else `<target>/<profile>/<bin>` after
+    /// `cargo` [`cargo_build_args`] in `repo_root`, which builds every binary of
+    /// [`WORKSPACE_BINARIES`] (`--release` when this crate is a release build).
+    /// `<target>` is `$CARGO_TARGET_DIR` or `<repo_root>/target`; cargo is `$CARGO` or
+    /// `cargo`. Cargo runs without the variables a cargo that started us set ([`set_by_cargo`]),
+    /// as from a shell. Cargo's own output goes to our stderr, so a build that takes a while,
+    /// or fails, is visible. Building is a no-op when nothing changed, also after resolving
+    /// another [`CargoBinary`], and from a test as from a shell.
+    pub async fn resolve(&self, repo_root: &Path) -> Result<PathBuf> {
+        if let Some(path) = std::env::var_os(self.env_var).filter(|v| !v.is_empty()) {
+            let path = PathBuf::from(path);
+            return executable(&path).ok_or(Error::BinaryOverride {
+                var: self.env_var,
+                path,
+            });
+        }
+        let cargo = std::env::var_os("CARGO")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| PathBuf::from("cargo"), PathBuf::from);
+        let build_err = |reason: String| Error::BuildTool {
+            tool: self.bin,
+            script: cargo.clone(),
+            reason,
+        };
+        let args = cargo_build_args();
+        // Cargo's stdout would mix into ours, which callers parse; both go to stderr.
+        let stderr = std::io::stderr()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| build_err(format!("cannot duplicate stderr: {e}")))?;
+        tracing::info!(command = %format!("{} {}", cargo.display(), args.join(" ")), "building the sandbox's binaries for {}", self.bin);
+        let mut command = tokio::process::Command::new(&cargo);
+        for (name, _) in std::env::vars_os() {
+            if name.to_str().is_some_and(set_by_cargo) {
+                command.env_remove(&name);
+            }
+        }
+        let status = command
+            .args(&args)
+            .current_dir(repo_root)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stderr))
+            .stderr(Stdio::inherit())
+            .status()
+            .await
+            .map_err(|e| build_err(format!("cannot run it: {e}")))?;
+        if !status.success() {
+            return Err(build_err(format!(
+                "`{} {}` exited with {status} (its output is above)",
+                cargo.display(),
+                args.join(" ")
+            )));
+        }
+        let built = self.built_path(repo_root);
+        executable(&built).ok_or_else(|| {
+            build_err(format!(
+                "the build succeeded but {} is not an executable file",
+                built.display()
+            ))
+        })
+    }
+
+    /// Where `cargo` [`cargo_build_args`] puts the binary for this crate's profile.
+    pub fn built_path(&self, repo_root: &Path) -> PathBuf {
+        let target = std::env::var_os("CARGO_TARGET_DIR")
+            .filter(|v| !v.is_empty())
+            .map_or_else(|| repo_root.join("target"), |t| repo_root.join(t));
+        let profile = if release_build() { "release" } else { "debug" };
+        target.join(profile).join(self.bin)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_path_follows_the_profile() {
+        for binary in [OPERATOR, NODE_AGENT] {
+            let path = binary.built_path(Path::new("/repo"));
+            if std::env::var_os("CARGO_TARGET_DIR").is_none() {
+                let profile = if release_build() { "release" } else { "debug" };
+                assert_eq!(
+                    path,
+                    PathBuf::from(format!("/repo/target/{profile}/{}", binary.bin))
+                );
+            }
+            assert!(path.ends_with(binary.bin));
+        }
+    }
+
+    #[test]
+    fn one_cargo_invocation_builds_every_workspace_binary() {
+        let args = cargo_build_args();
+        assert_eq!(args[..2], ["build", "-q"]);
+        assert_eq!(args.contains(&"--release"), release_build());
+        assert_eq!(args.last(), Some(&"--bins"));
+        let packages: Vec<&str> = args
+            .windows(2)
+            .filter(|w| w[0] == "-p")
+            .map(|w| w[1])
+            .collect();
+        assert_eq!(packages, ["trellis-operator", "trellis-node"]);
+        for binary in WORKSPACE_BINARIES {
+            assert!(packages.contains(&binary.package), "{binary:?}");
+        }
+        assert!(!args.contains(&"--bin"), "no single binary: {args:?}");
+    }
+
+    #[test]
+    fn what_cargo_sets_for_a_test_is_not_passed_to_the_build() {
+        // This test runs under cargo: it has them.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        for name in [
+            "CARGO_MANIFEST_DIR",
+            "CARGO_PKG_NAME",
+            "CARGO_PKG_VERSION_MAJOR",
+            "CARGO_CRATE_NAME",
+            "CARGO_BIN_EXE_trellis-sandbox",
+            "CARGO_TARGET_TMPDIR",
+            "OUT_DIR",
+        ] {
+            assert!(set_by_cargo(name), "{name}");
+        }
+        for name in [
+            "CARGO",
+            "CARGO_HOME",
+            "CARGO_TARGET_DIR",
+            "CARGO_PROFILE_RELEASE_DEBUG",
+            "CARGO_BUILD_JOBS",
+            "CARGO_INCREMENTAL",
+            "PATH",
+            "RUSTFLAGS",
+        ] {
+            assert!(!set_by_cargo(name), "{name}");
+        }
+    }
 }

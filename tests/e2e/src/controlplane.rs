@@ -3,10 +3,14 @@
 //!
 //! ```text
 //! reset state dir ─► binaries ─► PKI ─► etcd ──/health──► kube-apiserver ──/readyz──► CRDs
-//!  (end stale pids)  (build.sh,  (rcgen)  (127.0.0.1:free)   (127.0.0.1:free)         (SSA, Established)
-//!                     cargo)
-//!   ─► namespace trellis-system ─► Nodes ─► trellis-operator ──/readyz──► ready
-//!      (if asked)                  (if any)  (if asked; 127.0.0.1:free metrics)
+//!  (end stale pids,  (build.sh,  (rcgen)  (127.0.0.1:free)   (127.0.0.1:free)         (SSA, Established)
+//!   delete stale      cargo)
+//!   namespaces)
+//!   ─► namespace trellis-system ─► underlay ─► Nodes ─► trellis-operator ──/readyz──►
+//!      (if asked)                  (datapath)  (if any;   (if asked; 127.0.0.1:free metrics)
+//!                                              + netns)
+//!   ─► trellis-node per node ──/healthz──► ready
+//!      (if asked; 127.0.0.1:free metrics)
 //! ```
 //!
 //! Each phase is timed. Readiness is polled, never slept for; a process that exits while we
@@ -22,9 +26,11 @@ use std::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
+    agent::{self, AgentOptions},
     binaries::{Binaries, Tool},
     certs::{self, Pki, PkiPaths},
     crds,
+    datapath::{self, DatapathConfig},
     error::{Error, Result},
     kubeconfig,
     nodes::{NodeSpec, Nodes},
@@ -73,6 +79,15 @@ pub struct StartOptions {
     /// Run `trellis-operator` once the nodes exist, and wait for its `/readyz`; it is ended
     /// first on stop. `None` runs none.
     pub operator: Option<OperatorOptions>,
+    /// Give the sandbox a datapath (see [`crate::datapath`]; needs root): an underlay bridge
+    /// in its own network namespace, and for every node (also ones added later, by
+    /// [`Nodes::add`] or `trellis-sandbox node add`) a namespace plugged into it. All are
+    /// deleted on stop. `false`: nodes are Node objects only.
+    pub datapath: bool,
+    /// With `datapath`: run a `trellis-node` for every node (see [`crate::agent`]), once the
+    /// operator (if any) is ready, and wait for each one's `/healthz`; nodes added later get
+    /// one too. `None`: namespaces only ([`Nodes::start_agent`] starts an agent by hand).
+    pub agents: Option<AgentOptions>,
 }
 
 impl StartOptions {
@@ -90,18 +105,32 @@ impl StartOptions {
             system_namespace: false,
             nodes: Vec::new(),
             operator: None,
+            datapath: false,
+            agents: None,
         }
     }
 
     /// What `trellis-sandbox up` runs: the namespace `trellis-system`, `nodes` numbered nodes
-    /// and the operator (with default options).
+    /// and the operator (with default options), with the datapath: a namespace and a
+    /// `trellis-node` for each node.
     pub fn with_cluster(self, nodes: usize) -> Result<Self> {
         Ok(StartOptions {
             system_namespace: true,
             nodes: crate::nodes::numbered(nodes)?,
             operator: Some(OperatorOptions::default()),
+            datapath: true,
+            agents: Some(AgentOptions::default()),
             ..self
         })
+    }
+
+    /// Without the datapath: Node objects only, no namespaces, no agents.
+    pub fn without_datapath(self) -> Self {
+        StartOptions {
+            datapath: false,
+            agents: None,
+            ..self
+        }
     }
 
     /// Like [`StartOptions::new`] in `<temp dir>/trellis-e2e-<name>`, removed again on stop.
@@ -148,14 +177,24 @@ pub struct ControlPlane {
     timings: Vec<Phase>,
     crds: Vec<String>,
     stale: Vec<Ended>,
+    stale_namespaces: Vec<String>,
     remove_state_on_stop: bool,
     finished: bool,
 }
 
 impl ControlPlane {
     /// Start a control plane in `opts.state_dir`, ending whatever an earlier run recorded
-    /// there first. Returns once `/readyz` is `ok` and every CRD is `Established`.
+    /// there first (and deleting the network namespaces it recorded). Returns once `/readyz`
+    /// is `ok`, every CRD is `Established` and, as asked, the operator is ready and every
+    /// node agent answers `/healthz`.
     pub async fn start(opts: StartOptions) -> Result<Self> {
+        if opts.agents.is_some() && !opts.datapath {
+            return Err(Error::Datapath {
+                path: opts.state_dir.clone(),
+                reason: "node agents need the datapath (their --host-netns): set datapath too"
+                    .into(),
+            });
+        }
         let total = Instant::now();
         let mut timings = Vec::new();
         let mut phase = |name: &'static str, started: Instant| {
@@ -170,7 +209,10 @@ impl ControlPlane {
         let sandbox = Sandbox::new(&opts.state_dir);
 
         let t = Instant::now();
-        let stale = sandbox.reset()?;
+        // What an earlier run left: its processes (agents first), then its namespaces.
+        let stale = sandbox.end_recorded_processes()?;
+        let stale_namespaces = sandbox.delete_recorded_namespaces()?;
+        sandbox.reset()?;
         phase("reset", t);
 
         let t = Instant::now();
@@ -185,6 +227,13 @@ impl ControlPlane {
             }) => Some(path.clone()),
             Some(_) => Some(operator::resolve(&opts.repo_root).await?),
         };
+        let agent_binary = match &opts.agents {
+            None => None,
+            Some(AgentOptions {
+                binary: Some(path), ..
+            }) => Some(path.clone()),
+            Some(_) => Some(agent::resolve(&opts.repo_root).await?),
+        };
         phase("binaries", t);
 
         let t = Instant::now();
@@ -192,8 +241,13 @@ impl ControlPlane {
         let pki_paths = pki.write(&sandbox.pki_dir())?;
         phase("certs", t);
 
-        // Anything started from here on is ended again if a later step fails.
+        // Anything started from here on is ended again if a later step fails; node agents and
+        // namespaces (dropped first, while the apiserver still runs) by their records.
         let mut processes = Processes::default();
+        let mut datapath_guard = DatapathGuard {
+            sandbox: sandbox.clone(),
+            armed: true,
+        };
 
         let t = Instant::now();
         let (etcd_client_port, etcd_peer_port) =
@@ -243,11 +297,30 @@ impl ControlPlane {
             phase("namespace", t);
         }
 
+        if opts.datapath {
+            let t = Instant::now();
+            let tag = datapath::sandbox_tag(sandbox.dir());
+            let config = DatapathConfig {
+                underlay_netns: datapath::underlay_netns_name(&tag),
+                tag,
+                repo_root: opts.repo_root.clone(),
+                agents: opts.agents.is_some(),
+                agent_binary: agent_binary.clone(),
+                agent_log_filter: opts.agents.as_ref().and_then(|a| a.log_filter.clone()),
+                agent_ready_timeout_ms: u64::try_from(opts.ready_timeout.as_millis())
+                    .unwrap_or(u64::MAX),
+            };
+            config.write(&sandbox)?;
+            let (dp_sandbox, underlay) = (sandbox.clone(), config.underlay_netns.clone());
+            blocking(move || datapath::create_underlay(&dp_sandbox, &underlay)).await?;
+            phase("underlay", t);
+        }
+
+        let nodes = Nodes::new(sandbox.clone(), client.clone());
         if !opts.nodes.is_empty() {
             let t = Instant::now();
-            Nodes::new(sandbox.clone(), client.clone())
-                .add_all(&opts.nodes)
-                .await?;
+            // The agents come after the operator.
+            nodes.add_all_with(&opts.nodes, false).await?;
             phase("nodes", t);
         }
 
@@ -259,6 +332,14 @@ impl ControlPlane {
             sandbox.write_endpoints(&endpoints)?;
             phase("operator", t);
         }
+
+        if opts.agents.is_some() && !opts.nodes.is_empty() {
+            let t = Instant::now();
+            let names: Vec<String> = opts.nodes.iter().map(|n| n.name.clone()).collect();
+            nodes.start_agents(&names).await?;
+            phase("agents", t);
+        }
+        datapath_guard.armed = false;
 
         timings.push(Phase {
             name: "total",
@@ -273,6 +354,7 @@ impl ControlPlane {
             timings,
             crds,
             stale,
+            stale_namespaces,
             remove_state_on_stop: opts.remove_state_on_stop,
             finished: false,
         })
@@ -310,7 +392,8 @@ impl ControlPlane {
             .map(|p| p.record.clone())
     }
 
-    /// The processes this control plane runs, in start order.
+    /// The control-plane processes this control plane runs (etcd, the apiserver, the
+    /// operator), in start order. Node agents: [`Nodes::agent`].
     pub fn processes(&self) -> Vec<PidRecord> {
         self.processes.0.iter().map(|p| p.record.clone()).collect()
     }
@@ -330,18 +413,38 @@ impl ControlPlane {
         &self.stale
     }
 
-    /// End the processes (newest first: the operator, the apiserver, etcd), remove their pid files and, if so configured,
-    /// the state directory. Keeps going past failures and reports all of them. Idempotent.
+    /// Network namespaces of an earlier run that the start deleted.
+    pub fn deleted_stale_namespaces(&self) -> &[String] {
+        &self.stale_namespaces
+    }
+
+    /// End the node agents (by their pid files), then the control-plane processes (newest
+    /// first: the operator, the apiserver, etcd), remove their pid files, delete every
+    /// network namespace the sandbox recorded and, if so configured, the state directory.
+    /// Keeps going past failures and reports all of them (the state directory then stays).
+    /// Idempotent.
     pub fn stop(&mut self) -> Result<Vec<Ended>> {
         if self.finished {
             return Ok(Vec::new());
         }
         self.finished = true;
-        let ended = self.processes.end_all()?;
-        if self.remove_state_on_stop {
+        let mut ended = Vec::new();
+        let mut errors = Vec::new();
+        match self.sandbox.end_recorded_agents() {
+            Ok(agents) => ended.extend(agents),
+            Err(e) => errors.push(e),
+        }
+        match self.processes.end_all() {
+            Ok(control_plane) => ended.extend(control_plane),
+            Err(e) => errors.push(e),
+        }
+        if let Err(e) = self.sandbox.delete_recorded_namespaces() {
+            errors.push(e);
+        }
+        if errors.is_empty() && self.remove_state_on_stop {
             self.sandbox.remove()?;
         }
-        Ok(ended)
+        Error::from_list(errors).map(|()| ended)
     }
 
     /// Leave the processes running (their pid files stay) and hand back the sandbox, e.g. for
@@ -372,6 +475,43 @@ impl Drop for ControlPlane {
                 self.sandbox.dir().display()
             );
         }
+    }
+}
+
+/// During [`ControlPlane::start`]: if the start fails, end the node agents and delete the
+/// namespaces recorded so far.
+struct DatapathGuard {
+    sandbox: Sandbox,
+    armed: bool,
+}
+
+impl Drop for DatapathGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Err(e) = self.sandbox.end_recorded_agents() {
+            eprintln!("trellis sandbox: {e}");
+        }
+        if let Err(e) = self.sandbox.delete_recorded_namespaces() {
+            eprintln!("trellis sandbox: {e}");
+        }
+    }
+}
+
+/// Run blocking work (`ip`, waiting for a process to end) off the async runtime's threads.
+pub(crate) async fn blocking<T, F>(work: F) -> Result<T>
+where
+    F: FnOnce() -> Result<T> + Send + 'static,
+    T: Send + 'static,
+{
+    match tokio::task::spawn_blocking(work).await {
+        Ok(result) => result,
+        Err(e) => match e.try_into_panic() {
+            Ok(payload) => std::panic::resume_unwind(payload),
+            // Only when the runtime shuts down, and then nobody awaits this any more.
+            Err(e) => panic!("a blocking sandbox task was cancelled: {e}"),
+        },
     }
 }
 
@@ -570,7 +710,7 @@ pub async fn ensure_namespace(client: &kube::Client, name: &str) -> Result<()> {
 
 /// `Ok(false)`: ready. `Ok(true)`: the process lost its port to someone else between
 /// [`free_port`] and its bind, and was cleaned up; try again. `Err`: give up.
-fn retry_on_port_clash(
+pub(crate) fn retry_on_port_clash(
     ready: Result<()>,
     attempt: usize,
     process: &mut Process,
@@ -612,7 +752,11 @@ pub fn free_port() -> Result<u16> {
 }
 
 /// Poll `probe` every [`READY_POLL`] until it succeeds, `process` exits, or `timeout` passes.
-async fn wait_ready<F, Fut>(process: &mut Process, timeout: Duration, mut probe: F) -> Result<()>
+pub(crate) async fn wait_ready<F, Fut>(
+    process: &mut Process,
+    timeout: Duration,
+    mut probe: F,
+) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::result::Result<(), String>>,

@@ -150,6 +150,20 @@ pub enum Error {
     #[error("node {name}: {reason}")]
     InvalidNode { name: String, reason: String },
 
+    /// An external command (`ip`, `ip netns exec`) could not be run or failed.
+    #[error("`{command}` {reason}{}", if stderr.trim().is_empty() { String::new() } else { format!(": {}", stderr.trim()) })]
+    Command {
+        command: String,
+        /// `exited with exit status: 2`, or why it could not be run.
+        reason: String,
+        stderr: String,
+    },
+
+    /// The sandbox's datapath (network namespaces, underlay, node agents) cannot do what was
+    /// asked: it is switched off, or a node has no namespace, or a name or address does not fit.
+    #[error("datapath of the sandbox in {}: {reason}", path.display())]
+    Datapath { path: PathBuf, reason: String },
+
     /// Several independent steps failed (teardown keeps going and reports all of them).
     #[error("{}", ErrorList(.0))]
     Many(Vec<Error>),

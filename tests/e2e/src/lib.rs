@@ -2,7 +2,7 @@
 //! for poking at by hand (`trellis-sandbox up`).
 //!
 //! ```text
-//!                       <state dir>  (Sandbox: pids, logs, pki, kubeconfig, endpoints)
+//!                       <state dir>  (Sandbox: pids, logs, pki, kubeconfig, endpoints, netns records)
 //!                            │
 //!  build.sh ─► binaries ─► ControlPlane::start
 //!                            ├─ certs       CA, apiserver serving cert, admin client cert, SA key
@@ -10,22 +10,29 @@
 //!                            ├─ apiserver   https://127.0.0.1:<free>, ready on /readyz
 //!                            ├─ crds        config/crd/*.yaml, server-side applied, Established
 //!                            ├─ namespace   trellis-system                     (if asked)
-//!                            ├─ nodes       Node objects trellis-node-<i>, 192.0.2.<10+i>
-//!                            └─ operator    trellis-operator, ready on its /readyz (if asked)
+//!                            ├─ underlay    netns trellis-<tag>-underlay, bridge trellis-br0
+//!                            │                                                 (if datapath)
+//!                            ├─ nodes       Node objects trellis-node-<i>, 192.0.2.<10+i>,
+//!                            │              + netns trellis-<tag>-<node> on the underlay
+//!                            ├─ operator    trellis-operator, ready on its /readyz (if asked)
+//!                            └─ agents      trellis-node per node, ready on /healthz (if asked)
 //!                            │
 //!                   kube::Client / kubectl --kubeconfig <state>/kubeconfig
 //! ```
 //!
 //! Processes run detached and are recorded by pid in the state directory, so the CLI can exit
-//! while they keep running, and `down` (or the next `up`) ends exactly those pids. In tests,
-//! [`ControlPlane`] ends them on drop; every test gets its own state dir and free ports.
+//! while they keep running, and `down` (or the next `up`) ends exactly those pids. Network
+//! namespaces are recorded there too and deleted by name. In tests, [`ControlPlane`] ends and
+//! deletes them on drop; every test gets its own state dir, free ports and namespace names.
 
 #![forbid(unsafe_code)]
 
+pub mod agent;
 pub mod binaries;
 pub mod certs;
 pub mod controlplane;
 pub mod crds;
+pub mod datapath;
 pub mod error;
 pub mod kubeconfig;
 pub mod nodes;
@@ -34,8 +41,10 @@ pub mod process;
 pub mod sandbox;
 pub mod wait;
 
-pub use binaries::{Binaries, Tool};
+pub use agent::{Agent, AgentOptions};
+pub use binaries::{Binaries, CargoBinary, Tool};
 pub use controlplane::{ControlPlane, Phase, StartOptions};
+pub use datapath::{DatapathConfig, NodeDatapath};
 pub use error::{Error, Result};
 pub use nodes::{NodeSpec, Nodes};
 pub use operator::OperatorOptions;

@@ -1,22 +1,33 @@
-//! The sandbox's nodes. Today a node is a `Node` object registered the way a kubelet
-//! registers one: created with the `kubernetes.io/hostname` label, then its addresses written
-//! through the status subresource. There is no kubelet, so the Node has no conditions and
-//! `kubectl get nodes` shows it `Unknown`.
+//! The sandbox's nodes. A node is a `Node` object registered the way a kubelet registers one:
+//! created with the `kubernetes.io/hostname` label, then its addresses written through the
+//! status subresource. There is no kubelet, so the Node has no conditions and
+//! `kubectl get nodes` shows it `Unknown`. In a sandbox with a datapath a node is also a
+//! network namespace on the underlay ([`crate::datapath`]) with a `trellis-node` running for
+//! it ([`crate::agent`]).
 //!
 //! ```text
 //! NodeSpec { name, internal_ips, labels }
-//!     │ Nodes::add                     (later: + network namespace + trellis-node)
+//!     │ Nodes::add
+//!     ├─ netns trellis-<tag>-<name>, veth to the underlay bridge, eth0 <ip>/24  (datapath)
 //!     ├─ POST   /api/v1/nodes                      metadata.labels
-//!     └─ PATCH  /api/v1/nodes/<name>/status        status.addresses, status.nodeInfo
+//!     ├─ PATCH  /api/v1/nodes/<name>/status        status.addresses, status.nodeInfo
+//!     └─ trellis-node --node-name <name> --host-netns /run/netns/…, /healthz      (agents)
+//!
+//! Nodes::remove: end the agent ─► delete bridge port and namespace ─► DELETE the Node
+//!               ─► DELETE its NetworkStatus (the garbage collector's job; there is none)
 //! ```
 //!
 //! Numbered nodes are `trellis-node-<i>` with InternalIP `192.0.2.<10+i>` (the sandbox's
-//! underlay, TEST-NET-1). [`Nodes`] is the one place that adds and removes nodes, so a node
-//! can grow a network namespace and a `trellis-node` process without its callers changing.
+//! underlay, TEST-NET-1). [`Nodes`] is the one place that adds and removes nodes; whether a
+//! node gets a namespace and an agent is recorded in the state directory (`datapath.json`),
+//! so a `Nodes` of another process (`trellis-sandbox node add`) does the same.
 
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, Ipv4Addr},
+    path::PathBuf,
+    process::Output,
+    time::Duration,
 };
 
 use k8s_openapi::api::core::v1::Node;
@@ -25,12 +36,16 @@ use kube::{
     api::{DeleteParams, ListParams, ObjectMeta, Patch, PatchParams, PostParams},
 };
 use serde_json::json;
-use trellis_api::v1alpha1::NodeNetwork;
+use trellis_api::v1alpha1::{NetworkStatus, NodeNetwork};
 
 use crate::{
+    agent::{self, Agent},
+    controlplane::blocking,
     crds::FIELD_MANAGER,
+    datapath::{self, DatapathConfig, NetnsRecord, NodeDatapath},
     error::{Error, Result},
-    sandbox::Sandbox,
+    process::{self, Ended, PidRecord},
+    sandbox::{ProcessState, ProcessStatus, Sandbox, TERM_GRACE},
 };
 
 /// Name prefix of numbered nodes.
@@ -173,6 +188,10 @@ pub struct NodeView {
     pub labels: BTreeMap<String, String>,
     /// `spec.podCIDRs` of its `NodeNetwork`; `None` while the operator has written none.
     pub pod_cidrs: Option<Vec<String>>,
+    /// Its network namespace, if the sandbox made one for it.
+    pub netns: Option<String>,
+    /// Its `trellis-node`'s pid record and whether it runs; `None` if none is recorded.
+    pub agent: Option<ProcessStatus>,
 }
 
 /// Adds, removes and lists the sandbox's nodes.
@@ -207,9 +226,57 @@ impl Nodes {
         Api::all(self.client.clone())
     }
 
-    /// Register a node: create the Node, then write its addresses through the status
-    /// subresource. If that second step fails the Node is deleted again.
+    /// Add a node: in a sandbox with a datapath first its namespace on the underlay, then the
+    /// Node object (see [`Nodes::register`]), then, if the sandbox runs agents, its
+    /// `trellis-node`, waiting for its `/healthz`. All or nothing: on failure whatever this
+    /// call made is removed again.
     pub async fn add(&self, spec: &NodeSpec) -> Result<Node> {
+        let config = self.datapath_config()?;
+        let agents = config.as_ref().is_some_and(|c| c.agents);
+        self.add_with(spec, config.as_ref(), agents).await
+    }
+
+    async fn add_with(
+        &self,
+        spec: &NodeSpec,
+        config: Option<&DatapathConfig>,
+        start_agent: bool,
+    ) -> Result<Node> {
+        spec.check()?;
+        let made = match config {
+            Some(config) => {
+                let (sandbox, config, spec) = (self.sandbox.clone(), config.clone(), spec.clone());
+                Some(blocking(move || datapath::create_node(&sandbox, &config, &spec)).await?)
+            }
+            None => None,
+        };
+        let node = match self.register(spec).await {
+            Ok(node) => node,
+            Err(e) => {
+                // Only what this call made: a Node of that name may exist already.
+                if let Some(made) = made {
+                    let sandbox = self.sandbox.clone();
+                    if let Err(cleanup) =
+                        blocking(move || datapath::delete_node(&sandbox, &made)).await
+                    {
+                        tracing::warn!(node = %spec.name, error = %cleanup, "deleting the namespace of a node that could not be registered");
+                    }
+                }
+                return Err(e);
+            }
+        };
+        if start_agent && let Err(e) = self.start_agent(&spec.name).await {
+            if let Err(cleanup) = self.remove(&spec.name).await {
+                tracing::warn!(node = %spec.name, error = %cleanup, "removing a node whose agent did not start");
+            }
+            return Err(e);
+        }
+        Ok(node)
+    }
+
+    /// Register a node's Node object only: create the Node, then write its addresses through
+    /// the status subresource. If that second step fails the Node is deleted again.
+    pub async fn register(&self, spec: &NodeSpec) -> Result<Node> {
         spec.check()?;
         let api = self.api();
         let params = PostParams {
@@ -240,10 +307,29 @@ impl Nodes {
 
     /// [`Nodes::add`] for each spec, all at once.
     pub async fn add_all(&self, specs: &[NodeSpec]) -> Result<Vec<Node>> {
+        let agents = self.datapath_config()?.is_some_and(|c| c.agents);
+        self.add_all_with(specs, agents).await
+    }
+
+    /// [`Nodes::add_all`], starting the agents only if `start_agents` (the control plane
+    /// starts them once the operator runs).
+    pub(crate) async fn add_all_with(
+        &self,
+        specs: &[NodeSpec],
+        start_agents: bool,
+    ) -> Result<Vec<Node>> {
+        let config = self.datapath_config()?;
         let mut tasks = tokio::task::JoinSet::new();
         for (i, spec) in specs.iter().enumerate() {
-            let (nodes, spec) = (self.clone(), spec.clone());
-            tasks.spawn(async move { (i, nodes.add(&spec).await) });
+            let (nodes, spec, config) = (self.clone(), spec.clone(), config.clone());
+            tasks.spawn(async move {
+                (
+                    i,
+                    nodes
+                        .add_with(&spec, config.as_ref(), start_agents && config.is_some())
+                        .await,
+                )
+            });
         }
         let mut added = Vec::new();
         let mut errors = Vec::new();
@@ -262,14 +348,256 @@ impl Nodes {
         Ok(added.into_iter().map(|(_, node)| node).collect())
     }
 
-    /// Remove a node: delete the Node (its `NodeNetwork` is the operator's to delete).
-    /// `Ok(false)` if there was no such node.
+    /// Remove a node: end its agent (SIGTERM by its recorded pid), delete its bridge port and
+    /// namespace, delete the Node, then its `NetworkStatus` (see
+    /// [`Nodes::collect_network_status`]; its `NodeNetwork` is the operator's to delete).
+    /// `Ok(false)` if there was no such node. If the agent cannot be ended nothing else is
+    /// touched.
     pub async fn remove(&self, name: &str) -> Result<bool> {
-        match self.api().delete(name, &DeleteParams::default()).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(status)) if status.code == 404 => Ok(false),
-            Err(e) => Err(Error::kube(format!("delete Node {name}"), e)),
+        let mut existed = self.stop_agent(name).await?.is_some();
+        let mut errors = Vec::new();
+        if let Some(node) = self.datapath_record(name)? {
+            existed = true;
+            let sandbox = self.sandbox.clone();
+            if let Err(e) = blocking(move || datapath::delete_node(&sandbox, &node)).await {
+                errors.push(e);
+            }
         }
+        let node_gone = match self.api().delete(name, &DeleteParams::default()).await {
+            Ok(_) => {
+                existed = true;
+                true
+            }
+            Err(kube::Error::Api(status)) if status.code == 404 => true,
+            Err(e) => {
+                errors.push(Error::kube(format!("delete Node {name}"), e));
+                false
+            }
+        };
+        // As the garbage collector would: only once the owner is gone.
+        if node_gone && let Err(e) = self.collect_network_status(name).await {
+            errors.push(e);
+        }
+        Error::from_list(errors).map(|()| existed)
+    }
+
+    /// Delete node `name`'s `NetworkStatus`; none there (or no such resource: a sandbox
+    /// without the CRDs) is fine.
+    ///
+    /// This stands in for the garbage collector. Each `trellis-node` writes a `NetworkStatus`
+    /// named after its node with the Node as its owner (`ownerReferences`), and in a real
+    /// cluster kube-controller-manager's garbage collector deletes it once the Node is
+    /// deleted. The sandbox runs no controller manager, so without this a removed node's
+    /// `NetworkStatus` would stay for good. Call it only after the node's agent has ended
+    /// (or it writes the object again) and the Node is deleted, as [`Nodes::remove`] does.
+    pub async fn collect_network_status(&self, name: &str) -> Result<()> {
+        match Api::<NetworkStatus>::all(self.client.clone())
+            .delete(name, &DeleteParams::background())
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+            Err(e) => Err(Error::kube(format!("delete NetworkStatus {name}"), e)),
+        }
+    }
+
+    /// The sandbox's datapath configuration; `None` if it has no datapath.
+    pub fn datapath_config(&self) -> Result<Option<DatapathConfig>> {
+        DatapathConfig::read(&self.sandbox)
+    }
+
+    fn require_datapath(&self) -> Result<DatapathConfig> {
+        self.datapath_config()?.ok_or_else(|| Error::Datapath {
+            path: self.sandbox.dir().to_path_buf(),
+            reason: "the sandbox has no datapath (started without it: --no-datapath, \
+                     StartOptions::datapath = false)"
+                .into(),
+        })
+    }
+
+    fn datapath_record(&self, name: &str) -> Result<Option<NodeDatapath>> {
+        let Some(config) = self.datapath_config()? else {
+            return Ok(None);
+        };
+        let Ok(netns) = datapath::node_netns_name(&config.tag, name) else {
+            return Ok(None);
+        };
+        Ok(match datapath::read_record(&self.sandbox, &netns)? {
+            Some(NetnsRecord::Node(node)) if node.node == name => Some(node),
+            _ => None,
+        })
+    }
+
+    /// Node `name`'s part of the datapath: namespace, bridge port, underlay address, agent
+    /// metrics port. An error if the sandbox has no datapath or the node no namespace.
+    pub fn datapath(&self, name: &str) -> Result<NodeDatapath> {
+        self.require_datapath()?;
+        self.datapath_record(name)?
+            .ok_or_else(|| Error::InvalidNode {
+                name: name.to_string(),
+                reason: format!(
+                    "has no network namespace in the sandbox in {}",
+                    self.sandbox.dir().display()
+                ),
+            })
+    }
+
+    /// The name of node `name`'s network namespace.
+    pub fn netns(&self, name: &str) -> Result<String> {
+        Ok(self.datapath(name)?.netns)
+    }
+
+    /// `/run/netns/<namespace>` of node `name` (what its agent gets as `--host-netns`).
+    pub fn netns_path(&self, name: &str) -> Result<PathBuf> {
+        Ok(self.datapath(name)?.netns_path())
+    }
+
+    /// The address of node `name`'s `eth0` on the underlay.
+    pub fn underlay_ip(&self, name: &str) -> Result<Ipv4Addr> {
+        Ok(self.datapath(name)?.address)
+    }
+
+    /// The namespace holding the underlay bridge.
+    pub fn underlay_netns(&self) -> Result<String> {
+        Ok(self.require_datapath()?.underlay_netns)
+    }
+
+    /// The pid record of node `name`'s agent, if one is recorded (it may have exited since:
+    /// see [`ProcessStatus::of`]).
+    pub fn agent(&self, name: &str) -> Result<Option<PidRecord>> {
+        let path = self.sandbox.pid_path(&agent::process_name(name));
+        if !path.is_file() {
+            return Ok(None);
+        }
+        PidRecord::read(&path).map(Some)
+    }
+
+    /// The port of node `name`'s agent's `/metrics`, `/healthz` and `/readyz` on 127.0.0.1,
+    /// if an agent was started for it.
+    pub fn agent_metrics_port(&self, name: &str) -> Result<Option<u16>> {
+        Ok(self.datapath(name)?.agent_metrics_port)
+    }
+
+    /// Start node `name`'s `trellis-node` (the recorded binary, else `$TRELLIS_NODE`, else
+    /// built with cargo) on a fresh metrics port, recorded like every sandbox process, and
+    /// wait for its `/healthz`. An error if one runs already.
+    pub async fn start_agent(&self, name: &str) -> Result<Agent> {
+        let config = self.require_datapath()?;
+        let mut node = self.datapath(name)?;
+        if let Some(record) = self.agent(name)? {
+            let running = ProcessStatus::of(record.clone());
+            if running.state == ProcessState::Running {
+                return Err(Error::InvalidNode {
+                    name: name.to_string(),
+                    reason: format!("its agent runs already (pid {})", record.pid),
+                });
+            }
+            process::remove_pid_file(&self.sandbox.pid_path(&record.name))?;
+        }
+        let binary = match config
+            .agent_binary
+            .as_deref()
+            .and_then(crate::binaries::executable)
+        {
+            Some(binary) => binary,
+            None => agent::resolve(&config.repo_root).await?,
+        };
+        let started = agent::start(
+            &self.sandbox,
+            &binary,
+            &node,
+            config.agent_log_filter.as_deref(),
+            Duration::from_millis(config.agent_ready_timeout_ms),
+        )
+        .await?;
+        node.agent_metrics_port = Some(started.metrics_port);
+        if let Err(e) = datapath::update_record(&self.sandbox, &NetnsRecord::Node(node)) {
+            let _ = self.stop_agent(name).await;
+            return Err(e);
+        }
+        Ok(started)
+    }
+
+    /// [`Nodes::start_agent`] for each node, all at once.
+    pub async fn start_agents(&self, names: &[String]) -> Result<Vec<Agent>> {
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, name) in names.iter().enumerate() {
+            let (nodes, name) = (self.clone(), name.clone());
+            tasks.spawn(async move { (i, nodes.start_agent(&name).await) });
+        }
+        let mut started = Vec::new();
+        let mut errors = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            match joined {
+                Ok((i, Ok(agent))) => started.push((i, agent)),
+                Ok((_, Err(e))) => errors.push(e),
+                Err(e) => errors.push(Error::InvalidNode {
+                    name: "?".into(),
+                    reason: format!("the task starting its agent failed: {e}"),
+                }),
+            }
+        }
+        Error::from_list(errors)?;
+        started.sort_by_key(|(i, _)| *i);
+        Ok(started.into_iter().map(|(_, agent)| agent).collect())
+    }
+
+    /// End node `name`'s agent as `down` does (SIGTERM by its recorded pid, identity-checked,
+    /// SIGKILL after the grace period) and remove its pid file. `None` if none was recorded.
+    pub async fn stop_agent(&self, name: &str) -> Result<Option<Ended>> {
+        let Some(record) = self.agent(name)? else {
+            return Ok(None);
+        };
+        let pid_file = self.sandbox.pid_path(&record.name);
+        let ended = blocking(move || {
+            let outcome = process::end(&record, None, TERM_GRACE)?;
+            // Started with its `Child` dropped: collect it if this program started it.
+            if outcome != process::Outcome::PidReused {
+                process::reap(record.pid);
+            }
+            process::remove_pid_file(&pid_file)?;
+            Ok(Ended { record, outcome })
+        })
+        .await?;
+        Ok(Some(ended))
+    }
+
+    /// Crash node `name`'s agent: SIGKILL by its recorded pid (identity-checked), wait until
+    /// it is gone and remove its pid file. Its namespace and everything in it stay.
+    pub async fn kill_agent(&self, name: &str) -> Result<Ended> {
+        let record = self.agent(name)?.ok_or_else(|| Error::InvalidNode {
+            name: name.to_string(),
+            reason: "has no agent recorded".into(),
+        })?;
+        let pid_file = self.sandbox.pid_path(&record.name);
+        blocking(move || {
+            let outcome = process::sigkill(&record)?;
+            if outcome == process::Outcome::Killed {
+                process::reap(record.pid);
+            }
+            process::remove_pid_file(&pid_file)?;
+            Ok(Ended { record, outcome })
+        })
+        .await
+    }
+
+    /// `ip -n <node's namespace> -j <args>` as JSON, e.g. `ip_json(node, &["addr", "show",
+    /// "dev", "eth0"])`.
+    pub async fn ip_json(&self, name: &str, args: &[&str]) -> Result<serde_json::Value> {
+        datapath::ip_json(&self.netns(name)?, args).await
+    }
+
+    /// `ip -n <underlay namespace> -j <args>` as JSON, e.g. the bridge's ports:
+    /// `underlay_ip_json(&["link", "show", "master", "trellis-br0"])`.
+    pub async fn underlay_ip_json(&self, args: &[&str]) -> Result<serde_json::Value> {
+        datapath::ip_json(&self.underlay_netns()?, args).await
+    }
+
+    /// Run `argv` inside node `name`'s namespace (`ip netns exec`; for tests, e.g.
+    /// `["ping", "-c", "1", "-W", "2", "192.0.2.12"]`) and return what it did, whatever its exit
+    /// status.
+    pub async fn exec(&self, name: &str, argv: &[&str]) -> Result<Output> {
+        datapath::netns_exec(&self.netns(name)?, argv).await
     }
 
     /// Every Node with its InternalIPs and its `NodeNetwork`'s pod CIDRs, by name.
@@ -293,19 +621,22 @@ impl Nodes {
                 Err(kube::Error::Api(status)) if status.code == 404 => BTreeMap::new(),
                 Err(e) => return Err(Error::kube("list NodeNetworks", e)),
             };
-        let mut views: Vec<NodeView> = nodes
-            .items
+        let namespaces: BTreeMap<String, String> = datapath::recorded_nodes(&self.sandbox)?
             .into_iter()
-            .map(|node| {
-                let name = node.name_any();
-                NodeView {
-                    internal_ips: internal_ips(&node),
-                    labels: node.metadata.labels.unwrap_or_default(),
-                    pod_cidrs: networks.get(&name).cloned(),
-                    name,
-                }
-            })
+            .map(|n| (n.node, n.netns))
             .collect();
+        let mut views = Vec::new();
+        for node in nodes.items {
+            let name = node.name_any();
+            views.push(NodeView {
+                internal_ips: internal_ips(&node),
+                labels: node.metadata.labels.unwrap_or_default(),
+                pod_cidrs: networks.get(&name).cloned(),
+                netns: namespaces.get(&name).cloned(),
+                agent: self.agent(&name)?.map(ProcessStatus::of),
+                name,
+            });
+        }
         views.sort_by(|a, b| natural_key(&a.name).cmp(&natural_key(&b.name)));
         Ok(views)
     }

@@ -3,7 +3,7 @@
 //! are in, the `trellis-system` namespace exists and the sandbox's Nodes are created.
 //!
 //! ```text
-//! $TRELLIS_OPERATOR ──or── cargo build -q [--release] -p trellis-operator --bin trellis-operator
+//! $TRELLIS_OPERATOR ──or── cargo build -q [--release] -p trellis-operator -p trellis-node --bins
 //!         │
 //!         ▼
 //! trellis-operator --kubeconfig <state>/kubeconfig --identity trellis-operator-0
@@ -13,20 +13,18 @@
 //! ```
 
 use std::{
-    os::fd::AsFd as _,
     path::{Path, PathBuf},
-    process::Stdio,
     time::Duration,
 };
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// The operator's process name in the state directory (`pids/`, `logs/`).
 pub const NAME: &str = "trellis-operator";
 /// Environment variable naming an operator binary to run instead of building one.
-pub const BINARY_ENV: &str = "TRELLIS_OPERATOR";
+pub const BINARY_ENV: &str = crate::binaries::OPERATOR.env_var;
 /// The operator's identity in its leader-election Lease.
 pub const DEFAULT_IDENTITY: &str = "trellis-operator-0";
 /// Namespace of the operator's Lease (and of Trellis' own objects in a real cluster).
@@ -70,82 +68,35 @@ pub fn args(kubeconfig: &Path, identity: &str, metrics_port: u16) -> Vec<String>
 
 /// Whether this crate was built with optimisations; the operator is then built the same way.
 pub fn release_build() -> bool {
-    !cfg!(debug_assertions)
+    crate::binaries::release_build()
 }
 
-/// The operator binary: `$TRELLIS_OPERATOR` if set, else `<target>/<profile>/trellis-operator`
-/// after `cargo build -q -p trellis-operator --bin trellis-operator` (`--release` when this
-/// crate is a release build) in `repo_root`. `<target>` is `$CARGO_TARGET_DIR` or
-/// `<repo_root>/target`; cargo is `$CARGO` or `cargo`. Cargo's own output goes to our stderr,
-/// so a build that takes a while, or fails, is visible. Building is a no-op when nothing changed.
+/// The operator binary: `$TRELLIS_OPERATOR` if set, else built with cargo (see
+/// [`CargoBinary::resolve`](crate::binaries::CargoBinary::resolve)).
 pub async fn resolve(repo_root: &Path) -> Result<PathBuf> {
-    if let Some(path) = std::env::var_os(BINARY_ENV).filter(|v| !v.is_empty()) {
-        let path = PathBuf::from(path);
-        return crate::binaries::executable(&path).ok_or(Error::BinaryOverride {
-            var: BINARY_ENV,
-            path,
-        });
-    }
-    let cargo = std::env::var_os("CARGO")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| PathBuf::from("cargo"), PathBuf::from);
-    let build_err = |reason: String| Error::BuildTool {
-        tool: NAME,
-        script: cargo.clone(),
-        reason,
-    };
-    let mut args = vec!["build", "-q", "-p", NAME, "--bin", NAME];
-    if release_build() {
-        args.push("--release");
-    }
-    // Cargo's stdout would mix into ours, which callers parse; both go to stderr.
-    let stderr = std::io::stderr()
-        .as_fd()
-        .try_clone_to_owned()
-        .map_err(|e| build_err(format!("cannot duplicate stderr: {e}")))?;
-    tracing::info!(command = %format!("{} {}", cargo.display(), args.join(" ")), "building the operator");
-    let status = tokio::process::Command::new(&cargo)
-        .args(&args)
-        .current_dir(repo_root)
-        .stdin(Stdio::null())
-        .stdout(Stdio::from(stderr))
-        .stderr(Stdio::inherit())
-        .status()
-        .await
-        .map_err(|e| build_err(format!("cannot run it: {e}")))?;
-    if !status.success() {
-        return Err(build_err(format!(
-            "`{} {}` exited with {status} (its output is above)",
-            cargo.display(),
-            args.join(" ")
-        )));
-    }
-    let built = built_binary(repo_root);
-    crate::binaries::executable(&built).ok_or_else(|| {
-        build_err(format!(
-            "the build succeeded but {} is not an executable file",
-            built.display()
-        ))
-    })
+    crate::binaries::OPERATOR.resolve(repo_root).await
 }
 
-/// Where `cargo build -p trellis-operator` puts the binary for this crate's profile.
+/// Where the sandbox's cargo build puts the operator for this crate's profile.
 pub fn built_binary(repo_root: &Path) -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .filter(|v| !v.is_empty())
-        .map_or_else(|| repo_root.join("target"), |t| repo_root.join(t));
-    let profile = if release_build() { "release" } else { "debug" };
-    target.join(profile).join(NAME)
+    crate::binaries::OPERATOR.built_path(repo_root)
 }
 
 /// `Ok` once the operator's `GET /readyz` on `127.0.0.1:<port>` answers 200 (its caches are
 /// synced), else what it answered or why there was no answer within `timeout`.
 pub async fn readyz(port: u16, timeout: Duration) -> std::result::Result<(), String> {
-    let (status, body) = http_get(port, "/readyz", timeout).await?;
+    probe(port, "/readyz", timeout).await
+}
+
+/// `Ok` once `GET <path>` on `127.0.0.1:<port>` answers 200, else what it answered or why
+/// there was no answer within `timeout`. The operator's and the node agents' `/healthz` and
+/// `/readyz` are probed with it.
+pub async fn probe(port: u16, path: &str, timeout: Duration) -> std::result::Result<(), String> {
+    let (status, body) = http_get(port, path, timeout).await?;
     if status == 200 {
         Ok(())
     } else {
-        Err(format!("/readyz answered {status}: {}", body.trim()))
+        Err(format!("{path} answered {status}: {}", body.trim()))
     }
 }
 

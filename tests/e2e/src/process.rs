@@ -256,6 +256,46 @@ pub fn end(record: &PidRecord, mut child: Option<&mut Child>, grace: Duration) -
     )))
 }
 
+/// SIGKILL the process `record` describes, without a SIGTERM first (a crash, for tests), and
+/// wait until it is gone. Only a pid whose identity still matches the record is signalled.
+pub fn sigkill(record: &PidRecord) -> Result<Outcome> {
+    match proc_identity(record.pid) {
+        None => return Ok(Outcome::AlreadyGone),
+        Some(seen) if !identity_matches(record, &seen) => return Ok(Outcome::PidReused),
+        Some(_) => {}
+    }
+    let kill_err = |reason: String| Error::Terminate {
+        name: record.name.clone(),
+        pid: record.pid,
+        reason,
+    };
+    let pid =
+        Pid::from_raw(i32::try_from(record.pid).map_err(|_| kill_err("pid out of range".into()))?);
+    match kill(pid, Signal::SIGKILL) {
+        Ok(()) | Err(Errno::ESRCH) => {}
+        Err(e) => return Err(kill_err(format!("SIGKILL: {e}"))),
+    }
+    if wait_until_gone(record.pid, &mut None, KILL_GRACE) {
+        Ok(Outcome::Killed)
+    } else {
+        Err(kill_err(format!(
+            "still running {KILL_GRACE:?} after SIGKILL"
+        )))
+    }
+}
+
+/// Collect the exit status of `pid` if it is an exited child of this program: a detached
+/// process started here whose `Child` handle was dropped (the node agents), ended by its
+/// record, would otherwise stay a zombie until this program exits. Anything else is left
+/// alone. Never call it for a process whose `Child` someone still holds: its `wait` would
+/// then fail.
+pub fn reap(pid: u32) {
+    use nix::sys::wait::{WaitPidFlag, waitpid};
+    if let Ok(pid) = i32::try_from(pid) {
+        let _ = waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG));
+    }
+}
+
 fn still_running(pid: u32, child: Option<&mut Child>) -> bool {
     match child.map(Child::try_wait) {
         Some(Ok(None)) => true,

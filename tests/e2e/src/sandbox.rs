@@ -9,8 +9,11 @@
 //!   kubeconfig              admin kubeconfig (credentials embedded)
 //!   pki/                    CA, serving and client certificates, service-account keys
 //!   pids/<name>.pid         pid, binary and start time of every process we started
+//!                           (node agents: trellis-node-agent-<node>)
 //!   logs/<name>.log         stdout+stderr of each process
 //!   etcd/                   etcd data
+//!   datapath.json           the sandbox has a datapath: tag, underlay, how agents run
+//!   netns/<netns>.json      one per network namespace we created (see crate::datapath)
 //! ```
 
 use std::{
@@ -21,7 +24,8 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    controlplane,
+    agent, controlplane,
+    datapath::{self, DatapathConfig},
     error::{Error, Result},
     process::{self, Ended, PidRecord, Process},
 };
@@ -105,6 +109,20 @@ impl Sandbox {
         self.logs_dir().join(format!("{name}.log"))
     }
 
+    /// `datapath.json`: present if the sandbox has a datapath (see [`DatapathConfig`]).
+    pub fn datapath_config_path(&self) -> PathBuf {
+        self.dir.join("datapath.json")
+    }
+
+    /// `netns/`: one record per network namespace the sandbox created.
+    pub fn netns_records_dir(&self) -> PathBuf {
+        self.dir.join("netns")
+    }
+
+    pub fn netns_record_path(&self, netns: &str) -> PathBuf {
+        self.netns_records_dir().join(format!("{netns}.json"))
+    }
+
     /// Starts `binary` as the sandbox's process `name`: output to
     /// [`Sandbox::log_path`], recorded at [`Sandbox::pid_path`] so `down` and
     /// the next `up` can end it. `env`: `(key, Some(value))` sets a variable,
@@ -127,7 +145,7 @@ impl Sandbox {
     }
 
     /// Every pid file under `pids/`, in the order processes should be ended: clients of the
-    /// apiserver (the operator, later the nodes) first, then the apiserver, storage last.
+    /// apiserver (the operator, the node agents) first, then the apiserver, storage last.
     pub fn recorded_processes(&self) -> Result<Vec<PidRecord>> {
         let dir = self.pids_dir();
         let entries = match std::fs::read_dir(&dir) {
@@ -150,11 +168,34 @@ impl Sandbox {
     /// going past failures and reports all of them; a pid file whose process could not be
     /// ended stays, so a later run can try again.
     pub fn end_recorded_processes(&self) -> Result<Vec<Ended>> {
+        self.end_recorded(|_| true)
+    }
+
+    /// [`Sandbox::end_recorded_processes`] for the node agents only (`trellis-node-agent-*`).
+    pub fn end_recorded_agents(&self) -> Result<Vec<Ended>> {
+        self.end_recorded(|name| agent::node_of(name).is_some())
+    }
+
+    fn end_recorded(&self, which: impl Fn(&str) -> bool) -> Result<Vec<Ended>> {
         let mut ended = Vec::new();
         let mut errors = Vec::new();
-        for record in self.recorded_processes()? {
+        for record in self
+            .recorded_processes()?
+            .into_iter()
+            .filter(|r| which(&r.name))
+        {
             match process::end(&record, None, TERM_GRACE) {
                 Ok(outcome) => {
+                    // Agents are started with their `Child` handle dropped; if this program
+                    // started one, collect it.
+                    if agent::node_of(&record.name).is_some()
+                        && matches!(
+                            outcome,
+                            process::Outcome::Terminated | process::Outcome::Killed
+                        )
+                    {
+                        process::reap(record.pid);
+                    }
                     tracing::debug!(name = %record.name, pid = record.pid, %outcome, "ended recorded process");
                     if let Err(e) = process::remove_pid_file(&self.pid_path(&record.name)) {
                         errors.push(e);
@@ -167,10 +208,31 @@ impl Sandbox {
         Error::from_list(errors).map(|()| ended)
     }
 
+    /// Delete every network namespace recorded under `netns/`, by name (node namespaces first,
+    /// the underlay last), with its record. Keeps going past failures and reports all of them;
+    /// the record of a namespace that could not be deleted stays. Returns the names of those
+    /// that existed. End the node agents first: a running agent keeps its namespace alive.
+    pub fn delete_recorded_namespaces(&self) -> Result<Vec<String>> {
+        // Records are only ever written into a directory that carries the marker.
+        if self.netns_records_dir().exists() && !self.dir.join(MARKER).is_file() {
+            return Err(Error::ForeignStateDir {
+                path: self.dir.clone(),
+                marker: MARKER,
+            });
+        }
+        let deleted = datapath::delete_recorded(self)?;
+        for name in &deleted {
+            tracing::debug!(netns = %name, "deleted recorded network namespace");
+        }
+        Ok(deleted)
+    }
+
     /// Make the directory a fresh, empty sandbox: end whatever an earlier run left running,
-    /// wipe the old state (only if it carries our marker) and lay out the subdirectories.
+    /// delete the network namespaces it recorded, wipe the old state (only if it carries our
+    /// marker) and lay out the subdirectories.
     pub fn reset(&self) -> Result<Vec<Ended>> {
         let ended = self.end_recorded_processes()?;
+        self.delete_recorded_namespaces()?;
         self.remove()?;
         for dir in [
             self.dir.clone(),
@@ -206,9 +268,11 @@ impl Sandbox {
         std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io("remove", &self.dir, e))
     }
 
-    /// End every recorded process, then delete the state directory unless `keep_state`.
+    /// End every recorded process, delete every recorded network namespace, then delete the
+    /// state directory unless `keep_state`.
     pub fn down(&self, keep_state: bool) -> Result<Vec<Ended>> {
         let ended = self.end_recorded_processes()?;
+        self.delete_recorded_namespaces()?;
         if !keep_state {
             self.remove()?;
         }
@@ -239,20 +303,33 @@ impl Sandbox {
 
     /// Which recorded processes run, where the apiserver is and whether it is ready.
     pub async fn status(&self) -> Result<Status> {
-        let processes = self
+        let processes: Vec<ProcessStatus> = self
             .recorded_processes()?
             .into_iter()
-            .map(|record| {
-                let state = match process::proc_identity(record.pid) {
-                    None => ProcessState::Gone,
-                    Some(seen) if process::identity_matches(&record, &seen) => {
-                        ProcessState::Running
-                    }
-                    Some(_) => ProcessState::PidReused,
-                };
-                ProcessStatus { record, state }
-            })
+            .map(ProcessStatus::of)
             .collect();
+        let datapath = DatapathConfig::read(self)?;
+        let mut nodes = Vec::new();
+        for node in datapath::recorded_nodes(self)? {
+            let agent = processes
+                .iter()
+                .find(|p| agent::node_of(&p.record.name) == Some(node.node.as_str()))
+                .cloned();
+            let agent_healthz = match (&agent, node.agent_metrics_port) {
+                (Some(p), Some(port)) if p.state == ProcessState::Running => Some(
+                    agent::healthz(port, Duration::from_secs(5))
+                        .await
+                        .map(|()| "ok".to_string()),
+                ),
+                _ => None,
+            };
+            nodes.push(NodeStatus {
+                netns_present: datapath::netns_exists(&node.netns),
+                agent,
+                agent_healthz,
+                node,
+            });
+        }
         let endpoints = self.endpoints()?;
         let operator_readyz = match endpoints.as_ref().and_then(|e| e.operator_metrics_port) {
             Some(port) => Some(
@@ -276,12 +353,14 @@ impl Sandbox {
             endpoints,
             readyz,
             operator_readyz,
+            datapath,
+            nodes,
         })
     }
 }
 
-/// The apiserver's clients go first, storage last, so that each shuts down while what it
-/// talks to is still there.
+/// The apiserver's clients (the operator, the node agents: rank 0) go first, storage last, so
+/// that each shuts down while what it talks to is still there.
 fn stop_rank(name: &str) -> u8 {
     use crate::binaries::Tool;
     if name == Tool::Etcd.name() {
@@ -302,10 +381,35 @@ pub enum ProcessState {
     PidReused,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ProcessStatus {
     pub record: PidRecord,
     pub state: ProcessState,
+}
+
+impl ProcessStatus {
+    /// What `/proc` says about the process `record` describes.
+    pub fn of(record: PidRecord) -> Self {
+        let state = match process::proc_identity(record.pid) {
+            None => ProcessState::Gone,
+            Some(seen) if process::identity_matches(&record, &seen) => ProcessState::Running,
+            Some(_) => ProcessState::PidReused,
+        };
+        ProcessStatus { record, state }
+    }
+}
+
+/// A node's part of the datapath, for `trellis-sandbox status`.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// What the sandbox recorded: namespace, bridge port, address, agent metrics port.
+    pub node: datapath::NodeDatapath,
+    /// Whether `/run/netns/<netns>` exists.
+    pub netns_present: bool,
+    /// Its agent's pid record and whether it runs; `None` if none is recorded.
+    pub agent: Option<ProcessStatus>,
+    /// `ok` if its agent's `GET /healthz` answered 200, or why not; `None` if no agent runs.
+    pub agent_healthz: Option<std::result::Result<String, String>>,
 }
 
 /// Snapshot for `trellis-sandbox status`.
@@ -319,11 +423,17 @@ pub struct Status {
     /// `ok` if the operator's `GET /readyz` answered 200, or why not; `None` if the sandbox
     /// runs no operator.
     pub operator_readyz: Option<std::result::Result<String, String>>,
+    /// The sandbox's datapath configuration; `None` if it has none.
+    pub datapath: Option<DatapathConfig>,
+    /// Every node with a recorded namespace.
+    pub nodes: Vec<NodeStatus>,
 }
 
 impl Status {
-    /// Every recorded process runs and `/readyz` answered `ok`.
+    /// Every recorded process runs, `/readyz` answered `ok`, every recorded node namespace
+    /// exists and, if the sandbox runs node agents, every node's agent answers `/healthz`.
     pub fn healthy(&self) -> bool {
+        let agents = self.datapath.as_ref().is_some_and(|d| d.agents);
         !self.processes.is_empty()
             && self
                 .processes
@@ -331,6 +441,9 @@ impl Status {
                 .all(|p| p.state == ProcessState::Running)
             && self.readyz.as_deref().is_ok_and(|body| body.trim() == "ok")
             && self.operator_readyz.as_ref().is_none_or(Result::is_ok)
+            && self.nodes.iter().all(|n| {
+                n.netns_present && (!agents || n.agent_healthz.as_ref().is_some_and(Result::is_ok))
+            })
     }
 }
 
@@ -384,6 +497,7 @@ mod tests {
             ("kube-apiserver", 11),
             ("a-node", 12),
             ("trellis-operator", 13),
+            ("trellis-node-agent-trellis-node-1", 14),
         ] {
             PidRecord {
                 name: name.into(),
@@ -402,7 +516,13 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["a-node", "trellis-operator", "kube-apiserver", "etcd"]
+            [
+                "a-node",
+                "trellis-node-agent-trellis-node-1",
+                "trellis-operator",
+                "kube-apiserver",
+                "etcd"
+            ]
         );
     }
 

@@ -4,12 +4,19 @@
 use std::{
     path::{Path, PathBuf},
     process::{Command, Output},
+    time::Duration,
 };
 
+use kube::Api;
+use trellis_api::v1alpha1::NetworkStatus;
 use trellis_e2e::{
-    Sandbox,
+    DatapathConfig, Sandbox, agent, datapath, kubeconfig,
     process::{PidRecord, is_alive},
+    wait_for,
 };
+
+const TIMEOUT: Duration = Duration::from_secs(30);
+const PROBE: Duration = Duration::from_secs(2);
 
 fn sandbox_cmd(state_dir: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_trellis-sandbox"))
@@ -130,7 +137,8 @@ fn up_runs_nodes_and_the_operator_and_node_commands_change_them() {
     let state_dir = tmp.path().join("sandbox");
     let _down = Down(state_dir.clone());
 
-    ok(&state_dir, &["up", "--nodes", "2"]);
+    // Node objects and the operator only; `up_with_the_datapath_…` covers namespaces and agents.
+    ok(&state_dir, &["up", "--nodes", "2", "--no-datapath"]);
     let records = recorded(&state_dir);
     let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
     assert_eq!(names, ["trellis-operator", "kube-apiserver", "etcd"]);
@@ -176,4 +184,195 @@ fn up_runs_nodes_and_the_operator_and_node_commands_change_them() {
     for r in &records {
         assert!(!is_alive(r.pid), "{} (pid {}) survived down", r.name, r.pid);
     }
+}
+
+/// For the checks that need a client or an HTTP probe: the tests here are plain `#[test]`s
+/// that run the CLI as a user does.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime")
+        .block_on(future)
+}
+
+/// Waits until the agent of every node recorded in the sandbox answers `/readyz` (it has
+/// reconciled its node once) and has written its node's `NetworkStatus`.
+fn wait_for_agents(state_dir: &Path) {
+    let sandbox = Sandbox::new(state_dir);
+    block_on(async {
+        let client = kubeconfig::client(&sandbox.kubeconfig_path())
+            .await
+            .expect("a client from the sandbox's kubeconfig");
+        let statuses: Api<NetworkStatus> = Api::all(client);
+        for node in datapath::recorded_nodes(&sandbox).expect("read the node records") {
+            let port = node
+                .agent_metrics_port
+                .unwrap_or_else(|| panic!("{} has no agent metrics port", node.node));
+            wait_for(
+                &format!("{}'s agent to answer /readyz", node.node),
+                TIMEOUT,
+                || async move { agent::readyz(port, PROBE).await.ok() },
+            )
+            .await;
+            let statuses = &statuses;
+            let name = node.node.as_str();
+            wait_for(
+                &format!("{name}'s agent to write its NetworkStatus"),
+                TIMEOUT,
+                || async move { statuses.get_opt(name).await.ok().flatten() },
+            )
+            .await;
+        }
+    });
+}
+
+/// Whether the sandbox has a `NetworkStatus` named `node`.
+fn has_network_status(state_dir: &Path, node: &str) -> bool {
+    let sandbox = Sandbox::new(state_dir);
+    block_on(async {
+        let client = kubeconfig::client(&sandbox.kubeconfig_path())
+            .await
+            .expect("a client from the sandbox's kubeconfig");
+        Api::<NetworkStatus>::all(client)
+            .get_opt(node)
+            .await
+            .expect("get the NetworkStatus")
+            .is_some()
+    })
+}
+
+/// The sandbox's namespaces as the kernel lists them, sorted.
+fn namespaces_of(tag: &str) -> Vec<String> {
+    let mut names: Vec<String> = datapath::list_netns()
+        .expect("ip -j netns list")
+        .into_iter()
+        .filter(|n| n.starts_with(&format!("trellis-{tag}-")))
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn up_with_the_datapath_gives_nodes_namespaces_and_agents_and_down_deletes_them() {
+    let tmp = tempfile::Builder::new()
+        .prefix("trellis-cli-")
+        .tempdir()
+        .unwrap();
+    let state_dir = tmp.path().join("sandbox");
+    let _down = Down(state_dir.clone());
+
+    // The real trellis-node for each node ($TRELLIS_NODE, else built with cargo); no operator,
+    // so the agents find no NodeNetwork and report NoNodeNetwork.
+    ok(&state_dir, &["up", "--nodes", "2", "--no-operator"]);
+    let config = DatapathConfig::read(&Sandbox::new(&state_dir))
+        .expect("read datapath.json")
+        .expect("up records the datapath");
+    let tag = config.tag.clone();
+    assert!(config.agents);
+    let node_ns = |node: &str| format!("trellis-{tag}-{node}");
+    let mut want = vec![
+        node_ns("trellis-node-1"),
+        node_ns("trellis-node-2"),
+        config.underlay_netns.clone(),
+    ];
+    want.sort();
+    assert_eq!(namespaces_of(&tag), want);
+    let records = recorded(&state_dir);
+    let names: Vec<&str> = records.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(
+        names,
+        [
+            "trellis-node-agent-trellis-node-1",
+            "trellis-node-agent-trellis-node-2",
+            "kube-apiserver",
+            "etcd"
+        ]
+    );
+
+    wait_for_agents(&state_dir);
+    let status = ok(&state_dir, &["status"]);
+    assert!(status.lines().any(|l| l == "healthy"), "{status}");
+    assert!(
+        status.contains(&format!(
+            "node trellis-node-1: network namespace {} (present), eth0 192.0.2.11/24; agent: pid",
+            node_ns("trellis-node-1")
+        )),
+        "{status}"
+    );
+    assert!(status.contains("healthz ok"), "{status}");
+
+    let list = ok(&state_dir, &["node", "list"]);
+    assert!(
+        list.lines().any(|l| l.starts_with("trellis-node-1")
+            && l.contains(&node_ns("trellis-node-1"))
+            && l.contains("running (pid ")),
+        "{list}"
+    );
+
+    // A node added by a later process gets a namespace and an agent; deleting it ends both.
+    ok(&state_dir, &["node", "add", "trellis-extra"]);
+    assert!(namespaces_of(&tag).contains(&node_ns("trellis-extra")));
+    let extra = recorded(&state_dir)
+        .into_iter()
+        .find(|r| r.name == "trellis-node-agent-trellis-extra")
+        .expect("an agent for the added node");
+    assert!(is_alive(extra.pid));
+    let list = ok(&state_dir, &["node", "list"]);
+    assert!(
+        list.lines().any(|l| l.starts_with("trellis-extra")
+            && l.contains("192.0.2.13")
+            && l.contains(&node_ns("trellis-extra"))
+            && l.contains("running (pid ")),
+        "{list}"
+    );
+    wait_for_agents(&state_dir);
+    assert!(has_network_status(&state_dir, "trellis-extra"));
+    ok(&state_dir, &["node", "del", "trellis-extra"]);
+    assert!(!is_alive(extra.pid), "the removed node's agent survived");
+    assert!(!namespaces_of(&tag).contains(&node_ns("trellis-extra")));
+    // What a cluster's garbage collector does when the Node goes: its NetworkStatus goes too.
+    assert!(
+        !has_network_status(&state_dir, "trellis-extra"),
+        "the removed node's NetworkStatus is left"
+    );
+    assert!(has_network_status(&state_dir, "trellis-node-1"));
+
+    ok(&state_dir, &["down"]);
+    for r in &records {
+        assert!(!is_alive(r.pid), "{} (pid {}) survived down", r.name, r.pid);
+    }
+    assert_eq!(namespaces_of(&tag), Vec::<String>::new());
+    assert!(!state_dir.exists());
+}
+
+#[test]
+fn up_no_agents_makes_namespaces_only() {
+    let tmp = tempfile::Builder::new()
+        .prefix("trellis-cli-")
+        .tempdir()
+        .unwrap();
+    let state_dir = tmp.path().join("sandbox");
+    let _down = Down(state_dir.clone());
+
+    ok(
+        &state_dir,
+        &["up", "--nodes", "1", "--no-operator", "--no-agents"],
+    );
+    let config = DatapathConfig::read(&Sandbox::new(&state_dir))
+        .expect("read datapath.json")
+        .expect("up records the datapath");
+    assert!(!config.agents);
+    assert_eq!(namespaces_of(&config.tag).len(), 2);
+    let names: Vec<String> = recorded(&state_dir).into_iter().map(|r| r.name).collect();
+    assert_eq!(names, ["kube-apiserver", "etcd"]);
+    let status = ok(&state_dir, &["status"]);
+    assert!(
+        status.contains("agent: none (started without agents)"),
+        "{status}"
+    );
+    assert!(status.lines().any(|l| l == "healthy"), "{status}");
+
+    ok(&state_dir, &["down"]);
+    assert_eq!(namespaces_of(&config.tag), Vec::<String>::new());
 }

@@ -63,9 +63,11 @@ fn parse_v4_cidr(cidr: &str) -> (Ipv4Addr, u8) {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn up_registers_nodes_runs_the_operator_and_down_ends_it() {
+    // Node objects and the operator only: the datapath has its own tests (sandbox_datapath.rs).
     let opts = StartOptions::for_test("sandbox-nodes")
         .with_cluster(3)
-        .expect("three nodes");
+        .expect("three nodes")
+        .without_datapath();
     let mut cp = ControlPlane::start(opts).await.expect("start the sandbox");
     let client = cp.client();
 
@@ -224,7 +226,8 @@ async fn an_operator_that_exits_fails_the_start_with_its_log() {
 
     let mut opts = StartOptions::for_test("sandbox-operator-exits")
         .with_cluster(1)
-        .expect("one node");
+        .expect("one node")
+        .without_datapath();
     let state_dir = opts.state_dir.clone();
     if let Some(op) = opts.operator.as_mut() {
         op.binary = Some(fake);

@@ -2,11 +2,14 @@
 //!
 //! ```text
 //! trellis-sandbox up          etcd + kube-apiserver + CRDs, namespace trellis-system, 3 Nodes
-//!                             and trellis-operator, detached; prints the kubeconfig
-//! trellis-sandbox status      are the recorded processes alive, do both /readyz say ok
-//! trellis-sandbox node add|del|list   register, remove and show nodes
+//!                             each with a network namespace on the underlay bridge and a
+//!                             trellis-node, and trellis-operator, detached; prints the kubeconfig
+//! trellis-sandbox status      are the recorded processes alive, do the /readyz and the agents'
+//!                             /healthz say ok, do the node namespaces exist
+//! trellis-sandbox node add|del|list   add, remove and show nodes (namespace and agent too)
 //! trellis-sandbox kubeconfig  path of the admin kubeconfig
-//! trellis-sandbox down        end the recorded processes, delete the state dir
+//! trellis-sandbox down        end the recorded processes, delete the recorded namespaces and
+//!                             the state dir
 //! ```
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -14,18 +17,20 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::ExitCode, 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use trellis_e2e::{
-    ControlPlane, NodeSpec, Nodes, OperatorOptions, Sandbox, StartOptions,
+    AgentOptions, ControlPlane, NodeSpec, Nodes, OperatorOptions, Sandbox, StartOptions,
     controlplane::{DEFAULT_READY_TIMEOUT, repo_root},
+    datapath::BRIDGE,
     nodes::{self, HOSTNAME_LABEL, MAX_NUMBERED},
     operator,
-    sandbox::{DEFAULT_STATE_DIR, ProcessState, STATE_DIR_ENV},
+    sandbox::{DEFAULT_STATE_DIR, ProcessState, ProcessStatus, STATE_DIR_ENV},
 };
 
 #[derive(Parser)]
 #[command(
     name = "trellis-sandbox",
     version,
-    about = "Local Trellis sandbox: a real kube-apiserver and etcd, Nodes and trellis-operator"
+    about = "Local Trellis sandbox: a real kube-apiserver and etcd, nodes (network namespaces \
+             running trellis-node) and trellis-operator"
 )]
 struct Cli {
     /// State directory: pid files, logs, certificates, kubeconfig, etcd data.
@@ -39,9 +44,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Start the control plane (ending whatever an earlier run left in the state dir), install
-    /// the CRDs, create namespace trellis-system and the nodes, and start trellis-operator.
+    /// the CRDs, create namespace trellis-system, the underlay and the nodes, and start
+    /// trellis-operator and a trellis-node per node.
     Up(UpArgs),
-    /// End the recorded processes and delete the state directory.
+    /// End the recorded processes, delete the recorded network namespaces and the state
+    /// directory.
     Down {
         /// Keep the state directory (logs, certificates, etcd data).
         #[arg(long)]
@@ -58,8 +65,9 @@ enum Command {
 
 #[derive(Subcommand)]
 enum NodeCommand {
-    /// Register a Node (created with the hostname label, addresses written through the status
-    /// subresource as a kubelet does).
+    /// Add a node: its network namespace on the underlay (if the sandbox has a datapath), the
+    /// Node (created with the hostname label, addresses written through the status subresource
+    /// as a kubelet does), and its trellis-node (if the sandbox runs agents).
     Add {
         /// Node name.
         name: String,
@@ -70,13 +78,16 @@ enum NodeCommand {
         #[arg(long = "label", value_name = "KEY=VALUE", value_parser = parse_label)]
         labels: Vec<(String, String)>,
     },
-    /// Delete a Node; the operator then deletes its NodeNetwork.
+    /// Remove a node: end its trellis-node, delete its namespace and bridge port, delete the
+    /// Node and its NetworkStatus (what a cluster's garbage collector does); the operator then
+    /// deletes its NodeNetwork.
     #[command(visible_alias = "delete")]
     Del {
         /// Node name.
         name: String,
     },
-    /// Show every Node with its InternalIPs and the pod CIDRs of its NodeNetwork.
+    /// Show every Node with its InternalIPs, the pod CIDRs of its NodeNetwork, its network
+    /// namespace and whether its agent runs.
     List,
 }
 
@@ -104,6 +115,14 @@ struct UpArgs {
     /// Do not start trellis-operator (binary: $TRELLIS_OPERATOR, else built with cargo).
     #[arg(long)]
     no_operator: bool,
+    /// Nodes are Node objects only: no underlay, no network namespaces, no trellis-node
+    /// (the datapath needs root).
+    #[arg(long)]
+    no_datapath: bool,
+    /// Give nodes their network namespaces but start no trellis-node (binary: $TRELLIS_NODE,
+    /// else built with cargo).
+    #[arg(long, conflicts_with = "no_datapath")]
+    no_agents: bool,
     /// Seconds to wait for each component to become ready.
     #[arg(long, default_value_t = DEFAULT_READY_TIMEOUT.as_secs())]
     timeout: u64,
@@ -163,7 +182,11 @@ async fn up(state_dir: &std::path::Path, args: UpArgs) -> anyhow::Result<ExitCod
     if args.no_crds && !args.no_operator {
         eprintln!("note: --no-crds: not starting trellis-operator, which needs the CRDs");
     }
+    if args.no_crds && !args.no_datapath && !args.no_agents {
+        eprintln!("note: --no-crds: not starting trellis-node, which needs the CRDs");
+    }
     let run_operator = !args.no_crds && !args.no_operator;
+    let run_agents = !args.no_crds && !args.no_datapath && !args.no_agents;
     let opts = StartOptions {
         crd_dir: crd_dir.clone(),
         repo_root: args.repo,
@@ -171,6 +194,8 @@ async fn up(state_dir: &std::path::Path, args: UpArgs) -> anyhow::Result<ExitCod
         system_namespace: true,
         nodes: nodes::numbered(usize::from(args.nodes))?,
         operator: run_operator.then(OperatorOptions::default),
+        datapath: !args.no_datapath,
+        agents: run_agents.then(AgentOptions::default),
         ..StartOptions::new(state_dir)
     };
     let node_names: Vec<String> = opts.nodes.iter().map(|n| n.name.clone()).collect();
@@ -180,6 +205,9 @@ async fn up(state_dir: &std::path::Path, args: UpArgs) -> anyhow::Result<ExitCod
 
     for ended in cp.ended_stale() {
         eprintln!("cleaned up from an earlier run: {ended}");
+    }
+    for netns in cp.deleted_stale_namespaces() {
+        eprintln!("cleaned up from an earlier run: network namespace {netns}");
     }
     let phases: Vec<String> = cp
         .timings()
@@ -197,6 +225,16 @@ async fn up(state_dir: &std::path::Path, args: UpArgs) -> anyhow::Result<ExitCod
         eprintln!("nodes: none");
     } else {
         eprintln!("nodes: {}", node_names.join(", "));
+    }
+    let nodes = cp.nodes();
+    if let Some(config) = nodes.datapath_config()? {
+        eprintln!(
+            "underlay: bridge {BRIDGE} in network namespace {}",
+            config.underlay_netns
+        );
+        for name in &node_names {
+            eprintln!("  {}", describe_node(&nodes, name)?);
+        }
     }
     if let (Some(record), Some(port)) = (cp.operator(), cp.endpoints().operator_metrics_port) {
         eprintln!(
@@ -217,15 +255,41 @@ async fn up(state_dir: &std::path::Path, args: UpArgs) -> anyhow::Result<ExitCod
     Ok(ExitCode::SUCCESS)
 }
 
+/// `node <name>: netns <ns>, eth0 <ip>/24, agent pid <pid> (metrics http://…)`.
+fn describe_node(nodes: &Nodes, name: &str) -> anyhow::Result<String> {
+    let dp = nodes.datapath(name)?;
+    let agent = match (nodes.agent(name)?, dp.agent_metrics_port) {
+        (Some(record), Some(port)) => format!(
+            "agent pid {}, metrics http://127.0.0.1:{port}/metrics, log {}",
+            record.pid,
+            nodes.sandbox().log_path(&record.name).display()
+        ),
+        (Some(record), None) => format!("agent pid {}", record.pid),
+        (None, _) => "no agent".into(),
+    };
+    Ok(format!(
+        "node {name}: network namespace {}, eth0 {} (bridge port {}), {agent}",
+        dp.netns,
+        dp.cidr(),
+        dp.bridge_port
+    ))
+}
+
 fn down(sandbox: &Sandbox, keep_state: bool) -> anyhow::Result<ExitCode> {
-    let ended = sandbox
-        .down(keep_state)
-        .with_context(|| format!("ending the sandbox in {}", sandbox.dir().display()))?;
+    let context = || format!("ending the sandbox in {}", sandbox.dir().display());
+    // Processes first (a running agent keeps its namespace alive), then namespaces, then the
+    // state directory.
+    let ended = sandbox.end_recorded_processes().with_context(context)?;
+    let namespaces = sandbox.delete_recorded_namespaces().with_context(context)?;
+    sandbox.down(keep_state).with_context(context)?;
     if ended.is_empty() {
         eprintln!("no processes recorded in {}", sandbox.dir().display());
     }
     for e in &ended {
         eprintln!("{e}");
+    }
+    for netns in &namespaces {
+        eprintln!("deleted network namespace {netns}");
     }
     if keep_state {
         eprintln!("kept {}", sandbox.dir().display());
@@ -241,13 +305,20 @@ async fn status(sandbox: &Sandbox) -> anyhow::Result<ExitCode> {
     if status.processes.is_empty() {
         println!("processes:  none recorded");
     }
+    let width = status
+        .processes
+        .iter()
+        .map(|p| p.record.name.len())
+        .max()
+        .unwrap_or(0)
+        .max(16);
     for p in &status.processes {
-        let state = match p.state {
-            ProcessState::Running => "running",
-            ProcessState::Gone => "not running",
-            ProcessState::PidReused => "not running (pid reused by another program)",
-        };
-        println!("{:<16} pid {:<8} {state}", p.record.name, p.record.pid);
+        println!(
+            "{:<width$} pid {:<8} {}",
+            p.record.name,
+            p.record.pid,
+            state_text(p.state)
+        );
     }
     if let Some(ep) = &status.endpoints {
         println!("apiserver:  {}", ep.apiserver_url);
@@ -265,12 +336,68 @@ async fn status(sandbox: &Sandbox) -> anyhow::Result<ExitCode> {
         Some(Ok(body)) => println!("operator readyz: {}", body.trim()),
         Some(Err(e)) => println!("operator readyz: error: {e}"),
     }
+    if let Some(config) = &status.datapath {
+        let present = |netns: &str| {
+            if std::path::Path::new("/run/netns").join(netns).exists() {
+                "present"
+            } else {
+                "MISSING"
+            }
+        };
+        println!(
+            "underlay:   network namespace {} ({}), bridge {BRIDGE}",
+            config.underlay_netns,
+            present(&config.underlay_netns)
+        );
+        for n in &status.nodes {
+            let agent = match (&n.agent, &n.agent_healthz) {
+                (None, _) if config.agents => "agent: none recorded".to_string(),
+                (None, _) => "agent: none (started without agents)".to_string(),
+                (Some(p), healthz) => {
+                    let port = n
+                        .node
+                        .agent_metrics_port
+                        .map(|port| format!(", metrics http://127.0.0.1:{port}/metrics"))
+                        .unwrap_or_default();
+                    let healthz = match healthz {
+                        Some(Ok(_)) => ", healthz ok".to_string(),
+                        Some(Err(e)) => format!(", healthz error: {e}"),
+                        None => String::new(),
+                    };
+                    format!(
+                        "agent: pid {} {}{healthz}{port}",
+                        p.record.pid,
+                        state_text(p.state)
+                    )
+                }
+            };
+            println!(
+                "node {}: network namespace {} ({}), eth0 {}; {agent}",
+                n.node.node,
+                n.node.netns,
+                if n.netns_present {
+                    "present"
+                } else {
+                    "MISSING"
+                },
+                n.node.cidr(),
+            );
+        }
+    }
     if status.healthy() {
         println!("healthy");
         Ok(ExitCode::SUCCESS)
     } else {
         println!("NOT healthy");
         Ok(ExitCode::FAILURE)
+    }
+}
+
+fn state_text(state: ProcessState) -> &'static str {
+    match state {
+        ProcessState::Running => "running",
+        ProcessState::Gone => "not running",
+        ProcessState::PidReused => "not running (pid reused by another program)",
     }
 }
 
@@ -296,12 +423,19 @@ async fn node(sandbox: &Sandbox, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
             nodes.add(&spec).await?;
             let ips: Vec<String> = spec.internal_ips.iter().map(ToString::to_string).collect();
             eprintln!("added node {name} ({})", ips.join(", "));
+            if nodes.datapath_config()?.is_some() {
+                eprintln!("{}", describe_node(&nodes, &name)?);
+            }
         }
         NodeCommand::Del { name } => {
+            let netns = nodes.datapath(&name).ok().map(|dp| dp.netns);
             if !nodes.remove(&name).await? {
                 bail!("no node {name}");
             }
-            eprintln!("deleted node {name}");
+            match netns {
+                Some(netns) => eprintln!("deleted node {name} and its network namespace {netns}"),
+                None => eprintln!("deleted node {name}"),
+            }
         }
         NodeCommand::List => print_nodes(&nodes.list().await?),
     }
@@ -310,7 +444,7 @@ async fn node(sandbox: &Sandbox, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
 
 fn print_nodes(views: &[nodes::NodeView]) {
     let dash = || "-".to_string();
-    let rows: Vec<[String; 4]> = views
+    let rows: Vec<[String; 6]> = views
         .iter()
         .map(|n| {
             let labels: BTreeMap<_, _> = n
@@ -328,6 +462,14 @@ fn print_nodes(views: &[nodes::NodeView]) {
                     .map(|c| c.join(","))
                     .filter(|s| !s.is_empty())
                     .unwrap_or_else(|| "(none yet)".into()),
+                n.netns.clone().unwrap_or_else(dash),
+                match &n.agent {
+                    None => dash(),
+                    Some(ProcessStatus { record, state }) => match state {
+                        ProcessState::Running => format!("running (pid {})", record.pid),
+                        ProcessState::Gone | ProcessState::PidReused => "not-running".into(),
+                    },
+                },
                 Some(
                     labels
                         .iter()
@@ -340,8 +482,16 @@ fn print_nodes(views: &[nodes::NodeView]) {
             ]
         })
         .collect();
-    let header = ["NAME", "INTERNAL-IP", "POD-CIDRS", "LABELS"].map(String::from);
-    let mut widths = [0; 4];
+    let header = [
+        "NAME",
+        "INTERNAL-IP",
+        "POD-CIDRS",
+        "NETNS",
+        "AGENT",
+        "LABELS",
+    ]
+    .map(String::from);
+    let mut widths = [0; 6];
     for row in std::iter::once(&header).chain(&rows) {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.len());
