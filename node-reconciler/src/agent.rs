@@ -106,10 +106,12 @@ pub async fn run(
         // turn consumes them in one reconcile that finds nothing to do.
         trigger = tokio::select! {
             _ = spec_changed.notified() => Trigger::Spec,
-            Some(seen) = written_elsewhere.recv() => {
-                // Our own writes come back too; only a status that is not
-                // what we wrote (deleted, or changed by someone else) counts.
-                if reporter.last.as_ref() != seen.as_ref() {
+            Some((rv, seen)) = written_elsewhere.recv() => {
+                // Our own writes come back too, and events of an earlier
+                // write may arrive after a later one: only a change newer
+                // than our last write that leaves something else than we
+                // wrote (deleted, or edited by someone) counts.
+                if reporter.newer_than_ours(rv) && reporter.last.as_ref() != seen.as_ref() {
                     tracing::info!("NetworkStatus was changed or deleted by someone else; writing it again");
                     reporter.forget(seen.is_some());
                 }
@@ -138,6 +140,10 @@ pub async fn run(
     Ok(())
 }
 
+/// A version of this node's `NetworkStatus` as the watch shows it:
+/// `resourceVersion` and status (`None` once deleted).
+type SeenStatus = (Option<String>, Option<NetworkStatusStatus>);
+
 /// Watches this node's own `NetworkStatus`, sending its status after every
 /// change (`None` once deleted), so a status deleted or overwritten by hand
 /// is written again rather than left wrong until the next change.
@@ -145,7 +151,7 @@ fn watch_own_status(
     client: &Client,
     node: &str,
 ) -> (
-    tokio::sync::mpsc::Receiver<Option<NetworkStatusStatus>>,
+    tokio::sync::mpsc::Receiver<SeenStatus>,
     tokio::task::JoinHandle<()>,
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(16);
@@ -156,8 +162,10 @@ fn watch_own_status(
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             let seen = match event {
-                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => Some(obj.status),
-                Ok(watcher::Event::Delete(_)) => Some(None),
+                Ok(watcher::Event::Apply(obj) | watcher::Event::InitApply(obj)) => {
+                    Some((obj.metadata.resource_version, obj.status))
+                }
+                Ok(watcher::Event::Delete(obj)) => Some((obj.metadata.resource_version, None)),
                 Ok(watcher::Event::Init | watcher::Event::InitDone) => None,
                 Err(e) => {
                     tracing::warn!(error = %e, "NetworkStatus watch error; retrying with backoff");
@@ -368,6 +376,8 @@ struct Reporter {
     name: String,
     owner: Option<OwnerReference>,
     last: Option<NetworkStatusStatus>,
+    /// `resourceVersion` our last write returned.
+    last_rv: Option<String>,
     exists: bool,
 }
 
@@ -402,7 +412,18 @@ impl Reporter {
             name: node.to_owned(),
             owner,
             last,
+            last_rv: None,
             exists,
+        }
+    }
+
+    /// Whether a watched version comes after our last write (resource
+    /// versions are etcd revisions; one that is not a number counts as newer).
+    fn newer_than_ours(&self, rv: Option<String>) -> bool {
+        let parse = |v: Option<&str>| v.and_then(|v| v.parse::<u64>().ok());
+        match (parse(rv.as_deref()), parse(self.last_rv.as_deref())) {
+            (Some(seen), Some(ours)) => seen > ours,
+            _ => true,
         }
     }
 
@@ -459,9 +480,11 @@ impl Reporter {
                 "apiVersion": NetworkStatus::api_version(&()), "kind": NetworkStatus::kind(&()),
                 "metadata": metadata, "spec": {},
             });
-            self.api
+            let created = self
+                .api
                 .patch(&self.name, &params, &Patch::Apply(&body))
                 .await?;
+            self.last_rv = created.metadata.resource_version;
             self.exists = true;
         }
         let body = json!({
@@ -473,7 +496,10 @@ impl Reporter {
             .patch_status(&self.name, &params, &Patch::Apply(&body))
             .await
         {
-            Ok(_) => Ok(()),
+            Ok(written) => {
+                self.last_rv = written.metadata.resource_version;
+                Ok(())
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 // Deleted meanwhile: create it again on the next try.
                 self.exists = false;

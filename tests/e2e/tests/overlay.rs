@@ -515,6 +515,11 @@ async fn sigkill_restarts_lose_no_packet_and_flush_nothing() {
                 0.0,
                 "round {round}: the restarted agent on {node} adopted the kernel as it was"
             );
+            assert_eq!(
+                c.metric(node, "trellis_node_status_writes_total").await,
+                0.0,
+                "round {round}: the restarted agent on {node} found its NetworkStatus current"
+            );
         }
     }
     let after = *replies.borrow() + 50;
