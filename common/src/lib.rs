@@ -5,3 +5,4 @@
 pub mod conditions;
 pub mod ops;
 pub mod process;
+pub mod versions;

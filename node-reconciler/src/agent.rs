@@ -30,6 +30,7 @@ use tokio::sync::{Notify, watch};
 use trellis_api::v1alpha1::{NETWORKSTATUS_READY, NetworkStatus, NetworkStatusStatus, NodeNetwork};
 use trellis_common::ops::Health;
 use trellis_common::process::until_true;
+use trellis_common::versions::resource_version_reached;
 
 use crate::desired::{Desired, DesiredError, Host, desired};
 use crate::metrics::{ErrorKind, Metrics, Trigger};
@@ -417,12 +418,11 @@ impl Reporter {
         }
     }
 
-    /// Whether a watched version comes after our last write (resource
-    /// versions are etcd revisions; one that is not a number counts as newer).
+    /// Whether a watched version comes after our last write (see
+    /// [`resource_version_reached`]).
     fn newer_than_ours(&self, rv: Option<String>) -> bool {
-        let parse = |v: Option<&str>| v.and_then(|v| v.parse::<u64>().ok());
-        match (parse(rv.as_deref()), parse(self.last_rv.as_deref())) {
-            (Some(seen), Some(ours)) => seen > ours,
+        match (rv, &self.last_rv) {
+            (Some(seen), Some(ours)) => !resource_version_reached(ours, &seen),
             _ => true,
         }
     }

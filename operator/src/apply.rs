@@ -104,17 +104,6 @@ impl Written {
     }
 }
 
-/// Whether a cache holding `have` reflects a write that returned `want`.
-/// The apiserver's resource versions are etcd revisions, so numeric order is
-/// write order (Kubernetes 1.33's own list/watch cache relies on the same);
-/// anything that is not a number only counts when equal.
-pub fn resource_version_reached(have: &str, want: &str) -> bool {
-    match (have.parse::<u64>(), want.parse::<u64>()) {
-        (Ok(have), Ok(want)) => have >= want,
-        _ => have == want,
-    }
-}
-
 /// The result of applying a plan.
 #[derive(Debug, Default)]
 pub struct Applied {
