@@ -10,19 +10,21 @@
 // Test-only helpers: a panic here is the failure report.
 #![allow(clippy::unwrap_used)]
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::Mutex;
 
 use serde_json::Value;
-use trellis_api::v1alpha1::{Encapsulation, NodeNetworkSpec, Vtep, VxlanConfig};
+use trellis_api::v1alpha1::NodeNetworkSpec;
 use trellis_node::apply::apply;
 use trellis_node::desired::desired;
 use trellis_node::model::{Device, Fdb, Mac, Neighbour, Route, VXLAN_DEVICE};
 use trellis_node::netns::{NetnsError, NetnsHandle};
 use trellis_node::observe::{Snapshot, observe};
 use trellis_node::plan::{Op, plan};
+
+mod fixtures;
+use fixtures::{mac, mk_node, underlay};
 
 // ---------------------------------------------------------------- fixtures
 
@@ -151,30 +153,6 @@ impl Pair {
 
 fn underlay_link(tag: &str, n: u8) -> String {
     format!("trls-{tag}-{n}")
-}
-
-fn underlay(n: u8) -> IpAddr {
-    format!("192.0.2.{}", 10 + n).parse().unwrap()
-}
-
-fn mac(n: u8) -> Mac {
-    Mac([0x0a, 0, 0, 0, 0, n])
-}
-
-/// Node `n`: underlay 192.0.2.1n, block 10.244.n.0/24, VTEP 10.244.n.0, MAC 0a:..:0n.
-fn mk_node(n: u8) -> NodeNetworkSpec {
-    NodeNetworkSpec {
-        pod_cidrs: vec![format!("10.244.{n}.0/24")],
-        underlay_address: underlay(n).to_string(),
-        encapsulation: Encapsulation::Vxlan,
-        vxlan: Some(VxlanConfig { vni: 1, port: 8472 }),
-        vtep: Some(Vtep {
-            mac: mac(n).to_string(),
-            ipv4: Some(format!("10.244.{n}.0")),
-            ipv6: None,
-        }),
-        mtu: None,
-    }
 }
 
 fn vxlan_route(peer: u8) -> Route {

@@ -9,52 +9,16 @@
 use std::net::IpAddr;
 
 use ipnet::IpNet;
-use trellis_api::v1alpha1::{Encapsulation, NodeNetworkSpec, Vtep, VxlanConfig};
+use trellis_api::v1alpha1::{NodeNetworkSpec, VxlanConfig};
 use trellis_node::desired::{Desired, Host, SkipReason, desired};
-use trellis_node::model::{Device, Fdb, Mac, Neighbour, Observed, Route, UnderlayLink};
+use trellis_node::model::{Device, Fdb, Mac, Neighbour, Observed, Route};
 use trellis_node::plan::{Op, kernel_after, plan};
 
-const UNDERLAY: UnderlayLink = UnderlayLink {
-    index: 2,
-    mtu: 1500,
-};
-
-fn host() -> Host {
-    Host {
-        underlay: Some(UNDERLAY),
-        underlay_networks: vec!["192.0.2.0/24".parse().unwrap()],
-    }
-}
-
-/// Node `n` (1-based): underlay 192.0.2.1n, block 10.244.n.0/24, VTEP 10.244.n.0, MAC 0a:..:0n.
-fn mk_node(n: u8) -> NodeNetworkSpec {
-    NodeNetworkSpec {
-        pod_cidrs: vec![format!("10.244.{n}.0/24")],
-        underlay_address: format!("192.0.2.{}", 10 + n),
-        encapsulation: Encapsulation::Vxlan,
-        vxlan: Some(VxlanConfig { vni: 1, port: 8472 }),
-        vtep: Some(Vtep {
-            mac: format!("0a:00:00:00:00:{n:02x}"),
-            ipv4: Some(format!("10.244.{n}.0")),
-            ipv6: None,
-        }),
-        mtu: None,
-    }
-}
-
-fn native(mut spec: NodeNetworkSpec) -> NodeNetworkSpec {
-    spec.encapsulation = Encapsulation::None;
-    spec.vxlan = None;
-    spec.vtep = None;
-    spec
-}
+mod fixtures;
+use fixtures::{UNDERLAY, host, mac, mk_node, native};
 
 fn ip(s: &str) -> IpAddr {
     s.parse().unwrap()
-}
-
-fn mac(n: u8) -> Mac {
-    Mac([0x0a, 0, 0, 0, 0, n])
 }
 
 /// Desired state of node 1 with the given peers (node 1 itself may be among them).

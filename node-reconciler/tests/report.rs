@@ -10,46 +10,15 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use trellis_api::v1alpha1::{
     Encapsulation, NETWORKSTATUS_READY, NETWORKSTATUS_ROUTES_READY, NETWORKSTATUS_TUNNEL_READY,
-    NetworkStatusStatus, NodeNetworkSpec, Vtep, VxlanConfig,
+    NetworkStatusStatus, NodeNetworkSpec,
 };
-use trellis_node::desired::{DesiredError, Host, desired};
-use trellis_node::model::{Observed, UnderlayLink};
+use trellis_node::desired::{DesiredError, desired};
+use trellis_node::model::Observed;
 use trellis_node::plan::{Op, kernel_after, plan};
 use trellis_node::report::{MAX_UNHEALTHY_PEERS, Outcome, report, status};
 
-const UNDERLAY: UnderlayLink = UnderlayLink {
-    index: 2,
-    mtu: 1500,
-};
-
-fn host() -> Host {
-    Host {
-        underlay: Some(UNDERLAY),
-        underlay_networks: vec!["192.0.2.0/24".parse().unwrap()],
-    }
-}
-
-fn mk_node(n: u8) -> NodeNetworkSpec {
-    NodeNetworkSpec {
-        pod_cidrs: vec![format!("10.244.{n}.0/24")],
-        underlay_address: format!("192.0.2.{n}"),
-        encapsulation: Encapsulation::Vxlan,
-        vxlan: Some(VxlanConfig { vni: 1, port: 8472 }),
-        vtep: Some(Vtep {
-            mac: format!("0a:00:00:00:00:{n:02x}"),
-            ipv4: Some(format!("10.244.{n}.0")),
-            ipv6: None,
-        }),
-        mtu: None,
-    }
-}
-
-fn native(mut spec: NodeNetworkSpec) -> NodeNetworkSpec {
-    spec.encapsulation = Encapsulation::None;
-    spec.vxlan = None;
-    spec.vtep = None;
-    spec
-}
+mod fixtures;
+use fixtures::{UNDERLAY, host, mk_node, native};
 
 fn names(n: u8) -> Vec<String> {
     (1..=n).map(|i| format!("node-{i}")).collect()
@@ -170,7 +139,7 @@ fn a_missing_fdb_entry_is_traced_to_its_peer() {
     let specs: Vec<_> = (1..=3).map(mk_node).collect();
     let s = after_apply(
         &specs,
-        |op| matches!(op, Op::ReplaceFdb(e) if e.dst.to_string() == "192.0.2.2"),
+        |op| matches!(op, Op::ReplaceFdb(e) if e.dst.to_string() == "192.0.2.12"),
         &[],
     );
     assert_eq!(s.unhealthy_peers, ["node-2"]);
