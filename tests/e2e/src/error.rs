@@ -129,7 +129,7 @@ pub enum Error {
         source: kube::Error,
     },
 
-    /// A YAML document in the CRD directory could not be parsed.
+    /// A YAML document (of the CRD directory or a sample) could not be parsed.
     #[error("{}: document {index}: {source}", path.display())]
     CrdParse {
         path: PathBuf,

@@ -38,7 +38,9 @@ pub mod kubeconfig;
 pub mod nodes;
 pub mod operator;
 pub mod process;
+pub mod samples;
 pub mod sandbox;
+pub mod support;
 pub mod wait;
 
 pub use agent::{Agent, AgentOptions};

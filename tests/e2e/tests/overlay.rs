@@ -14,10 +14,11 @@ use std::time::{Duration, Instant};
 
 use kube::api::{ListParams, Patch, PatchParams};
 use kube::{Api, Client, ResourceExt as _};
-use serde::Deserialize as _;
 use serde_json::{Value, json};
-use trellis_api::v1alpha1::{IPPool, NetworkConfig, NetworkStatus, NodeNetwork};
-use trellis_e2e::{ControlPlane, Nodes, StartOptions, controlplane::repo_root, operator, wait_for};
+use trellis_api::v1alpha1::{NetworkConfig, NetworkStatus, NodeNetwork};
+use trellis_e2e::{
+    ControlPlane, Nodes, StartOptions, controlplane::repo_root, operator, samples, wait_for,
+};
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 const VXLAN: &str = "trellis-vxlan";
@@ -48,19 +49,12 @@ async fn cluster(test: &str, n: usize) -> Cluster {
     c
 }
 
-/// The default IPv4 pool and a VXLAN NetworkConfig, as a user applies them.
+/// The IPPool sample, as a user applies it.
 async fn apply_samples(client: &Client) {
-    let path = repo_root().join("config/samples/network.trellis.dev_v1alpha1_ippool.yaml");
-    let text = std::fs::read_to_string(&path).unwrap();
-    let pools: Api<IPPool> = Api::all(client.clone());
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let pool = IPPool::deserialize(doc).unwrap();
-        let ssa = PatchParams::apply("trellis-e2e").force();
-        pools
-            .patch(&pool.name_any(), &ssa, &Patch::Apply(&pool))
-            .await
-            .unwrap();
-    }
+    let pools = samples::ippools(samples::IPPOOL_SAMPLE).unwrap();
+    samples::apply_ippools(client, &pools, "trellis-e2e")
+        .await
+        .unwrap();
 }
 
 impl Cluster {

@@ -6,42 +6,24 @@
 use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
 
 use k8s_openapi::api::core::v1::{Namespace, Node};
-use kube::{
-    Api, Client, ResourceExt as _,
-    api::{ListParams, Patch, PatchParams},
-};
-use serde::Deserialize as _;
-use trellis_api::v1alpha1::{IPPool, NodeNetwork};
+use kube::{Api, Client, ResourceExt as _, api::ListParams};
+use trellis_api::v1alpha1::NodeNetwork;
 use trellis_e2e::{
     ControlPlane, StartOptions,
-    controlplane::repo_root,
     nodes::{self, HOSTNAME_LABEL},
     operator,
     process::{identity_matches, is_alive, proc_identity},
-    wait_for,
+    samples, wait_for,
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Server-side apply of every IPPool in `config/samples/<file>`.
 async fn apply_pool_sample(client: &Client, file: &str) -> Vec<String> {
-    let path = repo_root().join("config/samples").join(file);
-    let text = std::fs::read_to_string(&path).expect("read the sample");
-    let api: Api<IPPool> = Api::all(client.clone());
-    let mut names = Vec::new();
-    for doc in serde_yaml::Deserializer::from_str(&text) {
-        let pool = IPPool::deserialize(doc).expect("an IPPool");
-        let name = pool.name_any();
-        api.patch(
-            &name,
-            &PatchParams::apply("trellis-e2e").force(),
-            &Patch::Apply(&pool),
-        )
+    let pools = samples::ippools(file).expect("the sample parses");
+    samples::apply_ippools(client, &pools, "trellis-e2e")
         .await
-        .expect("apply the pool");
-        names.push(name);
-    }
-    names
+        .expect("apply the pools")
 }
 
 async fn node_networks(client: &Client) -> BTreeMap<String, NodeNetwork> {

@@ -44,16 +44,14 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::{
     Api, Client, ResourceExt as _,
-    api::{DeleteParams, ObjectMeta, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ObjectMeta, PostParams},
     runtime::{WatchStreamExt as _, watcher},
 };
-use serde::Deserialize as _;
 use tokio::sync::mpsc;
-use trellis_api::v1alpha1::{IPPool, NETWORKSTATUS_READY, NetworkStatus, NodeNetwork};
+use trellis_api::v1alpha1::{NETWORKSTATUS_READY, NetworkStatus, NodeNetwork};
 use trellis_e2e::{
-    ControlPlane, NodeSpec, Nodes, StartOptions,
-    controlplane::{ensure_namespace, repo_root},
-    nodes, operator,
+    ControlPlane, NodeSpec, Nodes, StartOptions, controlplane::ensure_namespace, nodes, operator,
+    samples, support::Stats,
 };
 
 #[derive(Parser)]
@@ -87,22 +85,13 @@ struct Args {
     keep_state: bool,
 }
 
-const POOL_SAMPLE: &str = "config/samples/network.trellis.dev_v1alpha1_ippool.yaml";
 const POOL: &str = "default-ipv4";
 const NAMESPACE: &str = "trellis-bench";
 const FIELD_MANAGER: &str = "trellis-bench";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour for a terminal, plain text when the output is kept (scripts, CI logs).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,kube_client=off".into()),
-        )
-        .init();
+    trellis_e2e::support::init_logging("warn,kube_client=off");
     let args = Args::parse();
     // On Ctrl-C `run` is dropped, and with it the control plane, which stops on drop.
     let result = tokio::select! {
@@ -314,20 +303,11 @@ async fn measure(cp: &ControlPlane, args: &Args, up: Duration) -> anyhow::Result
 
 /// Apply the pool sample's `default-ipv4` (the operator then gives every node a block).
 async fn apply_pool(client: &Client) -> anyhow::Result<()> {
-    let path = repo_root().join(POOL_SAMPLE);
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let pool = serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|doc| IPPool::deserialize(doc).ok())
+    let pool = samples::ippools(samples::IPPOOL_SAMPLE)?
+        .into_iter()
         .find(|p| p.name_any() == POOL)
-        .with_context(|| format!("no IPPool {POOL} in {}", path.display()))?;
-    Api::<IPPool>::all(client.clone())
-        .patch(
-            POOL,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&pool),
-        )
-        .await
-        .context("apply the IPPool")?;
+        .with_context(|| format!("no IPPool {POOL} in {}", samples::IPPOOL_SAMPLE))?;
+    samples::apply_ippools(client, &[pool], FIELD_MANAGER).await?;
     Ok(())
 }
 
@@ -940,40 +920,6 @@ struct Updates {
     most_by_one: usize,
 }
 
-/// The value at quantile `q` (nearest rank) of sorted `ms`.
-fn quantile(ms: &[f64], q: f64) -> f64 {
-    if ms.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * ms.len() as f64).ceil() as usize;
-    ms[rank.clamp(1, ms.len()) - 1]
-}
-
-struct Stats {
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Stats {
-    /// Percentiles of `ms` (in any order).
-    fn of(mut ms: Vec<f64>) -> Stats {
-        ms.sort_by(f64::total_cmp);
-        Stats {
-            p50: quantile(&ms, 0.50),
-            p99: quantile(&ms, 0.99),
-            max: ms.last().copied().unwrap_or(f64::NAN),
-        }
-    }
-
-    fn line(&self) -> String {
-        format!(
-            "p50 {:>7.1} ms   p99 {:>7.1} ms   max {:>7.1} ms",
-            self.p50, self.p99, self.max
-        )
-    }
-}
-
 struct Report {
     nodes: usize,
     new_node: String,
@@ -1131,16 +1077,6 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nearest_rank_quantiles() {
-        let ms: Vec<f64> = (1..=100).rev().map(f64::from).collect();
-        let s = Stats::of(ms);
-        assert_eq!((s.p50, s.p99, s.max), (50.0, 99.0, 100.0));
-        let ten = Stats::of((1..=10).map(f64::from).collect());
-        assert_eq!((ten.p50, ten.p99, ten.max), (5.0, 10.0, 10.0));
-        assert!(Stats::of(Vec::new()).p50.is_nan());
-    }
 
     #[test]
     fn node_state_counts_only_ready_with_the_peers_wanted() {

@@ -35,15 +35,13 @@ use futures::StreamExt as _;
 use k8s_openapi::api::core::v1::{ConfigMap, Node};
 use kube::{
     Api, Client, ResourceExt as _,
-    api::{ObjectMeta, Patch, PatchParams, PostParams},
+    api::{ObjectMeta, PostParams},
     runtime::watcher,
 };
-use serde::Deserialize as _;
 use trellis_api::v1alpha1::{IPPool, NodeNetwork};
 use trellis_e2e::{
-    ControlPlane, NodeSpec, OperatorOptions, StartOptions,
-    controlplane::{ensure_namespace, repo_root},
-    nodes, operator,
+    ControlPlane, NodeSpec, OperatorOptions, StartOptions, controlplane::ensure_namespace, nodes,
+    operator, samples, support::Stats,
 };
 
 #[derive(Parser)]
@@ -63,7 +61,6 @@ struct Args {
     timeout: u64,
 }
 
-const POOL_SAMPLE: &str = "config/samples/network.trellis.dev_v1alpha1_ippool.yaml";
 const POOL: &str = "default-ipv4";
 const NAMESPACE: &str = "trellis-bench";
 /// ConfigMaps created one at a time for the unloaded round trip.
@@ -71,15 +68,7 @@ const LONE_COUNT: usize = 20;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour for a terminal, plain text when the output is kept (scripts, CI logs).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn,kube_client=off".into()),
-        )
-        .init();
+    trellis_e2e::support::init_logging("warn,kube_client=off");
     let args = Args::parse();
     let result = tokio::select! {
         r = run(&args) => r,
@@ -147,20 +136,12 @@ async fn run(args: &Args) -> anyhow::Result<()> {
 /// Apply the pool sample's `default-ipv4` and wait until the operator has written its status,
 /// so the operator has it in its cache before the clock starts.
 async fn apply_pool(client: &Client, timeout: Duration) -> anyhow::Result<()> {
-    let path = repo_root().join(POOL_SAMPLE);
-    let text = std::fs::read_to_string(&path).with_context(|| path.display().to_string())?;
-    let pool = serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|doc| IPPool::deserialize(doc).ok())
+    let pool = samples::ippools(samples::IPPOOL_SAMPLE)?
+        .into_iter()
         .find(|p| p.name_any() == POOL)
-        .with_context(|| format!("no IPPool {POOL} in {}", path.display()))?;
+        .with_context(|| format!("no IPPool {POOL} in {}", samples::IPPOOL_SAMPLE))?;
+    samples::apply_ippools(client, &[pool], "trellis-bench").await?;
     let api: Api<IPPool> = Api::all(client.clone());
-    api.patch(
-        POOL,
-        &PatchParams::apply("trellis-bench").force(),
-        &Patch::Apply(&pool),
-    )
-    .await
-    .context("apply the IPPool")?;
     let deadline = Instant::now() + timeout;
     loop {
         let pool = api.get(POOL).await.context("get the IPPool")?;
@@ -445,38 +426,6 @@ async fn reconciles(port: u16) -> anyhow::Result<u64> {
         .context("no trellis_operator_reconciles_total in /metrics")
 }
 
-/// The value at quantile `q` (nearest rank) of sorted `ms`.
-fn quantile(ms: &[f64], q: f64) -> f64 {
-    if ms.is_empty() {
-        return f64::NAN;
-    }
-    let rank = (q * ms.len() as f64).ceil() as usize;
-    ms[rank.clamp(1, ms.len()) - 1]
-}
-
-struct Stats {
-    p50: f64,
-    p99: f64,
-    max: f64,
-}
-
-impl Stats {
-    fn of(ms: &[f64]) -> Stats {
-        Stats {
-            p50: quantile(ms, 0.50),
-            p99: quantile(ms, 0.99),
-            max: ms.last().copied().unwrap_or(f64::NAN),
-        }
-    }
-
-    fn line(&self) -> String {
-        format!(
-            "p50 {:>7.1} ms   p99 {:>7.1} ms   max {:>7.1} ms",
-            self.p50, self.p99, self.max
-        )
-    }
-}
-
 struct Report {
     count: usize,
     lone: Phase,
@@ -489,16 +438,16 @@ impl Report {
     fn print(&self) {
         let b = &self.baseline;
         let n = &self.nodes;
-        let b_create = Stats::of(&b.latencies(&b.sent, &b.returned));
-        let b_watch = Stats::of(&b.latencies(&b.returned, &b.seen));
-        let b_round = Stats::of(&b.latencies(&b.sent, &b.seen));
-        let n_create = Stats::of(&n.latencies(&n.sent, &n.returned));
-        let n_net = Stats::of(&n.latencies(&n.returned, &n.seen));
-        let n_round = Stats::of(&n.latencies(&n.sent, &n.seen));
+        let b_create = Stats::of(b.latencies(&b.sent, &b.returned));
+        let b_watch = Stats::of(b.latencies(&b.returned, &b.seen));
+        let b_round = Stats::of(b.latencies(&b.sent, &b.seen));
+        let n_create = Stats::of(n.latencies(&n.sent, &n.returned));
+        let n_net = Stats::of(n.latencies(&n.returned, &n.seen));
+        let n_round = Stats::of(n.latencies(&n.sent, &n.seen));
         let (b_total, n_total) = (b.total_ms(), n.total_ms());
         let count = self.count;
         let l = &self.lone;
-        let lone = Stats::of(&l.latencies(&l.sent, &l.seen));
+        let lone = Stats::of(l.latencies(&l.sent, &l.seen));
         println!("unloaded: {LONE_COUNT} ConfigMaps created one at a time, each seen in a watch");
         println!("  create sent → in watch         {}", lone.line());
         println!("baseline: {count} ConfigMaps created at once, each seen in a watch");
@@ -553,16 +502,6 @@ impl Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn nearest_rank_quantiles() {
-        let ms: Vec<f64> = (1..=100).map(f64::from).collect();
-        assert_eq!(quantile(&ms, 0.5), 50.0);
-        assert_eq!(quantile(&ms, 0.99), 99.0);
-        assert_eq!(quantile(&ms, 1.0), 100.0);
-        assert_eq!(quantile(&[7.0], 0.5), 7.0);
-        assert!(quantile(&[], 0.5).is_nan());
-    }
 
     #[test]
     fn latencies_may_be_negative() {

@@ -145,16 +145,8 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> anyhow::Result<ExitCode> {
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        // Colour for a terminal, plain text when the output is kept (scripts, CI logs).
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                // kube logs every failed readiness probe as an error; our errors say it better.
-                .unwrap_or_else(|_| "warn,trellis_e2e=info,kube_client=off".into()),
-        )
-        .init();
+    // kube logs every failed readiness probe as an error; our errors say it better.
+    trellis_e2e::support::init_logging("warn,trellis_e2e=info,kube_client=off");
     let cli = Cli::parse();
     let sandbox = Sandbox::new(&cli.state_dir);
     match cli.command {
