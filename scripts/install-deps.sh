@@ -37,6 +37,8 @@ declare -A need=(
   [jq]=jq              # JSON in scripts
   [curl]=curl
   [update-ca-certificates]=ca-certificates
+  [g++]=g++            # builds libFuzzer for scripts/fuzz-cni.sh
+  [nsenter]=util-linux # runs CNI plugins with a sandbox node's namespace as host
 )
 missing=()
 for cmd in "${!need[@]}"; do

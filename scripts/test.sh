@@ -5,7 +5,9 @@
 #
 # formatting, clippy (warnings are errors), the CRD staleness test, unit
 # tests, and the end-to-end tests against a real kube-apiserver and etcd
-# started on loopback. Installs what it needs first (scripts/install-deps.sh).
+# started on loopback, then a bounded libFuzzer run over the CNI plugin's
+# parsing (scripts/fuzz-cni.sh). Installs what it needs first
+# (scripts/install-deps.sh).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -31,4 +33,9 @@ set -e
 sum() { grep "^test result:" "$log" | grep -Eo "[0-9]+ $1" | awk '{n += $1} END {print n + 0}'; }
 echo
 echo "tests: $(sum passed) passed, $(sum failed) failed"
+if ((status == 0)); then
+  echo
+  echo "== fuzzing the CNI plugin's configuration and environment parsing (60 s)"
+  bash scripts/fuzz-cni.sh 60 || status=$?
+fi
 exit "$status"

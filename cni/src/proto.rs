@@ -121,7 +121,10 @@ pub enum Command {
         netns: Option<String>,
     },
     /// Verify the endpoint in the kernel against its record.
-    Check { attachment: Attachment, netns: String },
+    Check {
+        attachment: Attachment,
+        netns: String,
+    },
     /// Whether ADD can be served now.
     Status,
     /// Release every endpoint not in `valid` (the spec's
@@ -230,7 +233,10 @@ mod tests {
     fn errors_and_endpoints_round_trip() {
         let r = Response::Error(ErrorReply::new(code::TRY_AGAIN_LATER, "busy", ""));
         let json = serde_json::to_value(&r).unwrap();
-        assert_eq!(json, serde_json::json!({"type": "error", "code": 11, "msg": "busy"}));
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "error", "code": 11, "msg": "busy"})
+        );
         let ep = Endpoint {
             attachment: Attachment {
                 container_id: "c".into(),
