@@ -13,12 +13,18 @@
 //! (a partial view would delete routes to peers not yet seen), and nothing
 //! at all while the node's own `NodeNetwork` is absent, so a restart adopts
 //! the kernel state as it is.
+//!
+//! After each reconcile the loop publishes the node's facts (blocks, pod
+//! MTU, whether it converged) for the endpoint service, and the status
+//! carries the endpoint service's count of Ready endpoints, rewritten when
+//! that count changes.
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use ipnet::IpNet;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{OwnerReference, Time};
 use kube::api::{Patch, PatchParams};
@@ -33,6 +39,7 @@ use trellis_common::process::until_true;
 use trellis_common::versions::resource_version_reached;
 
 use crate::desired::{Desired, DesiredError, Host, desired};
+use crate::endpoint::NodeFacts;
 use crate::metrics::{ErrorKind, Metrics, Trigger};
 use crate::netns::NetnsHandle;
 use crate::observe::{Snapshot, observe};
@@ -53,6 +60,12 @@ pub struct Config {
     /// First retry delay after a failure; doubles up to `max_backoff`.
     pub min_backoff: Duration,
     pub max_backoff: Duration,
+    /// Where the node's facts go after each reconcile (the endpoint
+    /// service reads them); `None` publishes nothing.
+    pub facts: Option<watch::Sender<Option<NodeFacts>>>,
+    /// The endpoint service's count of Ready endpoints, for
+    /// `status.endpoints`; `None` leaves that field as it is.
+    pub endpoints: Option<watch::Receiver<usize>>,
 }
 
 impl Config {
@@ -62,6 +75,8 @@ impl Config {
             resync: Duration::from_secs(10),
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
+            facts: None,
+            endpoints: None,
         }
     }
 }
@@ -94,9 +109,20 @@ pub async fn run(
 
     let mut trigger = Trigger::Start;
     let mut backoff: Option<Duration> = None;
+    let mut endpoints = cfg.endpoints.clone();
     loop {
         health.beat();
-        let failed = reconcile(&store, &netns, &cfg, &metrics, &mut reporter, trigger).await;
+        let count = endpoints.as_mut().map(|rx| *rx.borrow_and_update());
+        let failed = reconcile(
+            &store,
+            &netns,
+            &cfg,
+            &metrics,
+            &mut reporter,
+            trigger,
+            count,
+        )
+        .await;
         health.set_ready(true);
         backoff = if failed {
             Some(backoff.map_or(cfg.min_backoff, |b| (b * 2).min(cfg.max_backoff)))
@@ -130,6 +156,7 @@ pub async fn run(
                     Trigger::Resync
                 }
             },
+            Some(()) = endpoints_changed(&mut endpoints) => Trigger::Endpoints,
             _ = tokio::time::sleep(backoff.unwrap_or(cfg.resync)) => {
                 if backoff.is_some() { Trigger::Retry } else { Trigger::Resync }
             }
@@ -139,6 +166,15 @@ pub async fn run(
     watch_task.abort();
     status_task.abort();
     Ok(())
+}
+
+/// Resolves when the endpoint count changes; `None` once its sender is gone
+/// (the branch then waits for the others), never without a receiver.
+async fn endpoints_changed(rx: &mut Option<watch::Receiver<usize>>) -> Option<()> {
+    match rx {
+        Some(rx) => rx.changed().await.ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// A version of this node's `NetworkStatus` as the watch shows it:
@@ -225,11 +261,14 @@ async fn reconcile(
     metrics: &Metrics,
     reporter: &mut Reporter,
     trigger: Trigger,
+    endpoints: Option<usize>,
 ) -> bool {
     let started = Instant::now();
     let own = store.get(&ObjectRef::new(&cfg.node_name));
     let Some(own) = own else {
-        let r = report(&cfg.node_name, &[], None, &Outcome::NoNodeNetwork);
+        publish_facts(cfg, Vec::new(), None, false);
+        let mut r = report(&cfg.node_name, &[], None, &Outcome::NoNodeNetwork);
+        r.endpoints = endpoints;
         metrics.reconciled(trigger, started.elapsed());
         metrics.set_state(0, 0, false);
         return !reporter.publish(r, metrics).await;
@@ -238,7 +277,13 @@ async fn reconcile(
     let cidrs = &own.spec.pod_cidrs;
 
     let result = converge(store, netns, &cfg.node_name, &own, metrics).await;
-    let (r, retry) = match &result {
+    publish_facts(
+        cfg,
+        blocks_of(cidrs),
+        result.as_ref().ok().map(|p| p.desired.pod_mtu),
+        result.is_ok(),
+    );
+    let (mut r, retry) = match &result {
         Err(Failure::Observe(why)) => {
             metrics.error(ErrorKind::Observe);
             (
@@ -283,6 +328,7 @@ async fn reconcile(
             )
         }
     };
+    r.endpoints = endpoints;
     let ready = r
         .conditions
         .iter()
@@ -298,6 +344,40 @@ async fn reconcile(
 enum Failure {
     Observe(String),
     Spec(DesiredError, Host),
+}
+
+/// The node's pod blocks from its spec; entries that do not parse are left
+/// out (the reconcile reports them).
+fn blocks_of(cidrs: &[String]) -> Vec<IpNet> {
+    cidrs
+        .iter()
+        .filter_map(|c| c.parse::<IpNet>().ok())
+        .map(|n| n.trunc())
+        .collect()
+}
+
+/// Publishes the node's facts when they changed. A reconcile that could not
+/// compute the pod MTU keeps the last one known.
+fn publish_facts(cfg: &Config, blocks: Vec<IpNet>, pod_mtu: Option<u32>, ready: bool) {
+    let Some(tx) = &cfg.facts else {
+        return;
+    };
+    tx.send_if_modified(|facts| {
+        let pod_mtu = pod_mtu
+            .or_else(|| facts.as_ref().map(|f| f.pod_mtu))
+            .unwrap_or(0);
+        let next = NodeFacts {
+            blocks,
+            pod_mtu,
+            ready,
+        };
+        if facts.as_ref() == Some(&next) {
+            return false;
+        }
+        tracing::info!(blocks = ?next.blocks, pod_mtu, ready, "node facts for pod endpoints");
+        *facts = Some(next);
+        true
+    });
 }
 
 /// observe → desired → plan → apply → observe → plan.
@@ -507,5 +587,53 @@ impl Reporter {
             }
             Err(e) => Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn facts_are_published_when_they_change_and_keep_the_last_mtu() {
+        let (tx, mut rx) = watch::channel(None);
+        let cfg = Config {
+            facts: Some(tx),
+            ..Config::new("node-1")
+        };
+        let blocks = blocks_of(&["10.244.1.7/24".into(), "bad".into(), "fd00::/120".into()]);
+        assert_eq!(
+            blocks,
+            vec![
+                "10.244.1.0/24".parse::<IpNet>().expect("a block"),
+                "fd00::/120".parse().expect("a block")
+            ],
+            "truncated to the network; what does not parse is left out"
+        );
+        publish_facts(&cfg, blocks.clone(), Some(1450), true);
+        assert!(rx.has_changed().expect("sender alive"));
+        let first = rx.borrow_and_update().clone();
+        assert_eq!(
+            first,
+            Some(NodeFacts {
+                blocks: blocks.clone(),
+                pod_mtu: 1450,
+                ready: true
+            })
+        );
+        publish_facts(&cfg, blocks.clone(), Some(1450), true);
+        assert!(
+            !rx.has_changed().expect("sender alive"),
+            "same facts: no wake-up"
+        );
+        // A failed reconcile knows no MTU: the last one stays.
+        publish_facts(&cfg, blocks.clone(), None, false);
+        let failed = rx.borrow_and_update().clone().expect("published");
+        assert_eq!((failed.pod_mtu, failed.ready), (1450, false));
+        // No NodeNetwork: no blocks.
+        publish_facts(&cfg, Vec::new(), None, false);
+        assert!(rx.borrow().as_ref().is_some_and(|f| f.blocks.is_empty()));
+        // Without a sender, nothing happens.
+        publish_facts(&Config::new("node-1"), blocks, Some(1), true);
     }
 }

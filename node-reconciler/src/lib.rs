@@ -3,6 +3,7 @@
 //! ```text
 //!  own NodeNetwork + peers' NodeNetworks + host facts ──▶ desired ─┐
 //!  netlink dumps, filtered to what Trellis owns ────────▶ observed ─┴─▶ plan ──▶ [Op] ──▶ apply ──▶ report
+//!                                        agent ──NodeFacts (blocks, pod MTU, ready)──▶ endpoint ◀── CNI binary (unix socket)
 //! ```
 //!
 //! `model`, `desired` and `plan` are pure (values in, values out) and
@@ -12,11 +13,14 @@
 //! Trellis owns; `apply` executes the planned ops with replace semantics;
 //! `report` (pure) turns the outcome into the node's `NetworkStatus`;
 //! `agent` is the loop that ties them to the apiserver and to netlink
-//! notifications.
+//! notifications, and publishes the node's facts (blocks, pod MTU,
+//! readiness) to `endpoint`, which serves the CNI plugin: pod addresses,
+//! veths and their routes, on a unix socket.
 
 pub mod agent;
 pub mod apply;
 pub mod desired;
+pub mod endpoint;
 pub mod metrics;
 pub mod model;
 pub mod netns;

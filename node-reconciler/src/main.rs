@@ -12,6 +12,9 @@ use tokio::sync::watch;
 use trellis_common::ops::{self, Health};
 use trellis_common::process::{LogFormat, client, init_tracing, shutdown_signal, until_true};
 use trellis_node::agent::{self, Config};
+use trellis_node::endpoint::install::Install;
+use trellis_node::endpoint::server::{self, Server};
+use trellis_node::endpoint::{Endpoints, NodeFacts};
 use trellis_node::metrics::Metrics;
 use trellis_node::netns::NetnsHandle;
 
@@ -19,7 +22,7 @@ use trellis_node::netns::NetnsHandle;
 #[command(
     name = "trellis-node",
     version,
-    about = "Trellis node reconciler: converges one node's VXLAN device, routes, neighbour and FDB entries"
+    about = "Trellis node reconciler: converges one node's VXLAN device, routes, neighbour and FDB entries, and serves the CNI plugin (pod addresses, veths and their routes)"
 )]
 struct Args {
     /// The Node this process manages.
@@ -44,6 +47,35 @@ struct Args {
     /// 60, so the loop beats well within /healthz's 120 s.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=60))]
     resync_seconds: u64,
+    /// Pod endpoint state: address allocations and endpoint records. One
+    /// trellis-node per directory (it is locked).
+    #[arg(long, default_value = "/var/lib/trellis")]
+    state_dir: PathBuf,
+    /// Runtime directory; the CNI plugin's socket is <run-dir>/cni.sock
+    /// (a socket path has at most 107 bytes).
+    #[arg(long, default_value = "/run/trellis", value_parser = run_dir)]
+    run_dir: PathBuf,
+    /// Where the CNI network configuration (10-trellis.conflist) is installed.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    cni_conf_dir: PathBuf,
+    /// Where the CNI plugin binary (trellis) is installed.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    cni_bin_dir: PathBuf,
+    /// The CNI plugin binary to install; default: `trellis` next to this
+    /// executable.
+    #[arg(long)]
+    cni_plugin_source: Option<PathBuf>,
+    /// Install neither the CNI plugin nor its configuration (tests, or a
+    /// node where something else installs them).
+    #[arg(long)]
+    no_cni_install: bool,
+}
+
+/// `--run-dir`, refused when the socket path in it would be too long.
+fn run_dir(s: &str) -> Result<PathBuf, String> {
+    let dir = PathBuf::from(s);
+    server::socket_path(&dir).map_err(|e| e.to_string())?;
+    Ok(dir)
 }
 
 #[tokio::main]
@@ -57,11 +89,51 @@ async fn main() -> anyhow::Result<()> {
         .context("the namespace thread's starter failed")??;
     let netns = Arc::new(netns);
     tracing::info!(node = %args.node_name, namespace = %netns.namespace(), "managing the node's network");
+    // A thread of its own for pod endpoints, so a CNI request never waits
+    // behind a reconcile.
+    let path = args.host_netns.clone();
+    let endpoint_netns = tokio::task::spawn_blocking(move || NetnsHandle::new(path.as_deref()))
+        .await
+        .context("the namespace thread's starter failed")??;
+    let install = if args.no_cni_install {
+        None
+    } else {
+        let plugin_source = match args.cni_plugin_source.clone() {
+            Some(p) => p,
+            None => std::env::current_exe()
+                .context("locating this executable (to find the CNI plugin next to it)")?
+                .with_file_name(trellis_node::endpoint::install::PLUGIN_NAME),
+        };
+        anyhow::ensure!(
+            plugin_source.is_file(),
+            "the CNI plugin binary {} does not exist: pass --cni-plugin-source PATH, or \
+             --no-cni-install when something else installs the plugin",
+            plugin_source.display()
+        );
+        Some(Install {
+            plugin_source,
+            bin_dir: args.cni_bin_dir.clone(),
+            conf_dir: args.cni_conf_dir.clone(),
+            socket: server::socket_path(&args.run_dir)?,
+        })
+    };
 
     let client = client(args.kubeconfig.as_deref()).await?;
     let metrics = Metrics::new();
     let health = Health::new(Duration::from_secs(120), "not reconciled yet");
     let (shutdown_tx, shutdown) = watch::channel(false);
+
+    let (facts_tx, facts) = watch::channel(None);
+    let endpoints = Endpoints::open(
+        &args.state_dir,
+        Arc::new(endpoint_netns),
+        facts.clone(),
+        metrics.clone(),
+    )
+    .await
+    .with_context(|| format!("opening the endpoint state in {}", args.state_dir.display()))?;
+    let endpoints = Arc::new(endpoints);
+    let cni_server = Server::bind(&args.run_dir).await?;
 
     let listener = ops::bind(args.metrics_addr).await?;
     let server = tokio::spawn(ops::serve(
@@ -71,8 +143,21 @@ async fn main() -> anyhow::Result<()> {
         until_true(shutdown.clone()),
     ));
 
+    let cni = tokio::spawn(cni_server.serve(endpoints.clone(), metrics.clone(), shutdown.clone()));
+    let installer = tokio::spawn(install_when_ready(install, facts, shutdown.clone()));
+    // Only a failed install ends the process; a finished one waits here.
+    let install_failed = async {
+        match installer.await {
+            Ok(Ok(())) => std::future::pending().await,
+            Ok(Err(e)) => e,
+            Err(e) => anyhow::anyhow!("the CNI install task failed: {e}"),
+        }
+    };
+
     let cfg = Config {
         resync: Duration::from_secs(args.resync_seconds),
+        facts: Some(facts_tx),
+        endpoints: Some(endpoints.ready_endpoints()),
         ..Config::new(&args.node_name)
     };
     let mut reconciler = tokio::spawn(agent::run(
@@ -94,11 +179,49 @@ async fn main() -> anyhow::Result<()> {
             Ok(Err(e)) => Err(e.context("reconcile loop")),
             Err(e) => Err(anyhow::anyhow!("the reconcile loop failed: {e}")),
         },
+        e = install_failed => Err(e),
     };
     let _ = shutdown_tx.send(true);
     if !reconciler.is_finished() {
         let _ = reconciler.await;
     }
+    let _ = cni.await;
     let _ = server.await;
     result
+}
+
+/// Once the node can serve pods (a block, and a reconcile that converged),
+/// installs the CNI plugin and its configuration; returns at once when
+/// installing is off, and on shutdown.
+async fn install_when_ready(
+    install: Option<Install>,
+    mut facts: watch::Receiver<Option<NodeFacts>>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let Some(install) = install else {
+        tracing::info!("--no-cni-install: leaving the CNI plugin and configuration alone");
+        return Ok(());
+    };
+    // The configuration tells the runtime that the node's network is
+    // ready: written once ADD can succeed, not before.
+    tokio::select! {
+        usable = facts.wait_for(|f| f.as_ref().is_some_and(NodeFacts::serves_pods)) => {
+            if usable.is_err() {
+                return Ok(());
+            }
+        }
+        () = until_true(shutdown) => return Ok(()),
+    }
+    let target = install.clone();
+    let installed = tokio::task::spawn_blocking(move || target.run())
+        .await
+        .context("the CNI install task failed")??;
+    tracing::info!(
+        plugin = %install.bin_dir.join(trellis_node::endpoint::install::PLUGIN_NAME).display(),
+        plugin_written = installed.plugin,
+        conflist = %install.conf_dir.join(trellis_node::endpoint::install::CONFLIST_NAME).display(),
+        conflist_written = installed.conflist,
+        "CNI plugin installed"
+    );
+    Ok(())
 }

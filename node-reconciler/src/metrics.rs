@@ -15,6 +15,8 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::{Registry, Unit};
 use trellis_common::ops::OpsError;
 
+use trellis_cni::proto::{Command, code};
+
 use crate::plan::Op;
 
 /// Reconcile durations from 100 µs (nothing to do) to 10 s.
@@ -49,8 +51,66 @@ label_enum!(
         Kernel => "kernel",
         Resync => "resync",
         Retry => "retry",
+        Endpoints => "endpoints",
     }
 );
+
+label_enum!(
+    /// A CNI request's command (`invalid`: it did not decode).
+    CniCommand {
+        Add => "add",
+        Del => "del",
+        Check => "check",
+        Status => "status",
+        Gc => "gc",
+        Invalid => "invalid",
+    }
+);
+
+label_enum!(
+    /// How a CNI request ended: `ok`, or the CNI error code's name.
+    CniResult {
+        Ok => "ok",
+        IncompatibleVersion => "incompatible_version",
+        UnknownContainer => "unknown_container",
+        InvalidEnvironment => "invalid_environment",
+        IoFailure => "io_failure",
+        DecodingFailure => "decoding_failure",
+        TryAgainLater => "try_again_later",
+        AddressesExhausted => "addresses_exhausted",
+        EndpointMismatch => "endpoint_mismatch",
+        Internal => "internal",
+    }
+);
+
+impl CniCommand {
+    pub fn of(command: &Command) -> Self {
+        match command {
+            Command::Add { .. } => Self::Add,
+            Command::Del { .. } => Self::Del,
+            Command::Check { .. } => Self::Check,
+            Command::Status => Self::Status,
+            Command::Gc { .. } => Self::Gc,
+        }
+    }
+}
+
+impl CniResult {
+    /// The result of an error answer with `code`.
+    pub fn of_code(c: u32) -> Self {
+        match c {
+            code::INCOMPATIBLE_VERSION => Self::IncompatibleVersion,
+            code::UNKNOWN_CONTAINER => Self::UnknownContainer,
+            code::INVALID_ENVIRONMENT => Self::InvalidEnvironment,
+            code::IO_FAILURE => Self::IoFailure,
+            code::DECODING_FAILURE => Self::DecodingFailure,
+            code::TRY_AGAIN_LATER => Self::TryAgainLater,
+            code::ADDRESSES_EXHAUSTED => Self::AddressesExhausted,
+            code::ENDPOINT_MISMATCH => Self::EndpointMismatch,
+            _ => Self::Internal,
+        }
+    }
+}
 
 label_enum!(
     /// The kind of object a kernel write touched.
@@ -104,6 +164,27 @@ struct WriteLabels {
     kind: WriteKind,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CniLabels {
+    command: CniCommand,
+    result: CniResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct CniCommandLabels {
+    command: CniCommand,
+}
+
+/// CNI request durations from 100 µs (STATUS) to 10 s (an ADD stuck behind
+/// a busy kernel).
+const CNI_DURATION_BUCKETS: [f64; 14] = DURATION_BUCKETS;
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn cni_histogram() -> Histogram {
+    Histogram::new(CNI_DURATION_BUCKETS)
+}
+
 /// The node reconciler's metrics; clones share the same series.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -122,6 +203,9 @@ struct Inner {
     peers: Gauge,
     routes: Gauge,
     ready: Gauge,
+    cni_requests: Family<CniLabels, Counter>,
+    cni_request_duration: HistogramFamily<CniCommandLabels>,
+    endpoints: Gauge,
 }
 
 impl Default for Metrics {
@@ -148,7 +232,17 @@ impl Metrics {
         let reconcile_duration = Histogram::new(DURATION_BUCKETS);
         let netlink_events = Counter::default();
         let status_writes = Counter::default();
-        let [peers, routes, ready] = std::array::from_fn(|_| Gauge::default());
+        let [peers, routes, ready, endpoints] = std::array::from_fn(|_| Gauge::default());
+        let cni_requests = Family::<CniLabels, Counter>::default();
+        let cni_request_duration: HistogramFamily<CniCommandLabels> =
+            Family::new_with_constructor(cni_histogram);
+        for &command in CniCommand::ALL {
+            drop(cni_requests.get_or_create(&CniLabels {
+                command,
+                result: CniResult::Ok,
+            }));
+            drop(cni_request_duration.get_or_create(&CniCommandLabels { command }));
+        }
 
         registry.register(
             "reconciles",
@@ -188,6 +282,22 @@ impl Metrics {
             "1 while the node's Ready condition is True",
             ready.clone(),
         );
+        registry.register(
+            "cni_requests",
+            "CNI requests served, by command and result (ok or the CNI error)",
+            cni_requests.clone(),
+        );
+        registry.register_with_unit(
+            "cni_request_duration",
+            "Time to serve a CNI request, by command",
+            Unit::Seconds,
+            cni_request_duration.clone(),
+        );
+        registry.register(
+            "endpoints",
+            "Pod endpoints in phase Ready on this node",
+            endpoints.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -200,8 +310,28 @@ impl Metrics {
                 peers,
                 routes,
                 ready,
+                cni_requests,
+                cni_request_duration,
+                endpoints,
             }),
         }
+    }
+
+    pub fn cni_request(&self, command: CniCommand, result: CniResult, took: Duration) {
+        self.inner
+            .cni_requests
+            .get_or_create(&CniLabels { command, result })
+            .inc();
+        self.inner
+            .cni_request_duration
+            .get_or_create(&CniCommandLabels { command })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn set_endpoints(&self, n: usize) {
+        self.inner
+            .endpoints
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 
     pub fn reconciled(&self, trigger: Trigger, took: Duration) {
@@ -269,6 +399,9 @@ mod tests {
             "trellis_node_reconcile_errors_total{kind=\"apply\"} 0",
             "trellis_node_status_writes_total 0",
             "trellis_node_ready 0",
+            "trellis_node_cni_requests_total{command=\"add\",result=\"ok\"} 0",
+            "trellis_node_cni_request_duration_seconds_count{command=\"gc\"} 0",
+            "trellis_node_endpoints 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -278,6 +411,13 @@ mod tests {
         m.reconciled(Trigger::Kernel, Duration::from_millis(2));
         m.wrote(&[Op::SetVxlanUp, Op::SetVxlanMtu(1450)]);
         m.set_state(4, 8, true);
+        m.cni_request(CniCommand::Add, CniResult::Ok, Duration::from_millis(30));
+        m.cni_request(
+            CniCommand::Add,
+            CniResult::of_code(code::ADDRESSES_EXHAUSTED),
+            Duration::from_millis(1),
+        );
+        m.set_endpoints(3);
         let text = m.encode().expect("encode");
         for line in [
             "trellis_node_reconciles_total{trigger=\"kernel\"} 1",
@@ -286,6 +426,10 @@ mod tests {
             "trellis_node_routes 8",
             "trellis_node_ready 1",
             "trellis_node_reconcile_duration_seconds_count 1",
+            "trellis_node_cni_requests_total{command=\"add\",result=\"ok\"} 1",
+            "trellis_node_cni_requests_total{command=\"add\",result=\"addresses_exhausted\"} 1",
+            "trellis_node_cni_request_duration_seconds_count{command=\"add\"} 2",
+            "trellis_node_endpoints 3",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -57,6 +57,9 @@ pub enum Outcome<'a> {
 pub struct Report {
     pub status: NetworkStatusStatus,
     pub conditions: Vec<Cond>,
+    /// Pod endpoints in phase Ready, when the endpoint service counts them
+    /// (`None` keeps what the status says).
+    pub endpoints: Option<usize>,
 }
 
 /// The report for `node`, whose `NodeNetwork` has `spec_cidrs` and `generation`.
@@ -113,7 +116,11 @@ pub fn report(
             errors,
         } => reconciled(&mut status, desired, host, remaining, errors),
     };
-    Report { status, conditions }
+    Report {
+        status,
+        conditions,
+        endpoints: None,
+    }
 }
 
 fn reconciled(
@@ -258,7 +265,10 @@ pub fn status(
         conditions: merge(previous_conditions, report.conditions, now, generation),
         // Counters that other parts of the node own (endpoints, drops,
         // policy) keep what was there until those parts report.
-        endpoints: previous.map_or(0, |p| p.endpoints),
+        endpoints: report.endpoints.map_or_else(
+            || previous.map_or(0, |p| p.endpoints),
+            |n| i32::try_from(n).unwrap_or(i32::MAX),
+        ),
         drops: previous.map(|p| p.drops.clone()).unwrap_or_default(),
         policy_hash: previous.and_then(|p| p.policy_hash.clone()),
         ..report.status

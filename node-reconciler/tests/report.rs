@@ -292,11 +292,27 @@ fn an_unchanged_report_makes_an_identical_status_so_nothing_is_written() {
             errors: &[],
         },
     );
-    let kept = status(Some(&with_endpoints), r, &time("2026-11-22T00:00:00Z"));
+    let kept = status(
+        Some(&with_endpoints),
+        r.clone(),
+        &time("2026-11-22T00:00:00Z"),
+    );
     assert_eq!(
         (kept.endpoints, kept.policy_hash.as_deref()),
         (7, Some("abc"))
     );
+
+    // Once the endpoint service counts, its count is written.
+    let counted = trellis_node::report::Report {
+        endpoints: Some(3),
+        ..r
+    };
+    let s = status(
+        Some(&with_endpoints),
+        counted,
+        &time("2026-11-22T00:00:00Z"),
+    );
+    assert_eq!((s.endpoints, s.policy_hash.as_deref()), (3, Some("abc")));
 }
 
 #[test]
