@@ -8,8 +8,9 @@
 #   the machine: they are the toolchains, not project dependencies.
 # - Debian packages the sandbox and tests use are installed with apt-get when
 #   missing.
-# - kube-apiserver, kubectl and etcd are built from the pinned Go tools
-#   modules in tests/e2e/tools/ into a cache outside the repository.
+# - kube-apiserver, kubectl, etcd, cnitool and the reference CNI plugins are
+#   built from the pinned Go tools modules in tests/e2e/tools/ into a cache
+#   outside the repository.
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -39,6 +40,8 @@ declare -A need=(
   [update-ca-certificates]=ca-certificates
   [g++]=g++            # builds libFuzzer for scripts/fuzz-cni.sh
   [nsenter]=util-linux # runs CNI plugins with a sandbox node's namespace as host
+  [iptables]=iptables  # the reference portmap plugin chained after ours
+  [nft]=nftables       # portmap's nftables backend
 )
 missing=()
 for cmd in "${!need[@]}"; do
@@ -51,8 +54,10 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 
-# Control-plane binaries (cached; seconds when already built).
-for tool in etcd kube-apiserver kubectl; do
+# Control-plane binaries, and the reference cnitool and CNI plugins (portmap,
+# bridge, host-local, loopback) the tests use as a second client and a
+# baseline (cached; seconds when already built).
+for tool in etcd kube-apiserver kubectl cnitool cni-plugins; do
   bash "$repo/tests/e2e/tools/build.sh" "$tool" >/dev/null
 done
 say "ok"

@@ -4,15 +4,24 @@
 //! would hide bpffs) as a detached, recorded process like the operator.
 //!
 //! ```text
-//! $TRELLIS_NODE ──or── cargo build -q [--release] -p trellis-operator -p trellis-node --bins
+//! $TRELLIS_NODE ──or── cargo build -q [--release] -p trellis-operator -p trellis-node
+//!                                        -p trellis-cni --bins
 //!         │
 //!         ▼
 //! trellis-node --node-name <node> --host-netns /run/netns/trellis-<tag>-<node>
 //!              --kubeconfig <state>/kubeconfig --metrics-addr 127.0.0.1:<free>
+//!              --state-dir <node dir>/state --run-dir <node dir>/run
+//!              --cni-conf-dir <node dir>/net.d --cni-bin-dir <node dir>/bin
+//!              --cni-plugin-source <the built `trellis`>       (<node dir>: <state>/nodes/<node>)
 //!         │      pids/trellis-node-agent-<node>.pid, logs/trellis-node-agent-<node>.log
 //!         ├── started when GET /healthz answers 200 (its loop runs)
-//!         └── GET /readyz answers 200 once it has reconciled its node (needs the operator)
+//!         ├── GET /readyz answers 200 once it has reconciled its node (needs the operator)
+//!         └── <node dir>/net.d/10-trellis.conflist once it serves pods (the kubelet's signal
+//!             that the node's network is ready)
 //! ```
+//!
+//! The endpoint flags (`--state-dir` … `--cni-plugin-source`) are passed to a `trellis-node`
+//! whose `--help` lists them; an older binary gets the first four flags only.
 
 use std::{
     path::{Path, PathBuf},
@@ -25,7 +34,7 @@ use crate::{
     error::Result,
     operator,
     process::PidRecord,
-    sandbox::Sandbox,
+    sandbox::{NodeDirs, Sandbox},
 };
 
 /// Process names of node agents in the state directory are this plus the node name.
@@ -78,6 +87,24 @@ pub fn args(node: &str, host_netns: &Path, kubeconfig: &Path, metrics_port: u16)
     ]
 }
 
+/// The endpoint server's part of the agent's command line: its node's directories and the
+/// CNI plugin it installs.
+pub fn endpoint_args(dirs: &NodeDirs, cni_plugin: &Path) -> Vec<String> {
+    let d = |p: &Path| p.display().to_string();
+    vec![
+        "--state-dir".into(),
+        d(&dirs.state),
+        "--run-dir".into(),
+        d(&dirs.run),
+        "--cni-conf-dir".into(),
+        d(&dirs.conf),
+        "--cni-bin-dir".into(),
+        d(&dirs.bin),
+        "--cni-plugin-source".into(),
+        d(cni_plugin),
+    ]
+}
+
 /// The agent binary: `$TRELLIS_NODE` if set, else built with cargo in `repo_root` (see
 /// [`CargoBinary::resolve`](crate::binaries::CargoBinary::resolve)).
 pub async fn resolve(repo_root: &Path) -> Result<PathBuf> {
@@ -95,11 +122,13 @@ pub async fn readyz(port: u16, timeout: Duration) -> std::result::Result<(), Str
 }
 
 /// Start `node`'s agent as a recorded process and wait for its `/healthz`; a port taken
-/// between picking and binding it is retried with another.
+/// between picking and binding it is retried with another. `endpoint`: the endpoint server's
+/// flags ([`endpoint_args`]), if the binary has them.
 pub(crate) async fn start(
     sandbox: &Sandbox,
     binary: &Path,
     node: &NodeDatapath,
+    endpoint: &[String],
     log_filter: Option<&str>,
     timeout: Duration,
 ) -> Result<Agent> {
@@ -110,12 +139,13 @@ pub(crate) async fn start(
     loop {
         attempt += 1;
         let port = free_port()?;
-        let args = args(
+        let mut args = args(
             &node.node,
             &node.netns_path(),
             &sandbox.kubeconfig_path(),
             port,
         );
+        args.extend_from_slice(endpoint);
         let mut process = sandbox.spawn(&name, binary, &args, &env)?;
         let ready =
             controlplane::wait_ready(&mut process, timeout, || healthz(port, PROBE_TIMEOUT)).await;
@@ -159,5 +189,33 @@ mod tests {
         assert_eq!(node_of(&name), Some("trellis-node-1"));
         assert_eq!(node_of("trellis-operator"), None);
         assert_eq!(node_of(NAME_PREFIX), None);
+    }
+
+    #[test]
+    fn endpoint_flags_name_the_node_dirs() {
+        let sandbox = Sandbox::new("/s");
+        let dirs = sandbox.node_dirs("trellis-node-1");
+        assert_eq!(
+            endpoint_args(&dirs, Path::new("/t/trellis")),
+            [
+                "--state-dir",
+                "/s/nodes/trellis-node-1/state",
+                "--run-dir",
+                "/s/nodes/trellis-node-1/run",
+                "--cni-conf-dir",
+                "/s/nodes/trellis-node-1/net.d",
+                "--cni-bin-dir",
+                "/s/nodes/trellis-node-1/bin",
+                "--cni-plugin-source",
+                "/t/trellis",
+            ]
+        );
+        assert_eq!(
+            dirs.socket(),
+            Path::new("/s/nodes/trellis-node-1/run/cni.sock")
+        );
+        assert!(dirs.check_socket_path().is_ok());
+        let long = Sandbox::new(format!("/{}", "x".repeat(80))).node_dirs("trellis-node-1");
+        assert!(long.check_socket_path().unwrap_err().contains("107"));
     }
 }

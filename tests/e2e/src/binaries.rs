@@ -1,11 +1,13 @@
 //! Where the sandbox's binaries come from.
 //!
-//! - The pinned etcd, kube-apiserver and kubectl ([`Tool`]): an explicit path in the
+//! - The pinned etcd, kube-apiserver, kubectl and cnitool ([`Tool`]): an explicit path in the
 //!   environment, else `tests/e2e/tools/build.sh`, which builds them once into a cache outside
 //!   the repository and prints the cached path.
-//! - This workspace's own programs ([`CargoBinary`]: `trellis-operator`, `trellis-node`): an
-//!   explicit path in the environment, else one `cargo build` of both packages' binaries
-//!   ([`cargo_build_args`]), whichever is asked for.
+//! - The reference CNI plugins (portmap, bridge, host-local, loopback): one cached directory,
+//!   usable as an entry of `CNI_PATH` ([`cni_plugins_dir`]), built by the same script.
+//! - This workspace's own programs ([`CargoBinary`]: `trellis-operator`, `trellis-node`, the
+//!   CNI plugin `trellis`): an explicit path in the environment, else one `cargo build` of all
+//!   their packages' binaries ([`cargo_build_args`]), whichever is asked for.
 
 use std::{
     os::{fd::AsFd as _, unix::fs::PermissionsExt},
@@ -16,13 +18,15 @@ use std::{
 use crate::error::{Error, Result};
 
 /// A pinned program from `tests/e2e/tools/`: the control plane the sandbox
-/// runs, and the kubectl the tests drive it with (the same Kubernetes
-/// version as the apiserver, whatever kubectl the machine has).
+/// runs, the kubectl the tests drive it with (the same Kubernetes
+/// version as the apiserver, whatever kubectl the machine has), and the
+/// reference `cnitool` (libcni's own runtime, to cross-check the sandbox's).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Tool {
     Etcd,
     KubeApiserver,
     Kubectl,
+    Cnitool,
 }
 
 impl Tool {
@@ -32,6 +36,7 @@ impl Tool {
             Tool::Etcd => "etcd",
             Tool::KubeApiserver => "kube-apiserver",
             Tool::Kubectl => "kubectl",
+            Tool::Cnitool => "cnitool",
         }
     }
 
@@ -41,6 +46,7 @@ impl Tool {
             Tool::Etcd => "TRELLIS_ETCD",
             Tool::KubeApiserver => "TRELLIS_KUBE_APISERVER",
             Tool::Kubectl => "TRELLIS_KUBECTL",
+            Tool::Cnitool => "TRELLIS_CNITOOL",
         }
     }
 }
@@ -73,16 +79,61 @@ pub async fn resolve(tool: Tool, repo_root: &Path) -> Result<PathBuf> {
             path,
         });
     }
+    let printed = run_build_script(repo_root, tool.name()).await?;
+    executable(&printed).ok_or_else(|| Error::BuildTool {
+        tool: tool.name(),
+        script: build_script(repo_root),
+        reason: format!(
+            "printed {}, which is not an executable file",
+            printed.display()
+        ),
+    })
+}
 
+/// The environment variable naming a directory of reference CNI plugins to use instead of
+/// building them.
+pub const CNI_PLUGINS_DIR_ENV: &str = "TRELLIS_CNI_PLUGINS_DIR";
+/// The reference plugins [`cni_plugins_dir`] holds (`build.sh` builds exactly these).
+pub const CNI_PLUGINS: [&str; 4] = ["bridge", "host-local", "loopback", "portmap"];
+
+/// The directory holding the pinned reference CNI plugins ([`CNI_PLUGINS`]), usable as an
+/// entry of `CNI_PATH`: `$TRELLIS_CNI_PLUGINS_DIR` if set, else whatever
+/// `bash <repo_root>/tests/e2e/tools/build.sh cni-plugins` prints (cached like the tools).
+pub async fn cni_plugins_dir(repo_root: &Path) -> Result<PathBuf> {
+    const WHAT: &str = "cni-plugins";
+    let dir = match std::env::var_os(CNI_PLUGINS_DIR_ENV).filter(|v| !v.is_empty()) {
+        Some(dir) => PathBuf::from(dir),
+        None => run_build_script(repo_root, WHAT).await?,
+    };
+    let dir = std::fs::canonicalize(&dir).unwrap_or(dir);
+    match CNI_PLUGINS
+        .iter()
+        .find(|p| executable(&dir.join(p)).is_none())
+    {
+        None => Ok(dir),
+        Some(missing) => Err(Error::BuildTool {
+            tool: WHAT,
+            script: build_script(repo_root),
+            reason: format!(
+                "{} has no executable {missing} (from ${CNI_PLUGINS_DIR_ENV} or build.sh)",
+                dir.display()
+            ),
+        }),
+    }
+}
+
+/// Run `bash <repo_root>/tests/e2e/tools/build.sh <what>` (its progress goes to our stderr, so
+/// a cold build is visible) and return the path it printed last.
+async fn run_build_script(repo_root: &Path, what: &'static str) -> Result<PathBuf> {
     let script = build_script(repo_root);
     let build_err = |reason: String| Error::BuildTool {
-        tool: tool.name(),
+        tool: what,
         script: script.clone(),
         reason,
     };
     let output = tokio::process::Command::new("bash")
         .arg(&script)
-        .arg(tool.name())
+        .arg(what)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .output()
@@ -99,12 +150,8 @@ pub async fn resolve(tool: Tool, repo_root: &Path) -> Result<PathBuf> {
         .lines()
         .map(str::trim)
         .rfind(|l| !l.is_empty())
-        .ok_or_else(|| build_err("printed no binary path".into()))?;
-    executable(Path::new(printed)).ok_or_else(|| {
-        build_err(format!(
-            "printed {printed:?}, which is not an executable file"
-        ))
-    })
+        .ok_or_else(|| build_err("printed no path".into()))?;
+    Ok(PathBuf::from(printed))
 }
 
 /// `<repo_root>/tests/e2e/tools/build.sh`.
@@ -113,7 +160,7 @@ pub fn build_script(repo_root: &Path) -> PathBuf {
 }
 
 /// The canonical path of `path` if it is an executable file.
-pub(crate) fn executable(path: &Path) -> Option<PathBuf> {
+pub fn executable(path: &Path) -> Option<PathBuf> {
     let canonical = std::fs::canonicalize(path).ok()?;
     let meta = std::fs::metadata(&canonical).ok()?;
     (meta.is_file() && meta.permissions().mode() & 0o111 != 0).then_some(canonical)
@@ -145,9 +192,17 @@ pub const NODE_AGENT: CargoBinary = CargoBinary {
     env_var: "TRELLIS_NODE",
 };
 
+/// `trellis`, the CNI plugin (`$TRELLIS_CNI` overrides it): each `trellis-node` installs it
+/// into its node's CNI bin directory (`--cni-plugin-source`).
+pub const CNI_PLUGIN: CargoBinary = CargoBinary {
+    package: "trellis-cni",
+    bin: "trellis",
+    env_var: "TRELLIS_CNI",
+};
+
 /// Every program of this workspace the sandbox runs. They are always built together, by one
 /// cargo invocation ([`cargo_build_args`]).
-pub const WORKSPACE_BINARIES: [CargoBinary; 2] = [OPERATOR, NODE_AGENT];
+pub const WORKSPACE_BINARIES: [CargoBinary; 3] = [OPERATOR, NODE_AGENT, CNI_PLUGIN];
 
 /// Whether this crate was built with optimisations; the workspace's programs are then built
 /// the same way.
@@ -186,7 +241,8 @@ pub fn set_by_cargo(name: &str) -> bool {
 }
 
 /// The arguments of the one `cargo` invocation that builds every binary of
-/// [`WORKSPACE_BINARIES`]: `build -q [--release] -p trellis-operator -p trellis-node --bins`.
+/// [`WORKSPACE_BINARIES`]: `build -q [--release] -p trellis-operator -p trellis-node
+/// -p trellis-cni --bins`.
 ///
 /// One invocation for all of them, whichever binary is asked for: cargo unifies dependency
 /// features over the packages of an invocation, so building the packages one at a time
@@ -283,7 +339,7 @@ mod tests {
 
     #[test]
     fn built_path_follows_the_profile() {
-        for binary in [OPERATOR, NODE_AGENT] {
+        for binary in WORKSPACE_BINARIES {
             let path = binary.built_path(Path::new("/repo"));
             if std::env::var_os("CARGO_TARGET_DIR").is_none() {
                 let profile = if release_build() { "release" } else { "debug" };
@@ -307,7 +363,10 @@ mod tests {
             .filter(|w| w[0] == "-p")
             .map(|w| w[1])
             .collect();
-        assert_eq!(packages, ["trellis-operator", "trellis-node"]);
+        assert_eq!(
+            packages,
+            ["trellis-operator", "trellis-node", "trellis-cni"]
+        );
         for binary in WORKSPACE_BINARIES {
             assert!(packages.contains(&binary.package), "{binary:?}");
         }

@@ -234,6 +234,16 @@ impl ControlPlane {
             }) => Some(path.clone()),
             Some(_) => Some(agent::resolve(&opts.repo_root).await?),
         };
+        // What the agents install for their pods (`trellis`) and what pods chain after it
+        // (the reference plugins).
+        let (cni_plugin_binary, cni_plugins_dir) = if opts.agents.is_some() {
+            (
+                Some(crate::binaries::CNI_PLUGIN.resolve(&opts.repo_root).await?),
+                Some(crate::binaries::cni_plugins_dir(&opts.repo_root).await?),
+            )
+        } else {
+            (None, None)
+        };
         phase("binaries", t);
 
         let t = Instant::now();
@@ -309,6 +319,8 @@ impl ControlPlane {
                 agent_log_filter: opts.agents.as_ref().and_then(|a| a.log_filter.clone()),
                 agent_ready_timeout_ms: u64::try_from(opts.ready_timeout.as_millis())
                     .unwrap_or(u64::MAX),
+                cni_plugin_binary: cni_plugin_binary.clone(),
+                cni_plugins_dir: cni_plugins_dir.clone(),
             };
             config.write(&sandbox)?;
             let (dp_sandbox, underlay) = (sandbox.clone(), config.underlay_netns.clone());
@@ -381,6 +393,11 @@ impl ControlPlane {
     /// Adds and removes the sandbox's nodes.
     pub fn nodes(&self) -> Nodes {
         Nodes::new(self.sandbox.clone(), self.client.clone())
+    }
+
+    /// Adds and removes the sandbox's pods.
+    pub fn pods(&self) -> crate::pods::Pods {
+        crate::pods::Pods::new(self.sandbox.clone(), self.client.clone())
     }
 
     /// The operator's process, if this control plane runs one.

@@ -44,6 +44,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     error::{Error, Result},
     nodes::{NodeSpec, UNDERLAY},
+    pods::Pod,
     sandbox::Sandbox,
 };
 
@@ -110,6 +111,28 @@ pub fn node_netns_name(tag: &str, node: &str) -> std::result::Result<String, Str
     Ok(name)
 }
 
+/// `trellis-<tag>-pod_<namespace>_<name>`, or `trellis-<tag>-pod_<16 hex digits>` (a hash of
+/// both) when that would be longer than a file name may be. Node names and Kubernetes names
+/// have no `_`, so a pod's name never collides with a node's, nor with another pod's.
+pub fn pod_netns_name(tag: &str, namespace: &str, name: &str) -> String {
+    let readable = format!("{NAME_PREFIX}-{tag}-pod_{namespace}_{name}");
+    if readable.len() <= NETNS_NAME_MAX
+        && !namespace.is_empty()
+        && !name.is_empty()
+        && format!("{namespace}{name}")
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+    {
+        return readable;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in namespace.bytes().chain([b'/']).chain(name.bytes()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{NAME_PREFIX}-{tag}-pod_{hash:016x}")
+}
+
 /// The bridge end of a node's veth pair: `trellis-p<last octet>`.
 pub fn bridge_port_name(address: Ipv4Addr) -> String {
     format!("{NAME_PREFIX}-p{}", address.octets()[3])
@@ -164,6 +187,14 @@ pub struct DatapathConfig {
     pub agent_log_filter: Option<String>,
     /// How long an agent gets to answer `/healthz`.
     pub agent_ready_timeout_ms: u64,
+    /// The CNI plugin `trellis` each agent installs into its node's CNI bin directory
+    /// (`--cni-plugin-source`; resolved at start when `agents`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_plugin_binary: Option<PathBuf>,
+    /// The reference CNI plugins (portmap, …), the second entry of the pods' `CNI_PATH`
+    /// (resolved at start when `agents`; else on first use).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cni_plugins_dir: Option<PathBuf>,
 }
 
 impl DatapathConfig {
@@ -222,8 +253,12 @@ impl NodeDatapath {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "role", rename_all = "snake_case")]
 pub enum NetnsRecord {
-    Underlay { netns: String },
+    Underlay {
+        netns: String,
+    },
     Node(NodeDatapath),
+    /// A pod's namespace, with what the sandbox knows about the pod (see [`crate::pods`]).
+    Pod(Pod),
 }
 
 impl NetnsRecord {
@@ -231,6 +266,16 @@ impl NetnsRecord {
         match self {
             NetnsRecord::Underlay { netns } => netns,
             NetnsRecord::Node(node) => &node.netns,
+            NetnsRecord::Pod(pod) => &pod.netns,
+        }
+    }
+
+    /// Teardown order: pods, then nodes (and unreadable records), the underlay last.
+    fn teardown_rank(record: Option<&NetnsRecord>) -> u8 {
+        match record {
+            Some(NetnsRecord::Pod(_)) => 0,
+            Some(NetnsRecord::Node(_)) | None => 1,
+            Some(NetnsRecord::Underlay { .. }) => 2,
         }
     }
 }
@@ -299,8 +344,8 @@ pub fn read_record(sandbox: &Sandbox, netns: &str) -> Result<Option<NetnsRecord>
 }
 
 /// Every recorded namespace name (from the record's file name, so a damaged record still
-/// names its namespace) with its record if it parses; node namespaces first, the underlay
-/// last, each group by name.
+/// names its namespace) with its record if it parses; pod namespaces first, then node
+/// namespaces, the underlay last, each group by name.
 pub fn recorded_namespaces(sandbox: &Sandbox) -> Result<Vec<(String, Option<NetnsRecord>)>> {
     let dir = sandbox.netns_records_dir();
     let entries = match std::fs::read_dir(&dir) {
@@ -321,10 +366,23 @@ pub fn recorded_namespaces(sandbox: &Sandbox) -> Result<Vec<(String, Option<Netn
         found.push((name, record));
     }
     found.sort_by(|(a, ra), (b, rb)| {
-        let underlay = |r: &Option<NetnsRecord>| matches!(r, Some(NetnsRecord::Underlay { .. }));
-        (underlay(ra), a).cmp(&(underlay(rb), b))
+        let rank = |r: &Option<NetnsRecord>| NetnsRecord::teardown_rank(r.as_ref());
+        (rank(ra), a).cmp(&(rank(rb), b))
     });
     Ok(found)
+}
+
+/// Every recorded pod, by namespace and name.
+pub fn recorded_pods(sandbox: &Sandbox) -> Result<Vec<Pod>> {
+    let mut pods: Vec<Pod> = recorded_namespaces(sandbox)?
+        .into_iter()
+        .filter_map(|(_, record)| match record {
+            Some(NetnsRecord::Pod(pod)) => Some(pod),
+            _ => None,
+        })
+        .collect();
+    pods.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    Ok(pods)
 }
 
 /// Every recorded node's datapath, by node name.
@@ -482,6 +540,44 @@ fn plug(node: &NodeDatapath) -> Result<()> {
     Ok(())
 }
 
+/// Create pod `pod`'s namespace (named `pod.netns`) with `lo` up, recorded first so teardown
+/// deletes it also after a crash. On failure whatever this call made is deleted again.
+pub fn create_pod_netns(sandbox: &Sandbox, pod: &Pod) -> Result<()> {
+    let record = NetnsRecord::Pod(pod.clone());
+    if !record_new(sandbox, &record)? {
+        return Err(datapath_error(
+            sandbox,
+            format!(
+                "the namespace {} of pod {}/{} is recorded already",
+                pod.netns, pod.namespace, pod.name
+            ),
+        ));
+    }
+    if let Err(e) = add_netns(sandbox, &pod.netns) {
+        let _ = remove_record(sandbox, &pod.netns);
+        return Err(e);
+    }
+    if let Err(e) = ip(&["-n", &pod.netns, "link", "set", "lo", "up"]) {
+        if let Err(cleanup) = delete_pod_netns(sandbox, &pod.netns) {
+            tracing::warn!(netns = %pod.netns, error = %cleanup, "cleaning up a half-made pod namespace");
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Replace pod `pod`'s record (its namespace must be recorded already).
+pub fn update_pod_record(sandbox: &Sandbox, pod: &Pod) -> Result<()> {
+    update_record(sandbox, &NetnsRecord::Pod(pod.clone()))
+}
+
+/// Delete a pod's namespace by name, then its record (kept if the namespace could not be
+/// deleted). A namespace that is gone already is fine.
+pub fn delete_pod_netns(sandbox: &Sandbox, netns: &str) -> Result<()> {
+    delete_netns(netns)?;
+    remove_record(sandbox, netns)
+}
+
 /// Delete a node's bridge port and namespace, then its record (kept if something could not
 /// be deleted, so a later teardown tries again). What is gone already is fine.
 pub fn delete_node(sandbox: &Sandbox, node: &NodeDatapath) -> Result<()> {
@@ -502,8 +598,8 @@ pub fn delete_node(sandbox: &Sandbox, node: &NodeDatapath) -> Result<()> {
     Error::from_list(errors)
 }
 
-/// Delete every namespace recorded in the sandbox, by the recorded name (node namespaces
-/// first, the underlay last) and its record. Keeps going past failures and reports all of
+/// Delete every namespace recorded in the sandbox, by the recorded name (pod namespaces
+/// first, then node namespaces, the underlay last) and its record. Keeps going past failures and reports all of
 /// them; a record whose namespace could not be deleted stays. Returns the names of the
 /// namespaces that existed.
 pub fn delete_recorded(sandbox: &Sandbox) -> Result<Vec<String>> {
@@ -698,6 +794,18 @@ mod tests {
         assert!(record_new(&sbx, &NetnsRecord::Node(node("a", 11))).unwrap());
         // A damaged record still names its namespace.
         std::fs::write(sbx.netns_record_path("trellis-abc123-c"), "{").unwrap();
+        let pod = Pod {
+            namespace: "default".into(),
+            name: "p".into(),
+            node: "a".into(),
+            netns: pod_netns_name("abc123", "default", "p"),
+            container_id: "c".repeat(64),
+            ifname: "eth0".into(),
+            uid: None,
+            network: None,
+            ips: Vec::new(),
+        };
+        assert!(record_new(&sbx, &NetnsRecord::Pod(pod.clone())).unwrap());
 
         let names: Vec<String> = recorded_namespaces(&sbx)
             .unwrap()
@@ -707,6 +815,7 @@ mod tests {
         assert_eq!(
             names,
             [
+                "trellis-abc123-pod_default_p",
                 "trellis-abc123-a",
                 "trellis-abc123-b",
                 "trellis-abc123-c",
@@ -726,6 +835,27 @@ mod tests {
             .map(|n| n.node)
             .collect();
         assert_eq!(nodes, ["a", "b"]);
+        assert_eq!(recorded_pods(&sbx).unwrap(), [pod]);
+    }
+
+    #[test]
+    fn pod_namespace_names_never_collide_with_nodes() {
+        assert_eq!(
+            pod_netns_name("abc123", "default", "web-0"),
+            "trellis-abc123-pod_default_web-0"
+        );
+        assert_ne!(
+            pod_netns_name("abc123", "a-b", "c"),
+            pod_netns_name("abc123", "a", "b-c")
+        );
+        // Node names have no '_'.
+        assert!(node_netns_name("abc123", "pod_default_web-0").is_err());
+        let long = pod_netns_name("abc123", &"n".repeat(63), &"p".repeat(253));
+        assert!(long.len() <= NETNS_NAME_MAX && long.starts_with("trellis-abc123-pod_"));
+        assert_ne!(
+            long,
+            pod_netns_name("abc123", &"n".repeat(63), &"q".repeat(253))
+        );
     }
 
     #[test]
@@ -744,6 +874,8 @@ mod tests {
             agent_binary: Some("/repo/target/debug/trellis-node".into()),
             agent_log_filter: None,
             agent_ready_timeout_ms: 120_000,
+            cni_plugin_binary: Some("/repo/target/debug/trellis".into()),
+            cni_plugins_dir: None,
         };
         config.write(&sbx).unwrap();
         assert_eq!(DatapathConfig::read(&sbx).unwrap(), Some(config));

@@ -164,6 +164,27 @@ pub enum Error {
     #[error("datapath of the sandbox in {}: {reason}", path.display())]
     Datapath { path: PathBuf, reason: String },
 
+    /// A sandbox pod cannot be added, found or removed as asked.
+    #[error("pod {pod}: {reason}")]
+    InvalidPod { pod: String, reason: String },
+
+    /// Running a node's CNI configuration failed (a plugin's error JSON is in `source`).
+    #[error("{context}: {source}")]
+    Cni {
+        context: String,
+        #[source]
+        source: Box<crate::cni_runtime::CniError>,
+    },
+
+    /// A node's network did not become ready (no conflist in its CNI conf dir) in time.
+    #[error("node {node}: network not ready after {timeout:?}: no *.conflist in {}{}", conf_dir.display(), if detail.is_empty() { String::new() } else { format!(" ({detail})") })]
+    NetworkNotReady {
+        node: String,
+        conf_dir: PathBuf,
+        timeout: Duration,
+        detail: String,
+    },
+
     /// Several independent steps failed (teardown keeps going and reports all of them).
     #[error("{}", ErrorList(.0))]
     Many(Vec<Error>),
@@ -186,6 +207,14 @@ impl Error {
         Error::Kube {
             action: action.into(),
             source,
+        }
+    }
+
+    /// The CNI error inside, if this is one (e.g. to look at a plugin's error code).
+    pub fn cni(&self) -> Option<&crate::cni_runtime::CniError> {
+        match self {
+            Error::Cni { source, .. } => Some(source),
+            _ => None,
         }
     }
 

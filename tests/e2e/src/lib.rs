@@ -15,9 +15,14 @@
 //!                            ├─ nodes       Node objects trellis-node-<i>, 192.0.2.<10+i>,
 //!                            │              + netns trellis-<tag>-<node> on the underlay
 //!                            ├─ operator    trellis-operator, ready on its /readyz (if asked)
-//!                            └─ agents      trellis-node per node, ready on /healthz (if asked)
+//!                            └─ agents      trellis-node per node, ready on /healthz (if asked);
+//!                                           each writes <state>/nodes/<node>/net.d/*.conflist
 //!                            │
 //!                   kube::Client / kubectl --kubeconfig <state>/kubeconfig
+//!
+//!  Pods::add ─► Pod (spec.nodeName) ─► netns trellis-<tag>-pod_<ns>_<name>
+//!            ─► cni_runtime: the node's conflist, CNI ADD as a container runtime runs it
+//!            ─► Pod status (Running, podIPs) as a kubelet writes it
 //! ```
 //!
 //! Processes run detached and are recorded by pid in the state directory, so the CLI can exit
@@ -30,6 +35,7 @@
 pub mod agent;
 pub mod binaries;
 pub mod certs;
+pub mod cni_runtime;
 pub mod controlplane;
 pub mod crds;
 pub mod datapath;
@@ -37,6 +43,7 @@ pub mod error;
 pub mod kubeconfig;
 pub mod nodes;
 pub mod operator;
+pub mod pods;
 pub mod process;
 pub mod samples;
 pub mod sandbox;
@@ -45,10 +52,12 @@ pub mod wait;
 
 pub use agent::{Agent, AgentOptions};
 pub use binaries::{Binaries, CargoBinary, Tool};
+pub use cni_runtime::{CniError, NetworkConfigList, Runtime, RuntimeConf};
 pub use controlplane::{ControlPlane, Phase, StartOptions};
 pub use datapath::{DatapathConfig, NodeDatapath};
 pub use error::{Error, Result};
 pub use nodes::{NodeSpec, Nodes};
 pub use operator::OperatorOptions;
-pub use sandbox::{Endpoints, Sandbox, Status};
+pub use pods::{ContainerPort, Pod, PodName, PodSpec, Pods};
+pub use sandbox::{Endpoints, NodeDirs, Sandbox, Status};
 pub use wait::wait_for;

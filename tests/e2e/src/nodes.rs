@@ -13,9 +13,15 @@
 //!     ├─ PATCH  /api/v1/nodes/<name>/status        status.addresses, status.nodeInfo
 //!     └─ trellis-node --node-name <name> --host-netns /run/netns/…, /healthz      (agents)
 //!
-//! Nodes::remove: end the agent ─► delete bridge port and namespace ─► DELETE the Node
+//! Nodes::remove: end the agent ─► forget its pods (namespaces, records, Pods)
+//!               ─► delete bridge port and namespace, its node dirs ─► DELETE the Node
 //!               ─► DELETE its NetworkStatus (the garbage collector's job; there is none)
 //! ```
+//!
+//! With a datapath a node also has its own directories under `<state>/nodes/<name>/`
+//! ([`NodeDirs`]): its agent's state and endpoint socket, and the CNI conf and bin dirs its
+//! agent installs into. [`Nodes::wait_network_ready`] waits for the conflist there, as a
+//! kubelet does before it starts pods.
 //!
 //! Numbered nodes are `trellis-node-<i>` with InternalIP `192.0.2.<10+i>` (the sandbox's
 //! underlay, TEST-NET-1). [`Nodes`] is the one place that adds and removes nodes; whether a
@@ -45,7 +51,7 @@ use crate::{
     datapath::{self, DatapathConfig, NetnsRecord, NodeDatapath},
     error::{Error, Result},
     process::{self, Ended, PidRecord},
-    sandbox::{ProcessState, ProcessStatus, Sandbox, TERM_GRACE},
+    sandbox::{NodeDirs, ProcessState, ProcessStatus, Sandbox, TERM_GRACE},
 };
 
 /// Name prefix of numbered nodes.
@@ -222,6 +228,11 @@ impl Nodes {
         &self.sandbox
     }
 
+    /// The client this `Nodes` talks to the apiserver with.
+    pub fn client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
     fn api(&self) -> Api<Node> {
         Api::all(self.client.clone())
     }
@@ -245,8 +256,21 @@ impl Nodes {
         spec.check()?;
         let made = match config {
             Some(config) => {
+                let dirs = self.sandbox.node_dirs(&spec.name);
+                dirs.check_socket_path()
+                    .map_err(|reason| Error::InvalidNode {
+                        name: spec.name.clone(),
+                        reason,
+                    })?;
                 let (sandbox, config, spec) = (self.sandbox.clone(), config.clone(), spec.clone());
-                Some(blocking(move || datapath::create_node(&sandbox, &config, &spec)).await?)
+                let node =
+                    blocking(move || datapath::create_node(&sandbox, &config, &spec)).await?;
+                if let Err(e) = dirs.create() {
+                    let sandbox = self.sandbox.clone();
+                    let _ = blocking(move || datapath::delete_node(&sandbox, &node)).await;
+                    return Err(e);
+                }
+                Some(node)
             }
             None => None,
         };
@@ -261,6 +285,7 @@ impl Nodes {
                     {
                         tracing::warn!(node = %spec.name, error = %cleanup, "deleting the namespace of a node that could not be registered");
                     }
+                    let _ = self.sandbox.node_dirs(&spec.name).remove();
                 }
                 return Err(e);
             }
@@ -348,18 +373,24 @@ impl Nodes {
         Ok(added.into_iter().map(|(_, node)| node).collect())
     }
 
-    /// Remove a node: end its agent (SIGTERM by its recorded pid), delete its bridge port and
-    /// namespace, delete the Node, then its `NetworkStatus` (see
+    /// Remove a node: end its agent (SIGTERM by its recorded pid), forget its pods (their
+    /// namespaces, records and Pods: the pod garbage collector's job), delete its bridge port,
+    /// namespace and node dirs, delete the Node, then its `NetworkStatus` (see
     /// [`Nodes::collect_network_status`]; its `NodeNetwork` is the operator's to delete).
     /// `Ok(false)` if there was no such node. If the agent cannot be ended nothing else is
     /// touched.
     pub async fn remove(&self, name: &str) -> Result<bool> {
         let mut existed = self.stop_agent(name).await?.is_some();
         let mut errors = Vec::new();
+        if let Err(e) = crate::pods::forget_node(&self.sandbox, Some(&self.client), name).await {
+            errors.push(e);
+        }
         if let Some(node) = self.datapath_record(name)? {
             existed = true;
             let sandbox = self.sandbox.clone();
             if let Err(e) = blocking(move || datapath::delete_node(&sandbox, &node)).await {
+                errors.push(e);
+            } else if let Err(e) = self.sandbox.node_dirs(name).remove() {
                 errors.push(e);
             }
         }
@@ -462,6 +493,79 @@ impl Nodes {
         Ok(self.require_datapath()?.underlay_netns)
     }
 
+    /// Node `name`'s own directories (see [`NodeDirs`]; they exist once the node has a
+    /// namespace).
+    pub fn node_dirs(&self, name: &str) -> NodeDirs {
+        self.sandbox.node_dirs(name)
+    }
+
+    /// Node `name`'s CNI conf dir (`--cni-conf-dir` of its agent).
+    pub fn cni_conf_dir(&self, name: &str) -> PathBuf {
+        self.node_dirs(name).conf
+    }
+
+    /// Node `name`'s CNI bin dir (`--cni-bin-dir` of its agent).
+    pub fn cni_bin_dir(&self, name: &str) -> PathBuf {
+        self.node_dirs(name).bin
+    }
+
+    /// Where node `name`'s agent serves the CNI plugin (`<--run-dir>/cni.sock`).
+    pub fn cni_socket(&self, name: &str) -> PathBuf {
+        self.node_dirs(name).socket()
+    }
+
+    /// The conflist node `name`'s pods get (the lowest-sorted `*.conflist` in its CNI conf
+    /// dir), if there is one yet.
+    pub fn network_config(&self, name: &str) -> Result<Option<PathBuf>> {
+        let dir = self.cni_conf_dir(name);
+        crate::cni_runtime::first_conflist(&dir).map_err(|source| Error::Cni {
+            context: format!("node {name}"),
+            source: Box::new(source),
+        })
+    }
+
+    /// Wait until node `name`'s network is ready, which is how a kubelet decides it: a
+    /// conflist in its CNI conf dir. Returns that conflist's path. Fails at once if the node
+    /// has no namespace or its recorded agent has exited, and after `timeout`.
+    pub async fn wait_network_ready(&self, name: &str, timeout: Duration) -> Result<PathBuf> {
+        self.datapath(name)?;
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            if let Some(path) = self.network_config(name)? {
+                return Ok(path);
+            }
+            let agent = self.agent(name)?;
+            let not_ready = |detail: String| Error::NetworkNotReady {
+                node: name.to_string(),
+                conf_dir: self.cni_conf_dir(name),
+                timeout,
+                detail,
+            };
+            if let Some(record) = &agent
+                && ProcessStatus::of(record.clone()).state != ProcessState::Running
+            {
+                let log = self.sandbox.log_path(&record.name);
+                return Err(not_ready(format!(
+                    "its agent (pid {}) is not running; last lines of {}:\n{}",
+                    record.pid,
+                    log.display(),
+                    process::log_tail(&log, process::LOG_TAIL_LINES)
+                )));
+            }
+            if std::time::Instant::now() >= deadline {
+                return Err(not_ready(match agent {
+                    None => "no trellis-node runs for it (started without agents?)".into(),
+                    Some(record) => format!(
+                        "its agent runs (pid {}); see {}",
+                        record.pid,
+                        self.sandbox.log_path(&record.name).display()
+                    ),
+                }));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// The pid record of node `name`'s agent, if one is recorded (it may have exited since:
     /// see [`ProcessStatus::of`]).
     pub fn agent(&self, name: &str) -> Result<Option<PidRecord>> {
@@ -502,10 +606,31 @@ impl Nodes {
             Some(binary) => binary,
             None => agent::resolve(&config.repo_root).await?,
         };
+        let dirs = self.node_dirs(name);
+        dirs.check_socket_path()
+            .map_err(|reason| Error::InvalidNode {
+                name: name.to_string(),
+                reason,
+            })?;
+        dirs.create()?;
+        let plugin = match config
+            .cni_plugin_binary
+            .as_deref()
+            .and_then(crate::binaries::executable)
+        {
+            Some(plugin) => plugin,
+            None => {
+                crate::binaries::CNI_PLUGIN
+                    .resolve(&config.repo_root)
+                    .await?
+            }
+        };
+        let endpoint = agent::endpoint_args(&dirs, &plugin);
         let started = agent::start(
             &self.sandbox,
             &binary,
             &node,
+            &endpoint,
             config.agent_log_filter.as_deref(),
             Duration::from_millis(config.agent_ready_timeout_ms),
         )

@@ -13,7 +13,12 @@
 //!   logs/<name>.log         stdout+stderr of each process
 //!   etcd/                   etcd data
 //!   datapath.json           the sandbox has a datapath: tag, underlay, how agents run
-//!   netns/<netns>.json      one per network namespace we created (see crate::datapath)
+//!   netns/<netns>.json      one per network namespace we created (see crate::datapath);
+//!                           a pod's record is the sandbox's record of the pod
+//!   nodes/<node>/           what would be on the node's own disk (see NodeDirs):
+//!     state/ run/cni.sock   trellis-node's --state-dir and --run-dir (its endpoint socket)
+//!     net.d/ bin/           the CNI conf and bin dirs it installs into
+//!     cni-cache/            the runtime's results cache (a host's /var/lib/cni)
 //! ```
 
 use std::{
@@ -38,6 +43,85 @@ pub const STATE_DIR_ENV: &str = "TRELLIS_SANDBOX_DIR";
 pub const MARKER: &str = ".trellis-sandbox";
 /// How long a process gets between SIGTERM and SIGKILL.
 pub const TERM_GRACE: Duration = Duration::from_secs(10);
+
+/// Longest path of a unix socket: `sun_path` holds 108 bytes, the last one a NUL.
+pub const UNIX_SOCKET_PATH_MAX: usize = 107;
+
+/// A node's own directories in the state directory: what a real node has on its disk as
+/// `/var/lib/trellis`, `/run/trellis`, `/etc/cni/net.d`, `/opt/cni/bin` and `/var/lib/cni`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeDirs {
+    /// `<state>/nodes/<node>`.
+    pub root: PathBuf,
+    /// `trellis-node --state-dir`: its endpoint records.
+    pub state: PathBuf,
+    /// `trellis-node --run-dir`: the endpoint socket `cni.sock`.
+    pub run: PathBuf,
+    /// `trellis-node --cni-conf-dir`: where it writes `10-trellis.conflist` once ready.
+    pub conf: PathBuf,
+    /// `trellis-node --cni-bin-dir`: where it installs the `trellis` plugin; the first entry
+    /// of the pods' `CNI_PATH`.
+    pub bin: PathBuf,
+    /// The container runtime's results cache (libcni's `/var/lib/cni`).
+    pub cni_cache: PathBuf,
+}
+
+impl NodeDirs {
+    /// The directories of node `node` in the sandbox `sandbox` (nothing is created).
+    pub fn of(sandbox: &Sandbox, node: &str) -> Self {
+        let root = sandbox.nodes_dir().join(node);
+        NodeDirs {
+            state: root.join("state"),
+            run: root.join("run"),
+            conf: root.join("net.d"),
+            bin: root.join("bin"),
+            cni_cache: root.join("cni-cache"),
+            root,
+        }
+    }
+
+    /// `<run>/cni.sock`: where the node's `trellis-node` serves the CNI plugin.
+    pub fn socket(&self) -> PathBuf {
+        self.run.join("cni.sock")
+    }
+
+    /// Why the socket path cannot be bound, if it is too long for a unix socket.
+    pub fn check_socket_path(&self) -> std::result::Result<(), String> {
+        let socket = self.socket();
+        let len = socket.as_os_str().len();
+        if len > UNIX_SOCKET_PATH_MAX {
+            return Err(format!(
+                "its endpoint socket {} would be {len} bytes long, and a unix socket path has at                  most {UNIX_SOCKET_PATH_MAX}: use a shorter state directory or node name",
+                socket.display()
+            ));
+        }
+        Ok(())
+    }
+
+    /// Create every directory.
+    pub fn create(&self) -> Result<()> {
+        for dir in [
+            &self.root,
+            &self.state,
+            &self.run,
+            &self.conf,
+            &self.bin,
+            &self.cni_cache,
+        ] {
+            std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
+        }
+        Ok(())
+    }
+
+    /// Delete them all; gone already is fine.
+    pub fn remove(&self) -> Result<()> {
+        match std::fs::remove_dir_all(&self.root) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(Error::io("remove", &self.root, e)),
+        }
+    }
+}
 
 /// Where the control plane listens; written by `up`, read by `status` and tests.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,6 +205,16 @@ impl Sandbox {
 
     pub fn netns_record_path(&self, netns: &str) -> PathBuf {
         self.netns_records_dir().join(format!("{netns}.json"))
+    }
+
+    /// `nodes/`: each node's own directories (see [`NodeDirs`]).
+    pub fn nodes_dir(&self) -> PathBuf {
+        self.dir.join("nodes")
+    }
+
+    /// Node `node`'s own directories (see [`NodeDirs`]).
+    pub fn node_dirs(&self, node: &str) -> NodeDirs {
+        NodeDirs::of(self, node)
     }
 
     /// Starts `binary` as the sandbox's process `name`: output to

@@ -508,19 +508,24 @@ async fn agents_run_in_the_root_namespace_turn_ready_and_can_be_killed_and_resta
             .filter(|a| !a.is_empty())
             .map(|a| String::from_utf8_lossy(a).into_owned())
             .collect();
-        assert_eq!(
-            argv[1..],
-            [
-                "--node-name".to_string(),
-                name.to_string(),
-                "--host-netns".to_string(),
-                format!("/run/netns/trellis-{tag}-{name}"),
-                "--kubeconfig".to_string(),
-                cp.kubeconfig_path().display().to_string(),
-                "--metrics-addr".to_string(),
-                format!("127.0.0.1:{port}"),
-            ]
-        );
+        let mut want = vec![
+            "--node-name".to_string(),
+            name.to_string(),
+            "--host-netns".to_string(),
+            format!("/run/netns/trellis-{tag}-{name}"),
+            "--kubeconfig".to_string(),
+            cp.kubeconfig_path().display().to_string(),
+            "--metrics-addr".to_string(),
+            format!("127.0.0.1:{port}"),
+        ];
+        // The endpoint server's directories and the plugin it installs.
+        let plugin = nodes
+            .datapath_config()
+            .expect("config")
+            .and_then(|c| c.cni_plugin_binary)
+            .expect("the CNI plugin is recorded");
+        want.extend(agent::endpoint_args(&nodes.node_dirs(name), &plugin));
+        assert_eq!(argv[1..], want);
         // Started in the root namespace (it enters the node's itself), with RUST_LOG as asked.
         assert_eq!(
             std::fs::read_link(format!("/proc/{}/ns/net", record.pid)).expect("its netns"),

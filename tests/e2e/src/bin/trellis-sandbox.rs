@@ -7,9 +7,12 @@
 //! trellis-sandbox status      are the recorded processes alive, do the /readyz and the agents'
 //!                             /healthz say ok, do the node namespaces exist
 //! trellis-sandbox node add|del|list   add, remove and show nodes (namespace and agent too)
+//! trellis-sandbox pod add|exec|del|list   pods: a Pod bound to a node, a namespace plugged in
+//!                             by the node's CNI configuration as a runtime does, its status
+//! trellis-sandbox cni status|check|gc     the runtime's other CNI operations
 //! trellis-sandbox kubeconfig  path of the admin kubeconfig
-//! trellis-sandbox down        end the recorded processes, delete the recorded namespaces and
-//!                             the state dir
+//! trellis-sandbox down        CNI DEL for the remaining pods, end the recorded processes,
+//!                             delete the recorded namespaces and the state dir
 //! ```
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -17,11 +20,13 @@ use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::ExitCode, 
 use anyhow::{Context as _, bail};
 use clap::{Args, Parser, Subcommand};
 use trellis_e2e::{
-    AgentOptions, ControlPlane, NodeSpec, Nodes, OperatorOptions, Sandbox, StartOptions,
+    AgentOptions, ContainerPort, ControlPlane, NodeSpec, Nodes, OperatorOptions, PodName, PodSpec,
+    Pods, Sandbox, StartOptions,
     controlplane::{DEFAULT_READY_TIMEOUT, repo_root},
     datapath::BRIDGE,
     nodes::{self, HOSTNAME_LABEL, MAX_NUMBERED},
     operator,
+    pods::{self, DEFAULT_NAMESPACE},
     sandbox::{DEFAULT_STATE_DIR, ProcessState, ProcessStatus, STATE_DIR_ENV},
 };
 
@@ -61,6 +66,79 @@ enum Command {
     /// Add, remove or list the sandbox's nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// Add, remove, list pods and run commands in them.
+    #[command(subcommand)]
+    Pod(PodCommand),
+    /// Run CNI CHECK, STATUS or GC as the container runtime would.
+    #[command(subcommand)]
+    Cni(CniCommand),
+}
+
+#[derive(Subcommand)]
+enum CniCommand {
+    /// CNI STATUS of a node's network: can it serve ADD now?
+    Status {
+        /// Node name.
+        node: String,
+    },
+    /// CNI CHECK of a pod against its node's network.
+    Check {
+        /// Pod name.
+        name: String,
+        #[arg(long, short = 'n', default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// CNI GC of a node's network, keeping the pods the sandbox records on it.
+    Gc {
+        /// Node name.
+        node: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PodCommand {
+    /// Add a pod: create its Namespace if missing and the Pod (bound to NODE), give it a
+    /// network namespace, run CNI ADD with the node's conflist as a container runtime does,
+    /// and write its status (Running, podIP) as a kubelet does. Waits for the node's network.
+    Add {
+        /// Pod name.
+        name: String,
+        /// The node to run it on.
+        #[arg(long)]
+        node: String,
+        #[arg(long, short = 'n', default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// Labels KEY=VALUE, comma-separated (repeatable).
+        #[arg(long = "labels", visible_alias = "label", value_name = "K=V,...", value_delimiter = ',', value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+        /// A container port NAME:PORT/PROTOCOL, name and protocol optional (TCP), e.g.
+        /// http:80/TCP (repeatable).
+        #[arg(long = "port", value_name = "[NAME:]PORT[/PROTO]")]
+        ports: Vec<ContainerPort>,
+        /// Seconds to wait for the node's network (its conflist).
+        #[arg(long, default_value_t = pods::DEFAULT_NETWORK_READY_TIMEOUT.as_secs())]
+        timeout: u64,
+    },
+    /// Run a command inside a pod's network namespace; exits with its status.
+    Exec {
+        /// Pod name.
+        name: String,
+        #[arg(long, short = 'n', default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+        /// The command and its arguments (after `--`).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Remove a pod: CNI DEL, delete its network namespace and the Pod.
+    #[command(visible_alias = "delete")]
+    Del {
+        /// Pod name.
+        name: String,
+        #[arg(long, short = 'n', default_value = DEFAULT_NAMESPACE)]
+        namespace: String,
+    },
+    /// Show every pod the sandbox made: namespace, name, node, address, network namespace.
+    List,
 }
 
 #[derive(Subcommand)]
@@ -151,9 +229,11 @@ async fn run() -> anyhow::Result<ExitCode> {
     let sandbox = Sandbox::new(&cli.state_dir);
     match cli.command {
         Command::Up(args) => up(&cli.state_dir, args).await,
-        Command::Down { keep_state } => down(&sandbox, keep_state),
+        Command::Down { keep_state } => down(&sandbox, keep_state).await,
         Command::Status => status(&sandbox).await,
         Command::Node(cmd) => node(&sandbox, cmd).await,
+        Command::Pod(cmd) => pod(&sandbox, cmd).await,
+        Command::Cni(cmd) => cni(&sandbox, cmd).await,
         Command::Kubeconfig => {
             let path = sandbox.kubeconfig_path();
             if !path.is_file() {
@@ -267,8 +347,20 @@ fn describe_node(nodes: &Nodes, name: &str) -> anyhow::Result<String> {
     ))
 }
 
-fn down(sandbox: &Sandbox, keep_state: bool) -> anyhow::Result<ExitCode> {
+async fn down(sandbox: &Sandbox, keep_state: bool) -> anyhow::Result<ExitCode> {
     let context = || format!("ending the sandbox in {}", sandbox.dir().display());
+    // Pods' CNI DEL first, while their nodes' agents still run (best effort: their namespaces
+    // go below whatever happens).
+    if sandbox.dir().join(trellis_e2e::sandbox::MARKER).is_file() {
+        match pods::release_recorded(sandbox).await {
+            Ok(failed) => {
+                for line in failed {
+                    eprintln!("warning: CNI DEL failed for pod {line}");
+                }
+            }
+            Err(e) => eprintln!("warning: releasing the pods: {e}"),
+        }
+    }
     // Processes first (a running agent keeps its namespace alive), then namespaces, then the
     // state directory.
     let ended = sandbox.end_recorded_processes().with_context(context)?;
@@ -434,6 +526,131 @@ async fn node(sandbox: &Sandbox, cmd: NodeCommand) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+async fn pod(sandbox: &Sandbox, cmd: PodCommand) -> anyhow::Result<ExitCode> {
+    match cmd {
+        PodCommand::List => {
+            let pods = trellis_e2e::datapath::recorded_pods(sandbox)?;
+            let rows: Vec<[String; 5]> = pods
+                .iter()
+                .map(|p| {
+                    let ips: Vec<String> = p.ips.iter().map(ToString::to_string).collect();
+                    [
+                        p.namespace.clone(),
+                        p.name.clone(),
+                        p.node.clone(),
+                        if ips.is_empty() {
+                            "-".into()
+                        } else {
+                            ips.join(",")
+                        },
+                        p.netns.clone(),
+                    ]
+                })
+                .collect();
+            print_table(["NAMESPACE", "NAME", "NODE", "IP", "NETNS"], &rows);
+            Ok(ExitCode::SUCCESS)
+        }
+        PodCommand::Exec {
+            name,
+            namespace,
+            command,
+        } => {
+            let key = PodName::new(&namespace, &name);
+            let Some(pod) = pods::recorded(sandbox, &key)? else {
+                bail!("no pod {key} in the sandbox in {}", sandbox.dir().display());
+            };
+            let status = std::process::Command::new("ip")
+                .args(["netns", "exec", &pod.netns])
+                .args(&command)
+                .status()
+                .with_context(|| format!("running `ip netns exec {}`", pod.netns))?;
+            Ok(match status.code() {
+                Some(0) => ExitCode::SUCCESS,
+                Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+                None => ExitCode::FAILURE,
+            })
+        }
+        PodCommand::Add {
+            name,
+            node,
+            namespace,
+            labels,
+            ports,
+            timeout,
+        } => {
+            let pods = Pods::connect(sandbox)
+                .await?
+                .with_network_ready_timeout(Duration::from_secs(timeout));
+            let mut spec = PodSpec::new(&name, &node).in_namespace(&namespace);
+            for (k, v) in labels {
+                spec = spec.with_label(k, v);
+            }
+            for port in ports {
+                spec = spec.with_port(port);
+            }
+            let pod = pods.add(&spec).await?;
+            let ips: Vec<String> = pod.ips.iter().map(ToString::to_string).collect();
+            eprintln!(
+                "added pod {} on {} ({}), network namespace {}, container {}",
+                pod.key(),
+                pod.node,
+                ips.join(", "),
+                pod.netns,
+                pod.container_id
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        PodCommand::Del { name, namespace } => {
+            let pods = Pods::connect(sandbox).await?;
+            let key = PodName::new(&namespace, &name);
+            if !pods.remove(&key).await? {
+                bail!("no pod {key}");
+            }
+            eprintln!("deleted pod {key}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn cni(sandbox: &Sandbox, cmd: CniCommand) -> anyhow::Result<ExitCode> {
+    let pods = Pods::connect(sandbox).await?;
+    match cmd {
+        CniCommand::Status { node } => {
+            pods.status(&node).await?;
+            eprintln!("node {node}: CNI STATUS ok");
+        }
+        CniCommand::Check { name, namespace } => {
+            let key = PodName::new(&namespace, &name);
+            pods.check(&key).await?;
+            eprintln!("pod {key}: CNI CHECK ok");
+        }
+        CniCommand::Gc { node } => {
+            pods.gc(&node).await?;
+            eprintln!("node {node}: CNI GC ok");
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Left-aligned columns, three spaces apart.
+fn print_table<const N: usize>(header: [&str; N], rows: &[[String; N]]) {
+    let header = header.map(String::from);
+    let mut widths = [0; N];
+    for row in std::iter::once(&header).chain(rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(rows) {
+        let line: Vec<String> = row
+            .iter()
+            .zip(widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        println!("{}", line.join("   ").trim_end());
+    }
+}
+
 fn print_nodes(views: &[nodes::NodeView]) {
     let dash = || "-".to_string();
     let rows: Vec<[String; 6]> = views
@@ -474,27 +691,15 @@ fn print_nodes(views: &[nodes::NodeView]) {
             ]
         })
         .collect();
-    let header = [
-        "NAME",
-        "INTERNAL-IP",
-        "POD-CIDRS",
-        "NETNS",
-        "AGENT",
-        "LABELS",
-    ]
-    .map(String::from);
-    let mut widths = [0; 6];
-    for row in std::iter::once(&header).chain(&rows) {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    for row in std::iter::once(&header).chain(&rows) {
-        let line: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        println!("{}", line.join("   ").trim_end());
-    }
+    print_table(
+        [
+            "NAME",
+            "INTERNAL-IP",
+            "POD-CIDRS",
+            "NETNS",
+            "AGENT",
+            "LABELS",
+        ],
+        &rows,
+    );
 }
