@@ -45,7 +45,9 @@ pub enum Invocation {
     },
     Gc {
         conf: NetConf,
-        valid: Vec<Attachment>,
+        /// `None`: the runtime sent no `cni.dev/valid-attachments`; only
+        /// orphans are collected.
+        valid: Option<Vec<Attachment>>,
     },
     Version {
         /// What VERSION reports as its own `cniVersion`.
@@ -120,15 +122,10 @@ pub fn parse(vars: &Vars, stdin: &[u8]) -> Result<Invocation, Failure> {
             }
         }
         CniCommand::Status => Invocation::Status { conf },
-        CniCommand::Gc => Invocation::Gc {
-            valid: valid
-                .ok_or_else(|| Error::InvalidConfig {
-                    field: config::VALID_ATTACHMENTS.into(),
-                    problem: "missing; GC needs the list of attachments still in use".into(),
-                })
-                .map_err(fail)?,
-            conf,
-        },
+        // The spec says the runtime sends the list, but libcni leaves it out
+        // when its caller passes none (cnitool gc). Without it no pod can be
+        // told dead, so the node collects only what no record owns.
+        CniCommand::Gc => Invocation::Gc { valid, conf },
         CniCommand::Version => Invocation::Version {
             cni_version: config::version_for_version_command(stdin),
         },
@@ -323,14 +320,13 @@ mod tests {
     }
 
     #[test]
-    fn gc_needs_valid_attachments_and_version_1_1_0() {
+    fn gc_passes_valid_attachments_on_and_needs_version_1_1_0() {
         let v = vars(&[("CNI_COMMAND", "GC"), ("CNI_PATH", "/opt/cni/bin")]);
-        let (code, _, msg) = err(&v, &bytes(&conf("1.1.0")));
-        assert_eq!(code, 7);
+        // No list (libcni without GCArgs, e.g. `cnitool gc`): only orphans.
+        let inv = parse(&v, &bytes(&conf("1.1.0"))).unwrap();
         assert_eq!(
-            msg,
-            "invalid network configuration: cni.dev/valid-attachments: missing; GC needs the \
-             list of attachments still in use"
+            inv.request().unwrap().command,
+            proto::Command::Gc { valid: None }
         );
         let (code, version, msg) = err(&v, &bytes(&conf("1.0.0")));
         assert_eq!((code, version.as_str()), (1, "1.0.0"));
@@ -344,10 +340,10 @@ mod tests {
         assert_eq!(
             inv.request().unwrap().command,
             proto::Command::Gc {
-                valid: vec![Attachment {
+                valid: Some(vec![Attachment {
                     container_id: "a".into(),
                     ifname: "eth0".into()
-                }]
+                }])
             }
         );
         c["disableGC"] = json!(true);

@@ -128,8 +128,15 @@ pub enum Command {
     /// Whether ADD can be served now.
     Status,
     /// Release every endpoint not in `valid` (the spec's
-    /// `cni.dev/valid-attachments`).
-    Gc { valid: Vec<Attachment> },
+    /// `cni.dev/valid-attachments`), and whatever a crash left without a
+    /// record. `None` when the runtime sent no list (libcni does so when
+    /// its caller passes none, e.g. `cnitool gc`): then no recorded
+    /// endpoint is released, only orphans, because "no list" is not "no
+    /// pod is valid".
+    Gc {
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        valid: Option<Vec<Attachment>>,
+    },
 }
 
 /// The node's answer.
@@ -214,10 +221,10 @@ mod tests {
             version: PROTOCOL_VERSION,
             network: "trellis".into(),
             command: Command::Gc {
-                valid: vec![Attachment {
+                valid: Some(vec![Attachment {
                     container_id: "abc".into(),
                     ifname: "eth0".into(),
-                }],
+                }]),
             },
         };
         let json = serde_json::to_value(&req).unwrap();

@@ -867,11 +867,19 @@ async fn fifty_concurrent_adds_over_the_socket_then_gc_keeps_the_valid_ten() {
         assert!(node.host.ping(v4(ep)), "node → {}", v4(ep));
     }
 
+    // Without a list (libcni's GC when its caller passes none) no pod is
+    // told dead: nothing recorded is released.
+    match call(&socket, &request(Command::Gc { valid: None })).await {
+        Response::Collected { released } => assert_eq!(released, []),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(node.our_links().len(), PODS);
+
     let valid: Vec<Attachment> = (0..VALID).map(|n| node.att(n)).collect();
     let released = match call(
         &socket,
         &request(Command::Gc {
-            valid: valid.clone(),
+            valid: Some(valid.clone()),
         }),
     )
     .await

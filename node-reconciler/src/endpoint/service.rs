@@ -306,17 +306,27 @@ impl Endpoints {
     }
 
     /// GC: releases every endpoint not in `valid`, then addresses and host
-    /// veths no record owns; returns the endpoints released.
-    pub async fn gc(&self, valid: Vec<Attachment>) -> Result<Vec<Attachment>, EndpointError> {
+    /// veths no record owns; returns the endpoints released. Without a
+    /// list (`None`) no recorded endpoint is released, only orphans.
+    pub async fn gc(
+        &self,
+        valid: Option<Vec<Attachment>>,
+    ) -> Result<Vec<Attachment>, EndpointError> {
         let _whole = self.whole.write().await;
-        let valid: BTreeSet<Attachment> = valid.into_iter().collect();
-        let records = self.blocking(|s| s.records()).await?;
+        let records = match valid {
+            Some(valid) => {
+                let valid: BTreeSet<Attachment> = valid.into_iter().collect();
+                self.blocking(|s| s.records())
+                    .await?
+                    .into_iter()
+                    .filter(|r| !valid.contains(&r.attachment))
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let mut released = Vec::new();
         let mut errors = Vec::new();
         for record in records {
-            if valid.contains(&record.attachment) {
-                continue;
-            }
             match self.teardown(&record.attachment).await {
                 Ok(_) => released.push(record.attachment),
                 Err(e) => errors.push(e),
