@@ -5,18 +5,29 @@
 # trellis-operator), apply the samples, wait until every node reports its
 # network Ready, show nodes, NodeNetworks, NetworkStatuses and every Trellis
 # kind with `kubectl get`, and send real traffic between the nodes' VXLAN
-# tunnel endpoints, with the tunnel's own counters as proof.
+# tunnel endpoints, with the tunnel's own counters as proof. Then put a pod on
+# each of three nodes (`trellis-sandbox pod add`: a Pod bound to the node and a
+# network namespace plugged in by the node's installed CNI configuration, as a
+# container runtime does), show them with `kubectl get pods -o wide` and the
+# endpoints each node reports, and send traffic between pods on different
+# nodes: ping both ways, and HTTPS (curl to openssl s_server) over TCP.
 #
 #   scripts/demo.sh            # leaves the sandbox running; stop it with:
 #   cargo run -q -p trellis-e2e --bin trellis-sandbox -- down
 #
-# TRELLIS_DEMO_TIMEOUT (seconds, default 60) bounds the wait for NodeNetworks.
+# TRELLIS_DEMO_TIMEOUT (seconds, default 60) bounds each wait (NodeNetworks,
+# Ready, endpoints reported).
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
 bash scripts/install-deps.sh
+# The TCP exchange between pods: openssl s_server in one, curl in the others
+# (openssl comes with ca-certificates, curl with install-deps.sh).
+for cmd in openssl curl; do
+  command -v "$cmd" >/dev/null || { echo "error: $cmd is needed: apt-get install $cmd" >&2; exit 1; }
+done
 cargo build -q -p trellis-e2e --bin trellis-sandbox
 sandbox=target/debug/trellis-sandbox
 kubectl_bin=$(bash tests/e2e/tools/build.sh kubectl)
@@ -122,6 +133,123 @@ for from in "${names[@]}"; do
   done
 done
 
+# Pods. There is no kubelet or container runtime in the sandbox;
+# `trellis-sandbox pod add` does their part: the Pod object (spec.nodeName), a
+# network namespace for its sandbox, CNI ADD with the node's installed
+# conflist (trellis, then portmap) run in the node's namespace, and the Pod's
+# status (Running, podIP) as a kubelet writes it. They go into namespace
+# trellis-pods, where no NetworkPolicy applies: the sample policies in
+# trellis-demo isolate pods for ingress once policy is enforced (the eBPF
+# policy datapath is being built, docs/roadmap.md).
+pod_ns=trellis-pods
+pods=(frontend backend client)
+if ((${#names[@]} < ${#pods[@]})); then
+  echo "error: the pods need ${#pods[@]} nodes, the sandbox has ${#names[@]}" >&2
+  exit 1
+fi
+echo
+echo "== pods on ${#pods[@]} nodes: trellis-sandbox pod add (Pod + network namespace + CNI ADD with the node's conflist)"
+for i in "${!pods[@]}"; do
+  port=()
+  [[ ${pods[i]} == backend ]] && port=(--port http:8080/TCP)
+  "$sandbox" pod add "${pods[i]}" -n "$pod_ns" --node "${names[i]}" --labels "app=${pods[i]}" \
+    "${port[@]}" --timeout "$timeout" 2>&1 | sed 's/^/   /'
+done
+pod_ip() { k get pod -n "$pod_ns" "$1" -o jsonpath='{.status.podIP}'; }
+node_of_pod() { k get pod -n "$pod_ns" "$1" -o jsonpath='{.spec.nodeName}'; }
+echo
+echo "== kubectl get pods -n $pod_ns -o wide   (Running, with the address Trellis gave each)"
+k get pods -n "$pod_ns" -o wide
+echo
+echo "== trellis-sandbox pod list   (the sandbox's record: network namespace per pod)"
+"$sandbox" pod list
+
+# Each trellis-node counts its Ready endpoints in its NetworkStatus.
+echo
+echo "== waiting (up to ${timeout}s) for the nodes' NetworkStatus to count the pods (column ENDPOINTS)"
+start=$SECONDS
+endpoints() {
+  k get networkstatuses -o jsonpath='{range .items[*]}{.status.endpoints}{"\n"}{end}' |
+    awk '{ n += $1 } END { print n + 0 }'
+}
+until (($(endpoints) == ${#pods[@]})); do
+  if ((SECONDS - start >= timeout)); then
+    echo "error: the NetworkStatuses count $(endpoints) endpoints, not ${#pods[@]}:" >&2
+    k get networkstatuses -o wide >&2
+    exit 1
+  fi
+  sleep 0.2
+done
+k get networkstatuses -o wide
+
+# Pod to pod across nodes: from the pod's own network namespace, through its
+# eth0, the node's routes and the VXLAN tunnel to the other node; the sending
+# node's trellis-vxlan counter shows the packets went through the tunnel.
+echo
+echo "== ping between pods on different nodes"
+for from in "${pods[@]}"; do
+  from_node=$(node_of_pod "$from")
+  ns=$(netns_of "$from_node")
+  for to in "${pods[@]}"; do
+    [[ $from == "$to" ]] && continue
+    target=$(pod_ip "$to")
+    before=$(tx_of "$ns")
+    if ! "$sandbox" pod exec "$from" -n "$pod_ns" -- ping -n -q -c 3 -i 0.2 -W 2 "$target" >/dev/null; then
+      echo "error: pod $from ($from_node) cannot reach pod $to at $target" >&2
+      exit 1
+    fi
+    echo "   $from ($from_node) → $to ($(node_of_pod "$to"), $target): 3/3 replies;" \
+      "trellis-vxlan on $from_node sent $(( $(tx_of "$ns") - before )) packets"
+  done
+done
+
+# TCP: backend serves HTTPS on :8080 with openssl s_server (a self-signed
+# certificate for its pod IP, so curl checks it reached that address); frontend
+# and client, on two other nodes, fetch a page with curl. The server ends after
+# those two connections (and after 30 s whatever happens).
+backend_ip=$(pod_ip backend)
+backend_node=$(node_of_pod backend)
+www=$(mktemp -d -t trellis-demo-www-XXXXXX)
+server=
+cleanup_www() {
+  rm -rf "$www"
+  if [[ -n $server ]]; then kill "$server" 2>/dev/null || true; fi
+}
+trap cleanup_www EXIT
+echo "hello from backend on $backend_node" >"$www/hello.txt"
+openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
+  -subj "/CN=backend.$pod_ns" -addext "subjectAltName=IP:$backend_ip" \
+  -keyout "$www/key.pem" -out "$www/cert.pem" >/dev/null 2>&1
+(cd "$www" && exec timeout 30 "$repo/$sandbox" pod exec backend -n "$pod_ns" -- \
+  openssl s_server -quiet -WWW -accept 8080 -naccept 2 -cert cert.pem -key key.pem) \
+  >"$www/server.log" 2>&1 &
+server=$!
+listening=
+for _ in $(seq 50); do
+  if [[ -n $("$sandbox" pod exec backend -n "$pod_ns" -- ss -Hltn 'sport = :8080') ]]; then
+    listening=1
+    break
+  fi
+  sleep 0.1
+done
+if [[ -z $listening ]]; then
+  echo "error: openssl s_server does not listen on :8080 in pod backend:" >&2
+  cat "$www/server.log" >&2
+  exit 1
+fi
+echo
+echo "== TCP between pods on different nodes: backend ($backend_node) serves HTTPS on :8080, curl from the others"
+for from in frontend client; do
+  if ! page=$("$sandbox" pod exec "$from" -n "$pod_ns" -- \
+    curl -sS --max-time 5 --cacert "$www/cert.pem" "https://$backend_ip:8080/hello.txt"); then
+    echo "error: pod $from cannot fetch https://$backend_ip:8080/ from pod backend" >&2
+    exit 1
+  fi
+  echo "   $from ($(node_of_pod "$from")) → backend ($backend_ip:8080): \"$page\""
+done
+wait "$server" || true
+server=
+
 echo
 echo "== an invalid object is refused by the apiserver before any controller sees it:"
 k apply -f config/samples/invalid/ippool-cidr-host-bits.yaml 2>&1 | sed 's/^/   /' || true
@@ -129,7 +257,11 @@ k apply -f config/samples/invalid/ippool-cidr-host-bits.yaml 2>&1 | sed 's/^/   
 echo
 echo "The sandbox is still running. Use it with:"
 echo "  export KUBECONFIG=$kubeconfig; kubectl get trellis"
+echo "  kubectl get pods -n $pod_ns -o wide; kubectl get networkstatuses -o wide"
+echo "  $sandbox pod exec client -n $pod_ns -- ping -c 1 $backend_ip"
+echo "  $sandbox pod add web --node ${names[0]} -n $pod_ns   # CNI ADD with the node's conflist"
+echo "  $sandbox pod del web -n $pod_ns                      # CNI DEL"
 echo "  $sandbox node add trellis-node-4        # a block from the operator, then every peer routes to it"
 echo "  $sandbox node list"
-echo "Stop it with:"
+echo "Stop it with (CNI DEL for every pod, then everything the sandbox made is removed):"
 echo "  $sandbox down"

@@ -42,6 +42,7 @@ declare -A need=(
   [nsenter]=util-linux # runs CNI plugins with a sandbox node's namespace as host
   [iptables]=iptables  # the reference portmap plugin chained after ours
   [nft]=nftables       # portmap's nftables backend
+  [openssl]=openssl    # the demo's HTTPS server between pods
 )
 missing=()
 for cmd in "${!need[@]}"; do
