@@ -81,9 +81,10 @@ pub enum Error {
     /// STATUS: trellis-node is unreachable, so ADD cannot be served.
     #[error("trellis-node is unreachable at {}, so ADD cannot be served", .socket.display())]
     StatusUnreachable { socket: PathBuf, reason: String },
-    /// STATUS: trellis-node answered that it cannot serve ADD yet.
+    /// STATUS: trellis-node answered that it cannot serve ADD yet;
+    /// `limited` when pods already there may have limited connectivity (51).
     #[error("trellis-node is not ready to serve ADD: {message}")]
-    NotReady { message: String },
+    NotReady { limited: bool, message: String },
     /// trellis-node answered with an error, already in the spec's terms.
     #[error("{}", .0.msg)]
     Node(ErrorReply),
@@ -116,6 +117,7 @@ impl Error {
             Error::InvalidConfig { .. } => code::INVALID_CONFIG,
             Error::IncompatibleVersion { .. } => code::INCOMPATIBLE_VERSION,
             Error::Unreachable { .. } | Error::TimedOut { .. } => code::TRY_AGAIN_LATER,
+            Error::NotReady { limited: true, .. } => code::LIMITED_CONNECTIVITY,
             Error::StatusUnreachable { .. } | Error::NotReady { .. } => code::PLUGIN_NOT_AVAILABLE,
             Error::Node(reply) => reply.code,
             Error::Mismatch { .. } => code::ENDPOINT_MISMATCH,
@@ -302,9 +304,17 @@ mod tests {
             ),
             (
                 Error::NotReady {
+                    limited: false,
                     message: "no block".into(),
                 },
                 50,
+            ),
+            (
+                Error::NotReady {
+                    limited: true,
+                    message: "routes to 2 peers missing".into(),
+                },
+                51,
             ),
             (Error::Node(ErrorReply::new(100, "full", "")), 100),
             (Error::Mismatch { what: "x".into() }, 101),

@@ -82,11 +82,19 @@ pub fn execute(
             result::compare(prev_result, &endpoint).map_err(fail)?;
             Ok(None)
         }
-        (Invocation::Status { .. }, Response::Status { ready, message }) => {
+        (
+            Invocation::Status { .. },
+            Response::Status {
+                ready,
+                limited,
+                message,
+            },
+        ) => {
             if ready {
                 Ok(None)
             } else {
                 Err(fail(Error::NotReady {
+                    limited,
                     message: if message.is_empty() {
                         "trellis-node gave no reason".into()
                     } else {
@@ -242,6 +250,7 @@ mod tests {
             json!({}),
             Ok(Response::Status {
                 ready: true,
+                limited: false,
                 message: String::new(),
             }),
         );
@@ -318,6 +327,7 @@ mod tests {
             json!({}),
             Ok(Response::Status {
                 ready: false,
+                limited: false,
                 message: "no address block yet".into(),
             }),
         );
@@ -329,6 +339,17 @@ mod tests {
                 "trellis-node is not ready to serve ADD: no address block yet"
             )
         );
+        let (out, _) = run(
+            "STATUS",
+            "1.1.0",
+            json!({}),
+            Ok(Response::Status {
+                ready: false,
+                limited: true,
+                message: "the node's last reconcile did not converge".into(),
+            }),
+        );
+        assert_eq!(out.unwrap_err().code(), 51);
         let reply = ErrorReply::new(100, "no free address in 10.244.1.0/26", "64 of 64 in use");
         let (out, _) = run("ADD", "1.1.0", json!({}), Ok(Response::Error(reply)));
         let r = out.unwrap_err().render();

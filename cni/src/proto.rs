@@ -60,7 +60,8 @@ pub mod code {
     pub const TRY_AGAIN_LATER: u32 = 11;
     /// STATUS: the plugin cannot serve ADD requests.
     pub const PLUGIN_NOT_AVAILABLE: u32 = 50;
-    /// STATUS: the plugin is available but connectivity is limited.
+    /// STATUS: the plugin cannot serve ADD requests, and existing
+    /// containers may have limited connectivity.
     pub const LIMITED_CONNECTIVITY: u32 = 51;
     /// Trellis: the node's address block has no free address.
     pub const ADDRESSES_EXHAUSTED: u32 = 100;
@@ -149,9 +150,14 @@ pub enum Response {
     Deleted,
     /// CHECK found the kernel matching the record.
     Checked { endpoint: Endpoint },
-    /// STATUS: ready when the node reconciler has a block for this node.
+    /// STATUS: ready when the node reconciler has a block for this node
+    /// and its last reconcile converged. `limited`: not ready, and pods
+    /// already on the node may have limited connectivity (the overlay did
+    /// not converge), the spec's code 51 rather than 50.
     Status {
         ready: bool,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        limited: bool,
         #[serde(default, skip_serializing_if = "String::is_empty")]
         message: String,
     },

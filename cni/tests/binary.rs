@@ -334,6 +334,7 @@ fn answer(state: &mut FakeState, req: &Request) -> Response {
         }
         Command::Status => Response::Status {
             ready: state.ready,
+            limited: false,
             message: if state.ready {
                 String::new()
             } else {

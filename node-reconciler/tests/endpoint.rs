@@ -150,6 +150,18 @@ fn tag() -> String {
     )
 }
 
+/// STATUS as (ready, limited, message).
+fn status_of(node: &Node) -> (bool, bool, String) {
+    match node.endpoints().status() {
+        Response::Status {
+            ready,
+            limited,
+            message,
+        } => (ready, limited, message),
+        other => panic!("STATUS answered {other:?}"),
+    }
+}
+
 fn facts(blocks: &[&str]) -> NodeFacts {
     NodeFacts {
         blocks: blocks.iter().map(|b| b.parse().unwrap()).collect(),
@@ -432,7 +444,7 @@ fn assert_in_kernel(node: &Node, pod: &Netns, ep: &Endpoint) {
 async fn add_plugs_pods_in_check_sees_hand_edits_del_leaves_nothing() {
     let node = Node::new(&["10.244.1.0/24", "fd00:10:244:1::/120"]).await;
     let (p1, p2) = (node.pod(1), node.pod(2));
-    assert!(node.endpoints().status().0, "facts with a block: ready");
+    assert!(status_of(&node).0, "facts with a block: ready");
 
     let own_forwarding = std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap();
     let e1 = added(node.add(1, &p1.path()).await);
@@ -596,14 +608,28 @@ async fn a_failed_add_leaves_nothing_and_says_why() {
     node.facts.send_replace(None);
     let msg = error(node.add(1, &pa.path()).await, code::TRY_AGAIN_LATER);
     assert!(msg.contains("not reconciled"), "{msg}");
-    assert!(!node.endpoints().status().0);
+    assert!(!status_of(&node).0);
     node.facts.send_replace(Some(facts(&[])));
     let msg = error(node.add(1, &pa.path()).await, code::TRY_AGAIN_LATER);
     assert!(msg.contains("no pod address block"), "{msg}");
-    let (ready, why) = node.endpoints().status();
-    assert!(!ready && why.contains("no pod address block"), "{why}");
+    let (ready, limited, why) = status_of(&node);
+    assert!(
+        !ready && !limited && why.contains("no pod address block"),
+        "{why}"
+    );
+    // A block, but the overlay did not converge: pods there may have limited
+    // connectivity (the spec's 51, not 50).
+    node.facts.send_replace(Some(NodeFacts {
+        ready: false,
+        ..facts(&["10.244.1.0/30"])
+    }));
+    let (ready, limited, why) = status_of(&node);
+    assert!(
+        !ready && limited && why.contains("did not converge"),
+        "{why}"
+    );
     node.facts.send_replace(Some(facts(&["10.244.1.0/30"])));
-    assert_eq!(node.endpoints().status(), (true, String::new()));
+    assert_eq!(status_of(&node), (true, false, String::new()));
     node.assert_empty();
 
     // A namespace path that does not exist: unknown container, named.
@@ -833,6 +859,7 @@ async fn fifty_concurrent_adds_over_the_socket_then_gc_keeps_the_valid_ten() {
         call(&socket, &request(Command::Status)).await,
         Response::Status {
             ready: true,
+            limited: false,
             message: String::new()
         }
     );

@@ -136,10 +136,7 @@ impl Endpoints {
                 .check(attachment, netns)
                 .await
                 .map(|endpoint| Response::Checked { endpoint }),
-            Command::Status => {
-                let (ready, message) = self.status();
-                Ok(Response::Status { ready, message })
-            }
+            Command::Status => Ok(self.status()),
             Command::Gc { valid } => self
                 .gc(valid)
                 .await
@@ -287,21 +284,31 @@ impl Endpoints {
         })
     }
 
-    /// STATUS: whether ADD can be served, and why not.
-    pub fn status(&self) -> (bool, String) {
-        match &*self.facts.borrow() {
+    /// STATUS ([`Response::Status`]): whether ADD can be served, and why
+    /// not. A node whose reconcile did not converge may have left its pods
+    /// with limited connectivity (the spec's 51); a node that has not
+    /// reconciled yet, or has no block, simply cannot serve ADD (50).
+    pub fn status(&self) -> Response {
+        let (ready, limited, message) = match &*self.facts.borrow() {
             None => (
+                false,
                 false,
                 "trellis-node has not reconciled this node yet".into(),
             ),
-            Some(f) if f.blocks.is_empty() => (false, no_block_message()),
+            Some(f) if f.blocks.is_empty() => (false, false, no_block_message()),
             Some(f) if !f.serves_pods() => (
                 false,
+                !f.ready,
                 "the node's last reconcile did not converge; see its NetworkStatus \
                  (kubectl get networkstatus)"
                     .into(),
             ),
-            Some(_) => (true, String::new()),
+            Some(_) => (true, false, String::new()),
+        };
+        Response::Status {
+            ready,
+            limited,
+            message,
         }
     }
 
