@@ -630,8 +630,9 @@ impl Pods {
     }
 
     /// Wait (up to `deadline`) until CNI STATUS of the node's network says it can serve ADD,
-    /// as a container runtime reports the network ready only then: code 50 (not available)
-    /// is waited out, 51 (limited connectivity) is good enough.
+    /// as a container runtime reports the network ready only then: codes 50 (not available)
+    /// and 51 (not available, limited connectivity: the node's overlay did not converge yet)
+    /// are waited out.
     async fn wait_status(
         &self,
         node: &str,
@@ -642,11 +643,10 @@ impl Pods {
         loop {
             match runtime.status(list).await {
                 Ok(()) => return Ok(()),
-                Err(e) if e.code() == Some(LIMITED_CONNECTIVITY) => {
-                    tracing::warn!(node, error = %e, "CNI STATUS: limited connectivity");
-                    return Ok(());
-                }
-                Err(e) if e.code() == Some(PLUGIN_NOT_AVAILABLE) && Instant::now() < deadline => {
+                Err(e)
+                    if matches!(e.code(), Some(PLUGIN_NOT_AVAILABLE | LIMITED_CONNECTIVITY))
+                        && Instant::now() < deadline =>
+                {
                     tokio::time::sleep(RETRY).await;
                 }
                 Err(source) => {
