@@ -1,5 +1,5 @@
-//! What the sandbox's command-line tools share: their logging, and the
-//! percentiles the benchmarks report.
+//! What the sandbox's command-line tools share: their logging, how a
+//! benchmark ends, and the percentiles the benchmarks report.
 
 /// Logs to stderr, filtered by `RUST_LOG` or else `default_filter`; colour
 /// for a terminal, plain text when the output is kept (scripts, CI logs).
@@ -12,6 +12,25 @@ pub fn init_logging(default_filter: &str) {
                 .unwrap_or_else(|_| default_filter.into()),
         )
         .init();
+}
+
+/// Runs a benchmark's body until it ends or Ctrl-C, printing its error.
+/// On Ctrl-C the body is dropped, and with it the control plane it started,
+/// which stops on drop and deletes every namespace it recorded.
+pub async fn run_until_interrupted(
+    body: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let result = tokio::select! {
+        r = body => r,
+        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }
 
 /// The value at quantile `q` (nearest rank) of sorted `ms`; NaN when empty.

@@ -91,19 +91,7 @@ const REF_SUBNET: &str = "10.98.0.0/22";
 async fn main() -> ExitCode {
     trellis_e2e::support::init_logging("warn,kube_client=off");
     let args = Args::parse();
-    // On Ctrl-C `run` is dropped, and with it the control plane, which stops on drop (and
-    // deletes every namespace it recorded, the pods' too).
-    let result = tokio::select! {
-        r = run(&args) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    trellis_e2e::support::run_until_interrupted(run(&args)).await
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {

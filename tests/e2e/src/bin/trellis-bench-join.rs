@@ -93,18 +93,7 @@ const FIELD_MANAGER: &str = "trellis-bench";
 async fn main() -> ExitCode {
     trellis_e2e::support::init_logging("warn,kube_client=off");
     let args = Args::parse();
-    // On Ctrl-C `run` is dropped, and with it the control plane, which stops on drop.
-    let result = tokio::select! {
-        r = run(&args) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    trellis_e2e::support::run_until_interrupted(run(&args)).await
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {

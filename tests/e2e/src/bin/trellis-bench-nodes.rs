@@ -70,17 +70,7 @@ const LONE_COUNT: usize = 20;
 async fn main() -> ExitCode {
     trellis_e2e::support::init_logging("warn,kube_client=off");
     let args = Args::parse();
-    let result = tokio::select! {
-        r = run(&args) => r,
-        _ = tokio::signal::ctrl_c() => Err(anyhow::anyhow!("interrupted")),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("error: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    trellis_e2e::support::run_until_interrupted(run(&args)).await
 }
 
 async fn run(args: &Args) -> anyhow::Result<()> {
