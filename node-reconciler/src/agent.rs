@@ -2,13 +2,19 @@
 //!
 //! ```text
 //!  watch NodeNetwork (all) ──▶ store ──┐
-//!  netlink notifications (links, addresses, routes, neighbours, FDB) ──┼──▶ reconcile ──▶ NetworkStatus (SSA, only on change)
-//!  resync timer, retry backoff ────────┘      observe ─▶ desired ─▶ plan ─▶ apply ─▶ observe ─▶ plan (what is still missing)
+//!  netlink notifications, those `wake` keeps (our device, the underlay, ──┼──▶ reconcile ──▶ NetworkStatus (SSA, only on change)
+//!    routes of protocol 210, entries on our device)                     │      observe ─▶ desired ─▶ plan ─▶ apply ─▶ observe ─▶ plan (what is still missing)
+//!  resync timer, retry backoff ────────┘
+//!  endpoint count (at most once a second) ──────────────────────────────────▶ NetworkStatus status.endpoints only
 //! ```
 //!
 //! One reconcile at a time, always from a fresh netlink dump and the whole
 //! store, so events only say *when* to look, never *what* changed: a lost or
 //! coalesced event costs nothing but latency, bounded by the resync period.
+//! Notifications that cannot change what a reconcile observes (the pods'
+//! veths, routes and neighbours, which come by the dozen per pod) are
+//! dropped before they wake the loop (see [`crate::wake`]), and so are our
+//! own `NetworkStatus` writes coming back through the watch.
 //! Nothing is done to the kernel before the store holds the initial list
 //! (a partial view would delete routes to peers not yet seen), and nothing
 //! at all while the node's own `NodeNetwork` is absent, so a restart adopts
@@ -16,8 +22,10 @@
 //!
 //! After each reconcile the loop publishes the node's facts (blocks, pod
 //! MTU, whether it converged) for the endpoint service, and the status
-//! carries the endpoint service's count of Ready endpoints, rewritten when
-//! that count changes.
+//! carries the endpoint service's count of Ready endpoints. A changed count
+//! alone rewrites only that field of the last status, without a reconcile,
+//! at once after a quiet second and otherwise at most once a second, so a
+//! burst of pods costs a few writes, not one per pod.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -40,11 +48,12 @@ use trellis_common::versions::resource_version_reached;
 
 use crate::desired::{Desired, DesiredError, Host, desired};
 use crate::endpoint::NodeFacts;
-use crate::metrics::{ErrorKind, Metrics, Trigger};
-use crate::netns::NetnsHandle;
+use crate::metrics::{ErrorKind, Metrics, NotificationEffect, Trigger};
+use crate::netns::{NetnsHandle, Notifications};
 use crate::observe::{Snapshot, observe};
 use crate::plan::{Op, plan};
 use crate::report::{Outcome, report, status};
+use crate::wake::{self, Interest};
 
 /// Field manager of every write `trellis-node` makes.
 pub const FIELD_MANAGER: &str = "trellis-node";
@@ -93,7 +102,10 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let spec_changed = Arc::new(Notify::new());
     let (store, watch_task) = watch_node_networks(&client, spec_changed.clone());
-    let mut kernel = netns.subscribe().await?;
+    // What the loop observes, for the notification filter: unknown (every
+    // notification wakes the loop) until the first observation.
+    let interest = watch::Sender::new(None);
+    let mut kernel = subscribe(&netns, &interest, &metrics).await?;
     let mut reporter = Reporter::new(client.clone(), &cfg.node_name).await;
     let (mut written_elsewhere, status_task) = watch_own_status(&client, &cfg.node_name);
 
@@ -110,62 +122,162 @@ pub async fn run(
     let mut trigger = Trigger::Start;
     let mut backoff: Option<Duration> = None;
     let mut endpoints = cfg.endpoints.clone();
-    loop {
+    // The endpoint count the status shows: taken at start and then at most
+    // once per `ENDPOINTS_INTERVAL`, so a burst of pods costs a few status
+    // writes, not one per pod; a change after a quiet second shows at once.
+    let mut shown = endpoints.as_mut().map(|rx| *rx.borrow_and_update());
+    let mut endpoints_throttle = Throttle::new(ENDPOINTS_INTERVAL);
+    let mut endpoints_due: Option<Instant> = None;
+    'run: loop {
         health.beat();
-        let count = endpoints.as_mut().map(|rx| *rx.borrow_and_update());
-        let failed = reconcile(
-            &store,
-            &netns,
-            &cfg,
-            &metrics,
-            &mut reporter,
-            trigger,
-            count,
-        )
-        .await;
+        if trigger == Trigger::Endpoints {
+            shown = endpoints.as_mut().map(|rx| *rx.borrow_and_update());
+            endpoints_throttle.fired(Instant::now());
+        }
+        let failed = match (trigger, shown) {
+            // Only the count changed: the rest of the status stands as last
+            // written, so no dumps and no reconcile.
+            (Trigger::Endpoints, Some(n)) if reporter.last.is_some() => {
+                !reporter.publish_endpoints(n, &metrics).await
+            }
+            _ => {
+                let node_ns = Kernel {
+                    netns: &netns,
+                    interest: &interest,
+                };
+                reconcile(
+                    &store,
+                    &node_ns,
+                    &cfg,
+                    &metrics,
+                    &mut reporter,
+                    trigger,
+                    shown,
+                )
+                .await
+            }
+        };
         health.set_ready(true);
         backoff = if failed {
             Some(backoff.map_or(cfg.min_backoff, |b| (b * 2).min(cfg.max_backoff)))
         } else {
             None
         };
+        let resync_at = tokio::time::Instant::now() + backoff.unwrap_or(cfg.resync);
         // Notifications our own writes caused arrive around now; the next
-        // turn consumes them in one reconcile that finds nothing to do.
-        trigger = tokio::select! {
-            _ = spec_changed.notified() => Trigger::Spec,
-            Some((rv, seen)) = written_elsewhere.recv() => {
-                // Our own writes come back too, and events of an earlier
-                // write may arrive after a later one: only a change newer
-                // than our last write that leaves something else than we
-                // wrote (deleted, or edited by someone) counts.
-                if reporter.newer_than_ours(rv) && reporter.last.as_ref() != seen.as_ref() {
-                    tracing::info!("NetworkStatus was changed or deleted by someone else; writing it again");
-                    reporter.forget(seen.is_some());
+        // turn consumes them in one reconcile that finds nothing to do (those
+        // of the pods' endpoints never wake the loop: see `wake`).
+        trigger = loop {
+            let woke = tokio::select! {
+                _ = spec_changed.notified() => Some(Trigger::Spec),
+                Some((rv, seen)) = written_elsewhere.recv() => {
+                    // Our own writes come back too, and events of an earlier
+                    // write may arrive after a later one: only a change newer
+                    // than our last write that leaves something else than we
+                    // wrote (deleted, or edited by someone) counts.
+                    if reporter.newer_than_ours(rv) && reporter.last.as_ref() != seen.as_ref() {
+                        tracing::info!("NetworkStatus was changed or deleted by someone else; writing it again");
+                        reporter.forget(seen.is_some());
+                        Some(Trigger::Spec)
+                    } else {
+                        None
+                    }
                 }
-                Trigger::Spec
+                changed = kernel.changed() => match changed {
+                    Ok(()) => {
+                        kernel.borrow_and_update();
+                        Some(Trigger::Kernel)
+                    }
+                    Err(_) => {
+                        tracing::warn!("netlink notifications stopped (socket overrun?); subscribing again");
+                        kernel = subscribe(&netns, &interest, &metrics).await?;
+                        Some(Trigger::Resync)
+                    }
+                },
+                Some(()) = endpoints_changed(&mut endpoints), if endpoints_due.is_none() => {
+                    // Later changes pile up in the watch until the slot.
+                    endpoints_due = Some(endpoints_throttle.slot(Instant::now()));
+                    None
+                }
+                () = sleep_until(endpoints_due), if endpoints_due.is_some() => {
+                    endpoints_due = None;
+                    Some(Trigger::Endpoints)
+                }
+                () = tokio::time::sleep_until(resync_at) => {
+                    Some(if backoff.is_some() { Trigger::Retry } else { Trigger::Resync })
+                }
+                () = until_true(shutdown.clone()) => break 'run,
+            };
+            if let Some(t) = woke {
+                break t;
             }
-            changed = kernel.changed() => match changed {
-                Ok(()) => {
-                    metrics.netlink_events(1);
-                    kernel.borrow_and_update();
-                    Trigger::Kernel
-                }
-                Err(_) => {
-                    tracing::warn!("netlink notifications stopped (socket overrun?); subscribing again");
-                    kernel = netns.subscribe().await?;
-                    Trigger::Resync
-                }
-            },
-            Some(()) = endpoints_changed(&mut endpoints) => Trigger::Endpoints,
-            _ = tokio::time::sleep(backoff.unwrap_or(cfg.resync)) => {
-                if backoff.is_some() { Trigger::Retry } else { Trigger::Resync }
-            }
-            () = until_true(shutdown.clone()) => break,
         };
     }
     watch_task.abort();
     status_task.abort();
     Ok(())
+}
+
+/// How often at most the status is rewritten for a changed endpoint count.
+const ENDPOINTS_INTERVAL: Duration = Duration::from_secs(1);
+
+/// At most one event per interval: the first one after a quiet interval at
+/// once, later ones at the end of the interval. Pure.
+#[derive(Debug, Clone, Copy)]
+struct Throttle {
+    interval: Duration,
+    last: Option<Instant>,
+}
+
+impl Throttle {
+    fn new(interval: Duration) -> Self {
+        Throttle {
+            interval,
+            last: None,
+        }
+    }
+
+    /// When an event wanted at `now` may happen.
+    fn slot(&self, now: Instant) -> Instant {
+        self.last
+            .map_or(now, |last| (last + self.interval).max(now))
+    }
+
+    /// An event happened at `now`.
+    fn fired(&mut self, now: Instant) {
+        self.last = Some(now);
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Subscribes to the node namespace's notifications, waking the loop only
+/// for those that can change what it observes (see [`crate::wake`]), and
+/// counting both kinds.
+async fn subscribe(
+    netns: &NetnsHandle,
+    interest: &watch::Sender<Option<Interest>>,
+    metrics: &Metrics,
+) -> Result<watch::Receiver<Notifications>, crate::netns::NetnsError> {
+    let interest = interest.subscribe();
+    let metrics = metrics.clone();
+    netns
+        .subscribe_filtered(move |message| {
+            let wakes = wake::wakes(message, interest.borrow().as_ref());
+            let effect = if wakes {
+                NotificationEffect::Wake
+            } else {
+                NotificationEffect::Ignored
+            };
+            metrics.netlink_events(effect, 1);
+            wakes
+        })
+        .await
 }
 
 /// Resolves when the endpoint count changes; `None` once its sender is gone
@@ -256,7 +368,7 @@ struct Pass {
 /// One reconcile; returns whether it should be retried soon.
 async fn reconcile(
     store: &Store<NodeNetwork>,
-    netns: &NetnsHandle,
+    node_ns: &Kernel<'_>,
     cfg: &Config,
     metrics: &Metrics,
     reporter: &mut Reporter,
@@ -276,7 +388,7 @@ async fn reconcile(
     let generation = own.metadata.generation;
     let cidrs = &own.spec.pod_cidrs;
 
-    let result = converge(store, netns, &cfg.node_name, &own, metrics).await;
+    let result = converge(store, node_ns, &cfg.node_name, &own, metrics).await;
     publish_facts(
         cfg,
         blocks_of(cidrs),
@@ -341,6 +453,13 @@ async fn reconcile(
     retry || !published
 }
 
+/// The node's namespace as a reconcile uses it: where it observes and
+/// applies, and what it tells the notification filter to watch.
+struct Kernel<'a> {
+    netns: &'a NetnsHandle,
+    interest: &'a watch::Sender<Option<Interest>>,
+}
+
 enum Failure {
     Observe(String),
     Spec(DesiredError, Host),
@@ -383,7 +502,7 @@ fn publish_facts(cfg: &Config, blocks: Vec<IpNet>, pod_mtu: Option<u32>, ready: 
 /// observe → desired → plan → apply → observe → plan.
 async fn converge(
     store: &Store<NodeNetwork>,
-    netns: &NetnsHandle,
+    node_ns: &Kernel<'_>,
     node: &str,
     own: &NodeNetwork,
     metrics: &Metrics,
@@ -399,7 +518,7 @@ async fn converge(
             return Err(Failure::Spec(err, host));
         }
     };
-    let snapshot = observe_in(netns, underlay).await?;
+    let snapshot = observe_in(node_ns, underlay).await?;
     let all = store.state();
     let peers: Vec<(&str, &trellis_api::v1alpha1::NodeNetworkSpec)> = all
         .iter()
@@ -419,7 +538,8 @@ async fn converge(
     }
     tracing::info!(ops = ops.len(), "converging");
     let to_apply = ops.clone();
-    let failures = netns
+    let failures = node_ns
+        .netns
         .run(move |h| async move {
             crate::apply::apply(&h, &to_apply)
                 .await
@@ -430,7 +550,7 @@ async fn converge(
         .await
         .map_err(|e| Failure::Observe(e.to_string()))?;
     metrics.wrote(&ops);
-    let after = observe_in(netns, underlay).await?;
+    let after = observe_in(node_ns, underlay).await?;
     let remaining = plan(&want, &after.observed);
     Ok(Pass {
         snapshot: after,
@@ -441,12 +561,37 @@ async fn converge(
     })
 }
 
-async fn observe_in(netns: &NetnsHandle, underlay: IpAddr) -> Result<Snapshot, Failure> {
-    netns
+/// Tells the notification filter which links the loop now watches.
+fn note_interest(
+    interest: &watch::Sender<Option<Interest>>,
+    snapshot: &Snapshot,
+    underlay: IpAddr,
+) {
+    let next = Interest {
+        vxlan: snapshot.observed.vxlan.as_ref().map(|v| v.index),
+        underlay: snapshot.observed.underlay.map(|u| u.index),
+        underlay_address: Some(underlay),
+    };
+    interest.send_if_modified(|now| {
+        let changed = now.as_ref() != Some(&next);
+        if changed {
+            *now = Some(next);
+        }
+        changed
+    });
+}
+
+/// Observes the node's namespace, and tells the notification filter what
+/// the observation found.
+async fn observe_in(node_ns: &Kernel<'_>, underlay: IpAddr) -> Result<Snapshot, Failure> {
+    let snapshot = node_ns
+        .netns
         .run(move |h| async move { observe(&h, underlay).await.map_err(|e| e.to_string()) })
         .await
         .map_err(|e| Failure::Observe(e.to_string()))?
-        .map_err(Failure::Observe)
+        .map_err(Failure::Observe)?;
+    note_interest(node_ns.interest, &snapshot, underlay);
+    Ok(snapshot)
 }
 
 /// Writes the node's `NetworkStatus` when it differs from what was last
@@ -522,6 +667,23 @@ impl Reporter {
         let secs = k8s_openapi::jiff::Timestamp::now().as_second();
         let now = Time(k8s_openapi::jiff::Timestamp::from_second(secs).unwrap_or_default());
         let next = status(self.last.as_ref(), r, &now);
+        self.write_if_changed(next, metrics).await
+    }
+
+    /// Rewrites only the endpoint count of the status last written; false
+    /// when the write failed. Without a status written, nothing happens.
+    async fn publish_endpoints(&mut self, endpoints: usize, metrics: &Metrics) -> bool {
+        let Some(last) = &self.last else {
+            return true;
+        };
+        let next = NetworkStatusStatus {
+            endpoints: i32::try_from(endpoints).unwrap_or(i32::MAX),
+            ..last.clone()
+        };
+        self.write_if_changed(next, metrics).await
+    }
+
+    async fn write_if_changed(&mut self, next: NetworkStatusStatus, metrics: &Metrics) -> bool {
         if self.last.as_ref() == Some(&next) {
             return true;
         }
@@ -536,6 +698,7 @@ impl Reporter {
                 tracing::info!(
                     ready = ready.as_deref().unwrap_or("?"),
                     peers = next.peers,
+                    endpoints = next.endpoints,
                     "NetworkStatus written"
                 );
                 self.last = Some(next);
@@ -593,6 +756,26 @@ impl Reporter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_endpoint_count_is_written_at_once_after_a_quiet_second_else_a_second_later() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let mut throttle = Throttle::new(s);
+        assert_eq!(throttle.slot(t0), t0, "the first change shows at once");
+        throttle.fired(t0);
+        let ms = Duration::from_millis;
+        // A burst: every change in the next second waits for its end, and
+        // the one written then carries them all.
+        assert_eq!(throttle.slot(t0 + ms(10)), t0 + s);
+        assert_eq!(throttle.slot(t0 + ms(990)), t0 + s);
+        throttle.fired(t0 + s);
+        assert_eq!(throttle.slot(t0 + s + ms(1)), t0 + s + s);
+        // After a quiet second, at once again.
+        throttle.fired(t0 + s + s);
+        let later = t0 + ms(3500);
+        assert_eq!(throttle.slot(later), later);
+    }
 
     #[test]
     fn facts_are_published_when_they_change_and_keep_the_last_mtu() {

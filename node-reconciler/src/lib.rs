@@ -13,7 +13,8 @@
 //! Trellis owns; `apply` executes the planned ops with replace semantics;
 //! `report` (pure) turns the outcome into the node's `NetworkStatus`;
 //! `agent` is the loop that ties them to the apiserver and to netlink
-//! notifications, and publishes the node's facts (blocks, pod MTU,
+//! notifications (`wake`, pure, says which of those can matter to it), and
+//! publishes the node's facts (blocks, pod MTU,
 //! readiness) to `endpoint`, which serves the CNI plugin: pod addresses,
 //! veths and their routes, on a unix socket.
 
@@ -27,3 +28,4 @@ pub mod netns;
 pub mod observe;
 pub mod plan;
 pub mod report;
+pub mod wake;

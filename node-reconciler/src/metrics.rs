@@ -124,6 +124,16 @@ label_enum!(
 );
 
 label_enum!(
+    /// What a netlink notification did: woke the reconcile loop (it can
+    /// change what the loop observes), or was ignored (a pod's veth, route
+    /// or neighbour; see [`crate::wake`]).
+    NotificationEffect {
+        Wake => "wake",
+        Ignored => "ignored",
+    }
+);
+
+label_enum!(
     /// Which step of a reconcile failed.
     ErrorKind {
         Observe => "observe",
@@ -165,6 +175,11 @@ struct WriteLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct NotificationLabels {
+    effect: NotificationEffect,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CniLabels {
     command: CniCommand,
     result: CniResult,
@@ -198,7 +213,7 @@ struct Inner {
     reconcile_duration: Histogram,
     errors: Family<ErrorLabels, Counter>,
     netlink_writes: Family<WriteLabels, Counter>,
-    netlink_events: Counter,
+    netlink_events: Family<NotificationLabels, Counter>,
     status_writes: Counter,
     peers: Gauge,
     routes: Gauge,
@@ -230,7 +245,10 @@ impl Metrics {
             drop(netlink_writes.get_or_create(&WriteLabels { kind }));
         }
         let reconcile_duration = Histogram::new(DURATION_BUCKETS);
-        let netlink_events = Counter::default();
+        let netlink_events = Family::<NotificationLabels, Counter>::default();
+        for &effect in NotificationEffect::ALL {
+            drop(netlink_events.get_or_create(&NotificationLabels { effect }));
+        }
         let status_writes = Counter::default();
         let [peers, routes, ready, endpoints] = std::array::from_fn(|_| Gauge::default());
         let cni_requests = Family::<CniLabels, Counter>::default();
@@ -263,7 +281,7 @@ impl Metrics {
         );
         registry.register(
             "netlink_events",
-            "Netlink notifications received from the node's namespace",
+            "Netlink notifications received from the node's namespace, by whether they woke the reconcile loop",
             netlink_events.clone(),
         );
         registry.register(
@@ -356,8 +374,11 @@ impl Metrics {
         }
     }
 
-    pub fn netlink_events(&self, n: u64) {
-        self.inner.netlink_events.inc_by(n);
+    pub fn netlink_events(&self, effect: NotificationEffect, n: u64) {
+        self.inner
+            .netlink_events
+            .get_or_create(&NotificationLabels { effect })
+            .inc_by(n);
     }
 
     pub fn status_written(&self) {
@@ -402,6 +423,7 @@ mod tests {
             "trellis_node_cni_requests_total{command=\"add\",result=\"ok\"} 0",
             "trellis_node_cni_request_duration_seconds_count{command=\"gc\"} 0",
             "trellis_node_endpoints 0",
+            "trellis_node_netlink_events_total{effect=\"ignored\"} 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -418,6 +440,8 @@ mod tests {
             Duration::from_millis(1),
         );
         m.set_endpoints(3);
+        m.netlink_events(NotificationEffect::Wake, 2);
+        m.netlink_events(NotificationEffect::Ignored, 5);
         let text = m.encode().expect("encode");
         for line in [
             "trellis_node_reconciles_total{trigger=\"kernel\"} 1",
@@ -430,6 +454,8 @@ mod tests {
             "trellis_node_cni_requests_total{command=\"add\",result=\"addresses_exhausted\"} 1",
             "trellis_node_cni_request_duration_seconds_count{command=\"add\"} 2",
             "trellis_node_endpoints 3",
+            "trellis_node_netlink_events_total{effect=\"wake\"} 2",
+            "trellis_node_netlink_events_total{effect=\"ignored\"} 5",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

@@ -19,14 +19,25 @@ use std::sync::mpsc as std_mpsc;
 use std::thread::JoinHandle;
 
 use futures::StreamExt;
+use netlink_packet_route::RouteNetlinkMessage;
 use netlink_sys::{AsyncSocket, SocketAddr};
 use nix::sched::{CloneFlags, setns};
+use rtnetlink::packet_core::NetlinkMessage;
 use tokio::sync::{mpsc, oneshot, watch};
 
 /// Multicast groups of [`NetnsHandle::subscribe`]: `RTMGRP_LINK`,
 /// `RTMGRP_NEIGH` (neighbour and FDB entries), `RTMGRP_IPV4_IFADDR`,
 /// `RTMGRP_IPV4_ROUTE`, `RTMGRP_IPV6_IFADDR`, `RTMGRP_IPV6_ROUTE`.
 pub const NOTIFICATION_GROUPS: u32 = 0x1 | 0x4 | 0x10 | 0x40 | 0x100 | 0x400;
+
+/// Counts of the notifications a subscription received.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Notifications {
+    /// Those the filter accepted (each one woke the receiver, coalesced).
+    pub relevant: u64,
+    /// Those it did not (they woke nobody).
+    pub ignored: u64,
+}
 
 /// Why a namespace thread could not start or run a job.
 #[derive(Debug, thiserror::Error)]
@@ -198,13 +209,28 @@ impl NetnsHandle {
     }
 
     /// Subscribes to the namespace's link, address, route and neighbour
-    /// (including FDB) notifications on a socket of its own. The returned
-    /// counter grows by one per notification; many notifications between
-    /// two reads coalesce into one wake-up. The receiver reports an error
-    /// once the subscription ends (the socket failed, e.g. on a receive
-    /// buffer overrun): subscribe again and do a full resync, as events may
-    /// have been lost.
-    pub async fn subscribe(&self) -> Result<watch::Receiver<u64>, NetnsError> {
+    /// (including FDB) notifications on a socket of its own, counting each
+    /// one (see [`subscribe_filtered`](Self::subscribe_filtered)).
+    pub async fn subscribe(&self) -> Result<watch::Receiver<Notifications>, NetnsError> {
+        self.subscribe_filtered(|_| true).await
+    }
+
+    /// Subscribes to the namespace's link, address, route and neighbour
+    /// (including FDB) notifications on a socket of its own. Each message is
+    /// shown to `relevant` (on the namespace thread): those it accepts grow
+    /// [`Notifications::relevant`] and wake the receiver; the others only
+    /// grow [`Notifications::ignored`], waking nobody. Many notifications
+    /// between two reads coalesce into one wake-up. The receiver reports an
+    /// error once the subscription ends (the socket failed, e.g. on a
+    /// receive buffer overrun): subscribe again and do a full resync, as
+    /// events may have been lost.
+    pub async fn subscribe_filtered<F>(
+        &self,
+        mut relevant: F,
+    ) -> Result<watch::Receiver<Notifications>, NetnsError>
+    where
+        F: FnMut(&NetlinkMessage<RouteNetlinkMessage>) -> bool + Send + 'static,
+    {
         let namespace = self.namespace.clone();
         self.run(move |_| async move {
             let (mut connection, handle, mut messages) =
@@ -216,13 +242,21 @@ impl NetnsHandle {
                 .socket_mut()
                 .bind(&groups)
                 .map_err(|e| NetnsError::Subscribe(namespace.clone(), e))?;
-            let (tx, rx) = watch::channel(0u64);
+            let (tx, rx) = watch::channel(Notifications::default());
             tokio::spawn(connection);
             tokio::spawn(async move {
                 // The connection ends when its last handle is dropped.
                 let _handle = handle;
-                while messages.next().await.is_some() {
-                    tx.send_modify(|n| *n = n.wrapping_add(1));
+                while let Some((message, _)) = messages.next().await {
+                    if relevant(&message) {
+                        tx.send_modify(|n| n.relevant = n.relevant.wrapping_add(1));
+                    } else {
+                        // Counted, but the receiver is not woken.
+                        tx.send_if_modified(|n| {
+                            n.ignored = n.ignored.wrapping_add(1);
+                            false
+                        });
+                    }
                     if tx.is_closed() {
                         break;
                     }

@@ -19,7 +19,7 @@ use trellis_api::v1alpha1::NodeNetworkSpec;
 use trellis_node::apply::apply;
 use trellis_node::desired::desired;
 use trellis_node::model::{Device, Fdb, Mac, Neighbour, Route, VXLAN_DEVICE};
-use trellis_node::netns::{NetnsError, NetnsHandle};
+use trellis_node::netns::{NetnsError, NetnsHandle, Notifications};
 use trellis_node::observe::{Snapshot, observe};
 use trellis_node::plan::{Op, plan};
 
@@ -928,17 +928,17 @@ async fn notifications_report_changes_made_by_hand() {
         .unwrap()
         .expect("handle");
     let mut events = h.subscribe().await.expect("subscribe");
-    let seen = *events.borrow_and_update();
+    let seen = events.borrow_and_update().relevant;
 
     ns.ip(&["link", "set", "trls-notify", "up"]);
-    let wake = |events: &mut tokio::sync::watch::Receiver<u64>| {
+    let wake = |events: &mut tokio::sync::watch::Receiver<Notifications>| {
         let mut events = events.clone();
         async move {
             tokio::time::timeout(std::time::Duration::from_secs(5), events.changed())
                 .await
                 .expect("a notification within 5 s")
                 .expect("the subscription is alive");
-            *events.borrow_and_update()
+            events.borrow_and_update().relevant
         }
     };
     let after_link = wake(&mut events).await;
@@ -961,4 +961,113 @@ async fn notifications_report_changes_made_by_hand() {
         after_route > after_link,
         "a route deleted by hand is reported"
     );
+}
+
+/// The kernel's own messages through the reconcile loop's filter: a pod's
+/// veth, route (protocol 211) and neighbour wake nobody; a route of ours
+/// deleted by hand does.
+#[tokio::test]
+async fn the_filter_ignores_the_pods_endpoints_and_wakes_for_our_routes() {
+    use trellis_node::wake::{Interest, wakes};
+
+    let ns = Netns::new("trellis-t-wake-1".into());
+    // The underlay: a veth, as in the sandbox.
+    ns.ip(&[
+        "link",
+        "add",
+        "trls-wake",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "trls-wake-u",
+    ]);
+    ns.ip(&["address", "add", "192.0.2.1/24", "dev", "trls-wake"]);
+    ns.ip(&["link", "set", "trls-wake", "up"]);
+    let index = |name: &str| {
+        ns.json(&["ip", "-j", "link", "show", name])[0]["ifindex"]
+            .as_u64()
+            .unwrap() as u32
+    };
+    let interest = Interest {
+        vxlan: None,
+        underlay: Some(index("trls-wake")),
+        underlay_address: Some("192.0.2.1".parse().unwrap()),
+    };
+    let path = ns.path();
+    let h = tokio::task::spawn_blocking(move || NetnsHandle::new(Some(&path)))
+        .await
+        .unwrap()
+        .expect("handle");
+    let mut events = h
+        .subscribe_filtered(move |m| wakes(m, Some(&interest)))
+        .await
+        .expect("subscribe");
+    events.borrow_and_update();
+
+    // What an ADD and a DEL do in the node's namespace.
+    let host = "trellis0000beef";
+    ns.ip(&[
+        "link",
+        "add",
+        host,
+        "mtu",
+        "1400",
+        "up",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "trls-wake-p",
+    ]);
+    ns.ip(&["link", "set", "trls-wake-p", "up"]);
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.1.5/32",
+        "dev",
+        host,
+        "scope",
+        "link",
+        "proto",
+        "211",
+    ]);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "10.244.1.5",
+        "lladdr",
+        "02:00:00:00:00:05",
+        "dev",
+        host,
+        "nud",
+        "permanent",
+    ]);
+    ns.ip(&["route", "del", "10.244.1.5/32", "proto", "211"]);
+    ns.ip(&["link", "del", host]);
+    // Then one of ours, deleted by hand.
+    ns.ip(&[
+        "route",
+        "add",
+        "10.244.9.0/24",
+        "via",
+        "192.0.2.9",
+        "proto",
+        "210",
+    ]);
+    tokio::time::timeout(std::time::Duration::from_secs(5), events.changed())
+        .await
+        .expect("a wake-up within 5 s")
+        .expect("the subscription is alive");
+    // Notifications arrive in order: everything before the route was
+    // counted when it woke us.
+    let first = *events.borrow_and_update();
+    assert_eq!(first.relevant, 1, "only our route woke us: {first:?}");
+    assert!(first.ignored >= 6, "the endpoint's were ignored: {first:?}");
+    ns.ip(&["route", "del", "10.244.9.0/24"]);
+    tokio::time::timeout(std::time::Duration::from_secs(5), events.changed())
+        .await
+        .expect("the deletion wakes us within 5 s")
+        .expect("the subscription is alive");
+    assert_eq!(events.borrow_and_update().relevant, 2);
 }

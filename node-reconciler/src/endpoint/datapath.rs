@@ -13,9 +13,12 @@
 //! ```
 //!
 //! Nothing here ARPs: both sides' entries are permanent, and the gateway is
-//! an address no interface has. The pod side is made in the node's
-//! namespace under a temporary name, moved into the pod's namespace and
-//! renamed there, so `CNI_IFNAME` never clashes with a node interface.
+//! an address no interface has. The pair is made by one request in the
+//! node's namespace whose peer carries the pod's namespace and
+//! `CNI_IFNAME`: the pod side is born there, with its MTU, so it never
+//! exists in the node's namespace (where `CNI_IFNAME` could clash with a
+//! node interface) and is never moved (a move unregisters and registers
+//! the device again, the slowest step by far).
 //! Every function runs its netlink work on the namespace's own thread (see
 //! [`crate::netns`]).
 
@@ -76,6 +79,14 @@ pub enum DatapathError {
 }
 
 impl DatapathError {
+    /// The errno of a refused netlink request.
+    pub fn errno(&self) -> Option<Errno> {
+        match self {
+            DatapathError::Step { errno, .. } => *errno,
+            _ => None,
+        }
+    }
+
     fn missing(step: impl Into<String>, namespace: &str, what: impl Into<String>) -> Self {
         DatapathError::Step {
             step: step.into(),
@@ -123,7 +134,6 @@ fn no_hint(_: Errno) -> Option<String> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Wiring {
     pub host_ifname: String,
-    pub temp_ifname: String,
     /// `CNI_IFNAME`.
     pub ifname: String,
     /// `CNI_NETNS`.
@@ -140,22 +150,61 @@ pub struct Wired {
     pub mac: Mac,
 }
 
-/// Builds the endpoint: the pair (in `host`), the pod side (in `pod`, the
-/// namespace at `w.netns`), then the node's route and neighbour. On an
-/// error, what was made stays: the caller tears it down with [`remove`].
+/// Builds the endpoint: the pair (made from `host`, its pod side created
+/// directly in `pod`, the namespace at `w.netns`), the pod side's
+/// addresses, routes and neighbours, then the node's route and neighbour.
+/// On an error, what was made stays: the caller tears it down with
+/// [`remove`] (deleting the host veth takes the pod side with it).
 pub async fn add(
     host: &NetnsHandle,
     pod: &NetnsHandle,
     w: &Wiring,
 ) -> Result<Wired, DatapathError> {
     let host_ns = node_namespace(host);
+    let target = File::open(&w.netns).map_err(|e| {
+        DatapathError::missing(
+            format!("open the pod's namespace {}", w.netns.display()),
+            &host_ns,
+            e.to_string(),
+        )
+    })?;
     let wiring = w.clone();
-    let (host_index, host_mac, mac) = host
-        .run(move |h| async move { create_pair(&h, &wiring, &host_ns).await })
-        .await??;
+    let created = host
+        .run(move |h| async move { create_pair(&h, &wiring, &target, &host_ns).await })
+        .await?;
+    let (host_index, host_mac) = match created {
+        Ok(made) => made,
+        Err(e) if e.errno() == Some(Errno::EEXIST) => {
+            // Either name may be taken; the pod's is the likely one (the
+            // host veth's leftovers were torn down before).
+            let ifname = w.ifname.clone();
+            let pod_ns = w.netns.display().to_string();
+            let clash = pod
+                .run(move |h| async move { find_link(&h, &ifname, &pod_ns).await })
+                .await??;
+            return Err(match clash {
+                Some(_) => DatapathError::Step {
+                    step: format!(
+                        "create veth pair {} / {} (MTU {}) with {} in the pod's namespace",
+                        w.host_ifname, w.ifname, w.mtu, w.ifname
+                    ),
+                    namespace: w.netns.display().to_string(),
+                    reason: format!(
+                        "{} — the pod's namespace already has an interface named {}",
+                        Errno::EEXIST,
+                        w.ifname
+                    ),
+                    errno: Some(Errno::EEXIST),
+                },
+                None => e,
+            });
+        }
+        Err(e) => return Err(e),
+    };
     let wiring = w.clone();
     let pod_ns = w.netns.display().to_string();
-    pod.run(move |h| async move { configure_pod(&h, &wiring, host_mac, &pod_ns).await })
+    let mac = pod
+        .run(move |h| async move { configure_pod(&h, &wiring, host_mac, &pod_ns).await })
         .await??;
     let wiring = w.clone();
     let host_ns = node_namespace(host);
@@ -169,20 +218,38 @@ pub fn node_namespace(host: &NetnsHandle) -> String {
     format!("node namespace {}", host.namespace())
 }
 
-async fn create_pair(h: &Handle, w: &Wiring, ns: &str) -> Result<(u32, Mac, Mac), DatapathError> {
-    // Leftovers of this very attachment (an ADD retried after a crash): the
-    // names are derived from it, so they are ours.
-    for name in [&w.host_ifname, &w.temp_ifname] {
-        delete_link(h, name, ns).await?;
-    }
-    let peer = LinkUnspec::new_with_name(&w.temp_ifname).mtu(w.mtu).build();
-    let pair = LinkVeth::new(&w.host_ifname, &w.temp_ifname)
+/// One `RTM_NEWLINK` makes the pair, both ends with the pod MTU, the host
+/// side up, and the pod side directly in the pod's namespace
+/// (`IFLA_NET_NS_FD` in the peer's `VETH_INFO_PEER`) under its final name:
+/// no move, no rename (moving a device to another namespace costs the
+/// kernel a full unregister and register, tens of milliseconds). Returns
+/// the host side's index and MAC.
+async fn create_pair(
+    h: &Handle,
+    w: &Wiring,
+    target: &File,
+    ns: &str,
+) -> Result<(u32, Mac), DatapathError> {
+    // Not up yet: the kernel configures the peer before it links the two
+    // ends, and a veth without its peer refuses to open (ENOTCONN).
+    let peer = LinkUnspec::new_with_name(&w.ifname)
         .mtu(w.mtu)
+        .setns_by_fd(target.as_raw_fd())
+        .build();
+    let pair = LinkVeth::new(&w.host_ifname, &w.ifname)
+        .mtu(w.mtu)
+        // Up before the routes through it: the kernel refuses routes on a
+        // device that is down.
+        .up()
         .set_info_data(InfoData::Veth(InfoVeth::Peer(peer)))
         .build();
     let step = format!(
-        "create veth pair {} / {} (MTU {})",
-        w.host_ifname, w.temp_ifname, w.mtu
+        "create veth pair {} / {} (MTU {}) with {} in the pod's namespace {}",
+        w.host_ifname,
+        w.ifname,
+        w.mtu,
+        w.ifname,
+        w.netns.display()
     );
     h.link()
         .add(pair)
@@ -195,80 +262,41 @@ async fn create_pair(h: &Handle, w: &Wiring, ns: &str) -> Result<(u32, Mac, Mac)
             _ => None,
         }))?;
     let host_link = require_link(h, &w.host_ifname, ns).await?;
-    let temp_link = require_link(h, &w.temp_ifname, ns).await?;
-    let (Some(host_mac), Some(mac)) = (host_link.mac, temp_link.mac) else {
+    let Some(host_mac) = host_link.mac else {
         return Err(DatapathError::missing(
-            format!("read the MACs of {} / {}", w.host_ifname, w.temp_ifname),
+            format!("read the MAC of {}", w.host_ifname),
             ns,
             "the kernel reported no Ethernet address",
         ));
     };
-    // Up before the routes through it: the kernel refuses routes on a
-    // device that is down.
-    h.link()
-        .change(LinkUnspec::new_with_index(host_link.index).up().build())
-        .execute()
-        .await
-        .map_err(failed(format!("set {} up", w.host_ifname), ns, no_hint))?;
-    let target = File::open(&w.netns).map_err(|e| {
-        DatapathError::missing(
-            format!("open the pod's namespace {}", w.netns.display()),
-            ns,
-            e.to_string(),
-        )
-    })?;
-    let step = format!(
-        "move {} into the pod's namespace {}",
-        w.temp_ifname,
-        w.netns.display()
-    );
-    h.link()
-        .change(
-            LinkUnspec::new_with_index(temp_link.index)
-                .setns_by_fd(target.as_raw_fd())
-                .build(),
-        )
-        .execute()
-        .await
-        .map_err(failed(step, ns, no_hint))?;
-    Ok((host_link.index, host_mac, mac))
+    Ok((host_link.index, host_mac))
 }
 
+/// The pod side (with its MTU already): up, `lo` up, addresses, gateway
+/// neighbours and default routes. Returns the pod side's MAC.
 async fn configure_pod(
     h: &Handle,
     w: &Wiring,
     host_mac: Mac,
     ns: &str,
-) -> Result<(), DatapathError> {
-    let moved = require_link(h, &w.temp_ifname, ns).await?;
-    let index = moved.index;
-    let ifname = w.ifname.clone();
+) -> Result<Mac, DatapathError> {
+    let link = require_link(h, &w.ifname, ns).await?;
+    let index = link.index;
+    let Some(mac) = link.mac else {
+        return Err(DatapathError::missing(
+            format!("read the MAC of {}", w.ifname),
+            ns,
+            "the kernel reported no Ethernet address",
+        ));
+    };
     h.link()
-        .change(
-            LinkUnspec::new_with_index(index)
-                .name(w.ifname.clone())
-                .build(),
-        )
+        .change(LinkUnspec::new_with_index(index).up().build())
         .execute()
         .await
-        .map_err(failed(
-            format!("rename {} to {}", w.temp_ifname, w.ifname),
-            ns,
-            move |n| {
-                (n == Errno::EEXIST)
-                    .then(|| format!("the pod's namespace already has an interface named {ifname}"))
-            },
-        ))?;
-    h.link()
-        .change(LinkUnspec::new_with_index(index).mtu(w.mtu).up().build())
-        .execute()
-        .await
-        .map_err(failed(
-            format!("set {} up with MTU {}", w.ifname, w.mtu),
-            ns,
-            no_hint,
-        ))?;
-    if let Some(lo) = find_link(h, "lo", ns).await? {
+        .map_err(failed(format!("set {} up", w.ifname), ns, no_hint))?;
+    if let Some(lo) = find_link(h, "lo", ns).await?
+        && !lo.up
+    {
         h.link()
             .change(LinkUnspec::new_with_index(lo.index).up().build())
             .execute()
@@ -335,7 +363,7 @@ async fn configure_pod(
                 no_hint,
             ))?;
     }
-    Ok(())
+    Ok(mac)
 }
 
 async fn configure_host(
@@ -399,22 +427,21 @@ fn host_route(dst: IpNet, oif: Option<u32>) -> Result<RouteMessage, String> {
 
 /// Tears an endpoint down in the node's namespace: the host veth (which
 /// takes its peer, wherever it is, and every route and neighbour entry on
-/// it), a temporary peer a crash left, and any route of ours to the pod's
-/// addresses. What is already gone is success; every failure is returned.
+/// it) and any route of ours to the pod's addresses. What is already gone
+/// is success; every failure is returned. (Temporary peers, `trltmp…`,
+/// that earlier versions could leave in the node's namespace on a crash
+/// are collected as orphans at start.)
 pub async fn remove(
     host: &NetnsHandle,
     host_ifname: String,
-    temp_ifname: String,
     addresses: Vec<IpNet>,
 ) -> Vec<DatapathError> {
     let ns = node_namespace(host);
     let done = host
         .run(move |h| async move {
             let mut errors = Vec::new();
-            for name in [&host_ifname, &temp_ifname] {
-                if let Err(e) = delete_link(&h, name, &ns).await {
-                    errors.push(e);
-                }
+            if let Err(e) = delete_link(&h, &host_ifname, &ns).await {
+                errors.push(e);
             }
             for address in &addresses {
                 let deleted = match host_route(*address, None) {
@@ -441,8 +468,8 @@ pub async fn remove(
     done.unwrap_or_else(|e| vec![e.into()])
 }
 
-/// The names of host veths and stray temporary peers in the node's
-/// namespace.
+/// The names of host veths and stray temporary peers (left by earlier
+/// versions) in the node's namespace.
 pub async fn list_links(host: &NetnsHandle) -> Result<Vec<String>, DatapathError> {
     let ns = node_namespace(host);
     host.run(move |h| async move {

@@ -14,7 +14,10 @@ pub const MAX_IFNAME: usize = 15;
 /// Longest container ID accepted: the record's file name must stay under
 /// the 255 bytes a file name can have.
 pub const MAX_CONTAINER_ID: usize = 200;
-/// Prefix of the pod side's name while it is still in the node's namespace.
+/// Prefix of the pod side's temporary name in the node's namespace, as
+/// earlier versions made the pair (the pod side is now created directly in
+/// the pod's namespace): leftovers of a crash are still recognised and
+/// collected.
 const TEMP_PREFIX: &str = "trltmp";
 
 /// The host side of the attachment's veth pair, e.g. `trellis1f2e3d4c`.
@@ -22,8 +25,8 @@ pub fn host_ifname(a: &Attachment) -> String {
     format!("{HOST_VETH_PREFIX}{:08x}", hash(a))
 }
 
-/// The pod side's name between its creation and its move into the pod's
-/// namespace (where it is renamed to `CNI_IFNAME`).
+/// The pod side's temporary name in earlier versions, between its creation
+/// in the node's namespace and its move into the pod's namespace.
 pub fn temp_ifname(a: &Attachment) -> String {
     format!("{TEMP_PREFIX}{:08x}", hash(a))
 }
@@ -39,8 +42,8 @@ pub fn is_host_veth(name: &str) -> bool {
     })
 }
 
-/// Whether `name` is a pod side left in the node's namespace by a crash
-/// between creating the pair and moving it.
+/// Whether `name` is a pod side an earlier version left in the node's
+/// namespace by a crash between creating the pair and moving it.
 pub fn is_temp_peer(name: &str) -> bool {
     name.strip_prefix(TEMP_PREFIX)
         .is_some_and(|rest| rest.len() == 8 && rest.bytes().all(|b| b.is_ascii_hexdigit()))

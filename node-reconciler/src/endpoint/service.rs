@@ -3,8 +3,8 @@
 //!
 //! ```text
 //!  ADD   facts? ─▶ tear down what exists ─▶ forwarding on ─▶ enter netns ─▶ allocate ─▶ Record{Adding}
-//!                  ─▶ datapath ─▶ Record{Ready}        (any failure: tear down, release, drop the record)
-//!  DEL   datapath teardown ─▶ release addresses ─▶ drop the record   (nothing there: success)
+//!                  ─▶ datapath ─▶ Record{Ready}        (any failure: tear down, drop the record, release)
+//!  DEL   datapath teardown ─▶ drop the record (durably) ─▶ release addresses   (nothing there: success)
 //!  CHECK record ─▶ inspect pod + node namespaces ─▶ check::differences
 //!  GC    DEL every record not in `valid`, then orphans (addresses, host veths)
 //! ```
@@ -203,7 +203,6 @@ impl Endpoints {
         }
         let wiring = Wiring {
             host_ifname,
-            temp_ifname: naming::temp_ifname(&attachment),
             ifname: attachment.ifname.clone(),
             netns: PathBuf::from(&netns),
             mtu: facts.pod_mtu,
@@ -379,9 +378,10 @@ impl Endpoints {
     }
 
     /// Removes the attachment's endpoint: the datapath first, and only when
-    /// that is all gone its addresses and record (an address released while
-    /// a route to it remained could reach the wrong pod). Returns whether it
-    /// had a record.
+    /// that is all gone its record, then its addresses (an address released
+    /// while a route to it remained could reach the wrong pod; a record
+    /// whose address was released could, after a crash, delete the route of
+    /// the next pod to get it). Returns whether it had a record.
     async fn teardown(&self, attachment: &Attachment) -> Result<bool, EndpointError> {
         let a = attachment.clone();
         let record = self.blocking(move |s| s.record(&a)).await?;
@@ -395,13 +395,7 @@ impl Endpoints {
         let holder = self.blocking(move |s| s.owner_of_link(&name)).await?;
         let foreign = holder.is_some_and(|h| h != *attachment);
         if !foreign {
-            let errors = datapath::remove(
-                &self.host,
-                host_ifname,
-                naming::temp_ifname(attachment),
-                addresses,
-            )
-            .await;
+            let errors = datapath::remove(&self.host, host_ifname, addresses).await;
             if !errors.is_empty() {
                 return Err(EndpointError::Several(
                     errors.into_iter().map(EndpointError::Datapath).collect(),
@@ -410,8 +404,8 @@ impl Endpoints {
         }
         let a = attachment.clone();
         self.blocking(move |s| {
-            s.release_owned_by(&a)?;
-            s.remove(&a)
+            s.remove(&a)?;
+            s.release_owned_by(&a).map(drop)
         })
         .await??;
         Ok(record.is_some())
