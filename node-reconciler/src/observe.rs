@@ -305,7 +305,7 @@ fn route_of(m: &RouteMessage, our_index: Option<u32>) -> Option<Route> {
     })
 }
 
-fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
+pub(crate) fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
     match a {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
@@ -316,6 +316,17 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
 /// Permanent neighbour entries on our device. The kernel adds others by
 /// itself (incomplete, failed, multicast), which are not ours to delete.
 async fn dump_neighbours(handle: &Handle, index: u32) -> Result<Vec<Neighbour>, ObserveError> {
+    permanent_neighbours(handle, index)
+        .await
+        .map_err(dump_error("neighbours"))
+}
+
+/// Permanent IPv4 and IPv6 neighbour entries on link `index`, sorted; also
+/// what the endpoint service reads back on a pod's interfaces.
+pub(crate) async fn permanent_neighbours(
+    handle: &Handle,
+    index: u32,
+) -> Result<Vec<Neighbour>, rtnetlink::Error> {
     let mut out = Vec::new();
     for family in [AddressFamily::Inet, AddressFamily::Inet6] {
         let messages: Vec<NeighbourMessage> = handle
@@ -324,8 +335,7 @@ async fn dump_neighbours(handle: &Handle, index: u32) -> Result<Vec<Neighbour>, 
             .set_address_family(family)
             .execute()
             .try_collect()
-            .await
-            .map_err(dump_error("neighbours"))?;
+            .await?;
         out.extend(
             messages
                 .iter()

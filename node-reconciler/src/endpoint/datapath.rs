@@ -30,16 +30,13 @@ use std::path::PathBuf;
 
 use futures::TryStreamExt as _;
 use ipnet::IpNet;
-use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{
     AddressAttribute, AddressFlags, AddressHeaderFlags, AddressScope,
 };
 use netlink_packet_route::link::{InfoData, InfoVeth, LinkAttribute, LinkFlags, LinkMessage};
-use netlink_packet_route::neighbour::{
-    NeighbourAddress, NeighbourAttribute, NeighbourMessage, NeighbourState,
-};
+use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
+    RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope,
 };
 use nix::errno::Errno;
 use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
@@ -737,25 +734,17 @@ fn oif(m: &RouteMessage) -> Option<u32> {
 
 fn gateway(m: &RouteMessage) -> Option<IpAddr> {
     m.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Gateway(a) => route_ip(a),
+        RouteAttribute::Gateway(a) => crate::observe::route_ip(a),
         _ => None,
     })
 }
 
 fn destination(m: &RouteMessage) -> Option<IpNet> {
     let ip = m.attributes.iter().find_map(|a| match a {
-        RouteAttribute::Destination(a) => route_ip(a),
+        RouteAttribute::Destination(a) => crate::observe::route_ip(a),
         _ => None,
     })?;
     IpNet::new(ip, m.header.destination_prefix_length).ok()
-}
-
-fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
-    match a {
-        RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
-        RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
-        _ => None,
-    }
 }
 
 /// Permanent IPv4 and IPv6 neighbour entries on link `index`.
@@ -764,41 +753,8 @@ async fn dump_neighbours(
     index: u32,
     ns: &str,
 ) -> Result<Vec<(IpAddr, Mac)>, DatapathError> {
-    let mut out = Vec::new();
-    for family in [AddressFamily::Inet, AddressFamily::Inet6] {
-        let messages: Vec<NeighbourMessage> = h
-            .neighbours()
-            .get()
-            .set_address_family(family)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(failed("list neighbours", ns, no_hint))?;
-        out.extend(
-            messages
-                .iter()
-                .filter(|m| {
-                    m.header.ifindex == index && m.header.state == NeighbourState::Permanent
-                })
-                .filter_map(|m| {
-                    let ip = m.attributes.iter().find_map(|a| match a {
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
-                            Some(IpAddr::V4(*v4))
-                        }
-                        NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
-                            Some(IpAddr::V6(*v6))
-                        }
-                        _ => None,
-                    })?;
-                    let mac = m.attributes.iter().find_map(|a| match a {
-                        NeighbourAttribute::LinkLayerAddress(b) => {
-                            <[u8; 6]>::try_from(b.as_slice()).ok().map(Mac)
-                        }
-                        _ => None,
-                    })?;
-                    Some((ip, mac))
-                }),
-        );
-    }
-    Ok(out)
+    let found = crate::observe::permanent_neighbours(h, index)
+        .await
+        .map_err(failed("list neighbours", ns, no_hint))?;
+    Ok(found.into_iter().map(|n| (n.ip, n.mac)).collect())
 }
