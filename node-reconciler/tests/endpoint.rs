@@ -16,7 +16,6 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command as Process, Output};
 use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use ipnet::IpNet;
@@ -35,46 +34,14 @@ use trellis_node::metrics::Metrics;
 use trellis_node::netns::NetnsHandle;
 use trellis_node::observe::observe;
 
+mod fixtures;
+use fixtures::netns::{Netns, run};
+
 const POD_MTU: u32 = 1400;
 
 // ---------------------------------------------------------------- fixtures
 
-/// `ip netns add` racing another one can fail while it makes /run/netns a
-/// shared mount; namespaces are made one at a time.
-static NETNS_ADD: Mutex<()> = Mutex::new(());
-
-/// A network namespace that is deleted by name when dropped.
-struct Netns {
-    name: String,
-}
-
 impl Netns {
-    fn new(name: String) -> Netns {
-        assert!(
-            run(&["id", "-u"]).trim() == "0",
-            "the endpoint tests need root (CAP_NET_ADMIN, CAP_SYS_ADMIN)"
-        );
-        assert!(name.starts_with("trellis-ept-"), "{name}");
-        let _serial = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
-        // Left over by a run that was killed before its guards ran.
-        let _ = Process::new("ip").args(["netns", "del", &name]).output();
-        run(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn path(&self) -> String {
-        format!("/run/netns/{}", self.name)
-    }
-
-    /// `ip -n NAME ARGS…`, which must succeed.
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["ip", "-n", &self.name];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
     /// `ip -n NAME -j ARGS…`, parsed.
     fn json(&self, args: &[&str]) -> Value {
         let mut all = vec!["ip", "-n", &self.name, "-j"];
@@ -112,28 +79,10 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let out = Process::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        if !matches!(&out, Ok(o) if o.status.success()) {
-            eprintln!("could not delete network namespace {}: {out:?}", self.name);
-        }
-    }
-}
-
-fn run(cmd: &[&str]) -> String {
-    let out = Process::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
+/// A namespace of these tests: `trellis-ept-…`, so a leftover is told apart.
+fn ept_netns(name: String) -> Netns {
+    assert!(name.starts_with("trellis-ept-"), "{name}");
+    Netns::new(name)
 }
 
 /// Six hex digits, different per test and per run.
@@ -183,7 +132,7 @@ struct Node {
 impl Node {
     async fn new(blocks: &[&str]) -> Node {
         let tag = tag();
-        let host = Netns::new(format!("trellis-ept-{tag}-host"));
+        let host = ept_netns(format!("trellis-ept-{tag}-host"));
         host.ip(&["addr", "add", "192.0.2.1/32", "dev", "lo"]);
         host.ip(&["addr", "add", "fd00:ffff::1/128", "dev", "lo"]);
         let state = tempfile::Builder::new()
@@ -234,7 +183,7 @@ impl Node {
     }
 
     fn pod(&self, n: usize) -> Netns {
-        Netns::new(format!("trellis-ept-{}-p{n}", self.tag))
+        ept_netns(format!("trellis-ept-{}-p{n}", self.tag))
     }
 
     fn att(&self, n: usize) -> Attachment {

@@ -10,9 +10,7 @@
 // Test-only helpers: a panic here is the failure report.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
-use std::process::Command;
-use std::sync::Mutex;
+use std::path::Path;
 
 use serde_json::Value;
 use trellis_api::v1alpha1::NodeNetworkSpec;
@@ -24,45 +22,12 @@ use trellis_node::observe::{Snapshot, observe};
 use trellis_node::plan::{Op, plan};
 
 mod fixtures;
+use fixtures::netns::{Netns, run};
 use fixtures::{mac, mk_node, underlay};
 
 // ---------------------------------------------------------------- fixtures
 
-/// `ip netns add` racing another one can fail while it makes /run/netns a
-/// shared mount; tests run in parallel, so namespaces are made one at a time.
-static NETNS_ADD: Mutex<()> = Mutex::new(());
-
-/// A network namespace that is deleted by name when dropped.
-struct Netns {
-    name: String,
-}
-
 impl Netns {
-    fn new(name: String) -> Netns {
-        assert!(
-            run(&["id", "-u"]).trim() == "0",
-            "the netlink tests need root (CAP_NET_ADMIN)"
-        );
-        let _serial = NETNS_ADD.lock().unwrap_or_else(|e| e.into_inner());
-        // Left over by a run that was killed before its guards ran.
-        let _ = Command::new("ip").args(["netns", "del", &name]).output();
-        run(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-
-    /// `ip -n NAME ARGS…` (a mutation by hand, or the test's setup).
-    fn ip(&self, args: &[&str]) -> String {
-        let mut all = vec!["ip", "-n", &self.name];
-        all.extend_from_slice(args);
-        run(&all)
-    }
-
     /// `ip netns exec NAME CMD…` for one-shot inspection, parsed as JSON.
     fn json(&self, cmd: &[&str]) -> Value {
         let mut all = vec!["ip", "netns", "exec", &self.name];
@@ -85,30 +50,6 @@ impl Netns {
             "fdb": self.json(&["bridge", "-j", "fdb", "show", "dev", VXLAN_DEVICE]),
         })
     }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let out = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .output();
-        if !matches!(&out, Ok(o) if o.status.success()) {
-            eprintln!("could not delete network namespace {}: {out:?}", self.name);
-        }
-    }
-}
-
-fn run(cmd: &[&str]) -> String {
-    let out = Command::new(cmd[0])
-        .args(&cmd[1..])
-        .output()
-        .unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout).unwrap()
 }
 
 /// Two nodes (namespaces) on one L2 segment: node n has 192.0.2.1n/24 on
@@ -147,7 +88,7 @@ impl Pair {
     }
 
     fn handle(&self, n: u8) -> NetnsHandle {
-        NetnsHandle::new(Some(&self.node(n).path())).expect("namespace thread")
+        NetnsHandle::new(Some(Path::new(&self.node(n).path()))).expect("namespace thread")
     }
 }
 
@@ -873,7 +814,7 @@ fn a_namespace_handle_works_only_in_its_namespace_and_survives_nothing_else() {
         })
         .unwrap()
     };
-    let inside = NetnsHandle::new(Some(&ns.path())).unwrap();
+    let inside = NetnsHandle::new(Some(Path::new(&ns.path()))).unwrap();
     assert_eq!(names(&inside), ["lo", "trls-handle"]);
     let here = NetnsHandle::new(None).unwrap();
     assert!(!names(&here).contains(&"trls-handle".to_owned()));
@@ -898,7 +839,7 @@ fn a_namespace_handle_works_only_in_its_namespace_and_survives_nothing_else() {
 #[tokio::test]
 async fn the_async_run_does_not_block_the_callers_runtime() {
     let ns = Netns::new("trellis-t-async-1".into());
-    let h = NetnsHandle::new(Some(&ns.path())).unwrap();
+    let h = NetnsHandle::new(Some(Path::new(&ns.path()))).unwrap();
     let (a, b) = tokio::join!(
         h.run(|handle| async move { observe(&handle, underlay(1)).await.map(|s| s.observed) }),
         async { 7 }
@@ -923,7 +864,7 @@ async fn notifications_report_changes_made_by_hand() {
         "trls-notify-p",
     ]);
     let path = ns.path();
-    let h = tokio::task::spawn_blocking(move || NetnsHandle::new(Some(&path)))
+    let h = tokio::task::spawn_blocking(move || NetnsHandle::new(Some(Path::new(&path))))
         .await
         .unwrap()
         .expect("handle");
@@ -995,7 +936,7 @@ async fn the_filter_ignores_the_pods_endpoints_and_wakes_for_our_routes() {
         underlay_address: Some("192.0.2.1".parse().unwrap()),
     };
     let path = ns.path();
-    let h = tokio::task::spawn_blocking(move || NetnsHandle::new(Some(&path)))
+    let h = tokio::task::spawn_blocking(move || NetnsHandle::new(Some(Path::new(&path))))
         .await
         .unwrap()
         .expect("handle");
