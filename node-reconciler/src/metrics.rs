@@ -221,6 +221,7 @@ struct Inner {
     cni_requests: Family<CniLabels, Counter>,
     cni_request_duration: HistogramFamily<CniCommandLabels>,
     endpoints: Gauge,
+    endpoints_deleting: Gauge,
 }
 
 impl Default for Metrics {
@@ -250,7 +251,8 @@ impl Metrics {
             drop(netlink_events.get_or_create(&NotificationLabels { effect }));
         }
         let status_writes = Counter::default();
-        let [peers, routes, ready, endpoints] = std::array::from_fn(|_| Gauge::default());
+        let [peers, routes, ready, endpoints, endpoints_deleting] =
+            std::array::from_fn(|_| Gauge::default());
         let cni_requests = Family::<CniLabels, Counter>::default();
         let cni_request_duration: HistogramFamily<CniCommandLabels> =
             Family::new_with_constructor(cni_histogram);
@@ -316,6 +318,11 @@ impl Metrics {
             "Pod endpoints in phase Ready on this node",
             endpoints.clone(),
         );
+        registry.register(
+            "endpoints_deleting",
+            "Pod endpoints whose DEL answered and whose veth is still being deleted",
+            endpoints_deleting.clone(),
+        );
         Metrics {
             inner: Arc::new(Inner {
                 registry,
@@ -331,6 +338,7 @@ impl Metrics {
                 cni_requests,
                 cni_request_duration,
                 endpoints,
+                endpoints_deleting,
             }),
         }
     }
@@ -349,6 +357,12 @@ impl Metrics {
     pub fn set_endpoints(&self, n: usize) {
         self.inner
             .endpoints
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    pub fn set_endpoints_deleting(&self, n: usize) {
+        self.inner
+            .endpoints_deleting
             .set(i64::try_from(n).unwrap_or(i64::MAX));
     }
 

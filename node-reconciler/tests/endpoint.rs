@@ -259,8 +259,10 @@ impl Node {
         out
     }
 
-    /// Nothing of any endpoint is left: no record, allocation, link or route.
-    fn assert_empty(&self) {
+    /// Nothing of any endpoint is left once every answered DEL has
+    /// finished: no record, allocation, link or route.
+    async fn assert_empty(&self) {
+        self.endpoints().settled().await;
         assert_eq!(self.files("endpoints"), Vec::<String>::new(), "records");
         assert_eq!(self.files("ipam"), Vec::<String>::new(), "allocations");
         assert_eq!(self.our_links(), Vec::<String>::new(), "links");
@@ -512,10 +514,33 @@ async fn add_plugs_pods_in_check_sees_hand_edits_del_leaves_nothing() {
     assert_eq!(node.our_links().len(), 2, "{:?}", node.our_links());
     assert!(node.host.ping(v4(&e2b)));
 
-    // DEL twice: both succeed, and nothing of pod 1 is left.
-    for _ in 0..2 {
-        assert_eq!(node.del(1).await, Response::Deleted);
+    // DEL answers once the pod is unreachable: its routes are gone, its
+    // record (if still there) says Deleting, and its addresses are not
+    // free until the rest is gone.
+    assert_eq!(node.del(1).await, Response::Deleted);
+    let routes = node.endpoint_routes();
+    assert!(
+        !routes
+            .iter()
+            .any(|r| r["dst"] == v4(&e1).to_string().as_str()),
+        "{routes:?}"
+    );
+    let record = node
+        .state
+        .path()
+        .join("endpoints")
+        .join(naming::record_file_name(&node.att(1)));
+    let ipam = node.files("ipam");
+    match std::fs::read(&record) {
+        Ok(bytes) => {
+            let r: Value = serde_json::from_slice(&bytes).unwrap();
+            assert_eq!(r["phase"], "Deleting", "{r}");
+            assert!(ipam.contains(&v4(&e1).to_string()), "{ipam:?}");
+        }
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::NotFound),
     }
+    // The second DEL waits for the first to finish, and finds nothing.
+    assert_eq!(node.del(1).await, Response::Deleted);
     assert!(!node.our_links().contains(&e1.host_ifname));
     assert!(
         !p1.links().contains(&"eth0".to_owned()),
@@ -544,7 +569,7 @@ async fn add_plugs_pods_in_check_sees_hand_edits_del_leaves_nothing() {
     }
 
     assert_eq!(node.del(2).await, Response::Deleted);
-    node.assert_empty();
+    node.assert_empty().await;
     assert_eq!(*node.endpoints().ready_endpoints().borrow(), 0);
 }
 
@@ -579,13 +604,13 @@ async fn a_failed_add_leaves_nothing_and_says_why() {
     );
     node.facts.send_replace(Some(facts(&["10.244.1.0/30"])));
     assert_eq!(status_of(&node), (true, false, String::new()));
-    node.assert_empty();
+    node.assert_empty().await;
 
     // A namespace path that does not exist: unknown container, named.
     let missing = format!("/run/netns/trellis-ept-{}-missing", node.tag);
     let msg = error(node.add(1, &missing).await, code::UNKNOWN_CONTAINER);
     assert!(msg.contains(&missing), "{msg}");
-    node.assert_empty();
+    node.assert_empty().await;
     // A file that is no namespace.
     let not_ns = node.state.path().join("lock");
     let msg = error(
@@ -593,7 +618,7 @@ async fn a_failed_add_leaves_nothing_and_says_why() {
         code::UNKNOWN_CONTAINER,
     );
     assert!(msg.contains("network namespace"), "{msg}");
-    node.assert_empty();
+    node.assert_empty().await;
 
     // The pod already has an eth0: the pair, whose pod side is created in
     // the pod's namespace under that name, cannot be made; the error says
@@ -613,7 +638,7 @@ async fn a_failed_add_leaves_nothing_and_says_why() {
         msg.contains("the pod's namespace already has an interface named eth0"),
         "{msg}"
     );
-    node.assert_empty();
+    node.assert_empty().await;
     assert_eq!(
         pa.links().iter().filter(|l| l.as_str() != "lo").count(),
         2,
@@ -661,7 +686,7 @@ async fn a_failed_add_leaves_nothing_and_says_why() {
     for n in [2, 3] {
         assert_eq!(node.del(n).await, Response::Deleted);
     }
-    node.assert_empty();
+    node.assert_empty().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -713,6 +738,42 @@ async fn a_restart_rolls_back_what_a_crash_left_and_keeps_the_rest() {
         "name",
         &naming::temp_ifname(&crashed),
     ]);
+    // What a crash right after a DEL's answer leaves: a record Deleting,
+    // its allocation and its veth (routes already gone).
+    let deleted = Attachment {
+        container_id: format!("deleted-{}", node.tag),
+        ifname: "eth0".into(),
+    };
+    let deleted_link = naming::host_ifname(&deleted);
+    let record = Record {
+        phase: Phase::Deleting,
+        attachment: deleted.clone(),
+        host_ifname: deleted_link.clone(),
+        addresses: nets(&["10.244.1.78/32"]),
+        ..record
+    };
+    std::fs::write(
+        state
+            .join("endpoints")
+            .join(naming::record_file_name(&deleted)),
+        record.encode(),
+    )
+    .unwrap();
+    std::fs::write(
+        state.join("ipam/10.244.1.78"),
+        serde_json::to_vec(&deleted).unwrap(),
+    )
+    .unwrap();
+    node.host.ip(&[
+        "link",
+        "add",
+        &deleted_link,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        &naming::temp_ifname(&deleted),
+    ]);
     // An allocation whose record never made it to disk, an empty one (a
     // crash between create and write), a host veth of no record, and a
     // half-written record file.
@@ -743,7 +804,7 @@ async fn a_restart_rolls_back_what_a_crash_left_and_keeps_the_rest() {
     assert_eq!(
         node.files("endpoints"),
         [naming::record_file_name(&node.att(1))],
-        "the Adding record is rolled back, the Ready one kept"
+        "the Adding record is rolled back, the Deleting one finished, the Ready one kept"
     );
     assert_eq!(node.files("ipam"), ["10.244.1.1"], "orphans released");
     assert_eq!(node.our_links(), std::slice::from_ref(&kept.host_ifname));
@@ -761,7 +822,7 @@ async fn a_restart_rolls_back_what_a_crash_left_and_keeps_the_rest() {
     for n in [1, 2] {
         assert_eq!(node.del(n).await, Response::Deleted);
     }
-    node.assert_empty();
+    node.assert_empty().await;
 }
 
 /// One request over the socket, as the CNI binary sends it.
@@ -909,7 +970,7 @@ async fn fifty_concurrent_adds_over_the_socket_then_gc_keeps_the_valid_ten() {
         .await;
         assert_eq!(deleted, Response::Deleted);
     }
-    node.assert_empty();
+    node.assert_empty().await;
 
     shutdown_tx.send_replace(true);
     serving.await.unwrap();

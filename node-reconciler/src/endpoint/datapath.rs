@@ -422,12 +422,25 @@ fn host_route(dst: IpNet, oif: Option<u32>) -> Result<RouteMessage, String> {
     Ok(b.build())
 }
 
+/// Makes a pod unreachable from the node: deletes every route of ours to
+/// its addresses (fast: no device goes away). What is already gone is
+/// success; every failure is returned.
+pub async fn unroute(host: &NetnsHandle, addresses: Vec<IpNet>) -> Vec<DatapathError> {
+    let ns = node_namespace(host);
+    let done = host
+        .run(move |h| async move { delete_routes(&h, &addresses, &ns).await })
+        .await;
+    done.unwrap_or_else(|e| vec![e.into()])
+}
+
 /// Tears an endpoint down in the node's namespace: the host veth (which
 /// takes its peer, wherever it is, and every route and neighbour entry on
 /// it) and any route of ours to the pod's addresses. What is already gone
-/// is success; every failure is returned. (Temporary peers, `trltmp…`,
-/// that earlier versions could leave in the node's namespace on a crash
-/// are collected as orphans at start.)
+/// is success; every failure is returned. Deleting the veth is most of a
+/// DEL's time: the kernel waits for an RCU grace period before it lets a
+/// device go. (Temporary peers, `trltmp…`, that earlier versions could
+/// leave in the node's namespace on a crash are collected as orphans at
+/// start.)
 pub async fn remove(
     host: &NetnsHandle,
     host_ifname: String,
@@ -440,29 +453,35 @@ pub async fn remove(
             if let Err(e) = delete_link(&h, &host_ifname, &ns).await {
                 errors.push(e);
             }
-            for address in &addresses {
-                let deleted = match host_route(*address, None) {
-                    Ok(msg) => h
-                        .route()
-                        .del(msg)
-                        .execute()
-                        .await
-                        .or_else(gone)
-                        .map_err(failed(
-                            format!("delete route {address} proto {RTPROT_TRELLIS_ENDPOINT}"),
-                            &ns,
-                            no_hint,
-                        )),
-                    Err(why) => Err(DatapathError::missing("build the host route", &ns, why)),
-                };
-                if let Err(e) = deleted {
-                    errors.push(e);
-                }
-            }
+            errors.extend(delete_routes(&h, &addresses, &ns).await);
             errors
         })
         .await;
     done.unwrap_or_else(|e| vec![e.into()])
+}
+
+async fn delete_routes(h: &Handle, addresses: &[IpNet], ns: &str) -> Vec<DatapathError> {
+    let mut errors = Vec::new();
+    for address in addresses {
+        let deleted = match host_route(*address, None) {
+            Ok(msg) => h
+                .route()
+                .del(msg)
+                .execute()
+                .await
+                .or_else(gone)
+                .map_err(failed(
+                    format!("delete route {address} proto {RTPROT_TRELLIS_ENDPOINT}"),
+                    ns,
+                    no_hint,
+                )),
+            Err(why) => Err(DatapathError::missing("build the host route", ns, why)),
+        };
+        if let Err(e) = deleted {
+            errors.push(e);
+        }
+    }
+    errors
 }
 
 /// The names of host veths and stray temporary peers (left by earlier

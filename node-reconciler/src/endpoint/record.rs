@@ -5,6 +5,8 @@
 //!  ADD: allocate ─▶ Record{Adding} ─▶ veth, addresses, routes, neighbours ─▶ Record{Ready}
 //!       (a restart finds Adding only when the process died in between: no ADD
 //!        survives a restart, so it rolls the attempt back)
+//!  DEL: Record{Deleting} ─▶ routes ─▶ answer ─▶ veth ─▶ no record ─▶ addresses released
+//!       (a restart finishes every Deleting it finds)
 //! ```
 
 use ipnet::IpNet;
@@ -24,6 +26,10 @@ pub enum Phase {
     Adding,
     /// Everything in place; the ADD answered.
     Ready,
+    /// DEL answered: the pod's routes are gone, its veth may not be yet.
+    /// Its addresses stay allocated until the veth is gone too, so no other
+    /// pod can get them while anything of this one is left.
+    Deleting,
 }
 
 /// One attachment's endpoint.

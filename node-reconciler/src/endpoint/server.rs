@@ -156,6 +156,14 @@ impl Server {
                 "CNI requests still running at shutdown; a restart rolls back unfinished ADDs"
             );
         }
+        if tokio::time::timeout(SHUTDOWN_GRACE, endpoints.settled())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "answered DELs still deleting veths at shutdown; a restart finishes them"
+            );
+        }
         let _ = std::fs::remove_file(&self.path);
     }
 }

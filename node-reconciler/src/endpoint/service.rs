@@ -4,21 +4,32 @@
 //! ```text
 //!  ADD   facts? ─▶ tear down what exists ─▶ forwarding on ─▶ enter netns ─▶ allocate ─▶ Record{Adding}
 //!                  ─▶ datapath ─▶ Record{Ready}        (any failure: tear down, drop the record, release)
-//!  DEL   datapath teardown ─▶ drop the record (durably) ─▶ release addresses   (nothing there: success)
+//!  DEL   Record{Deleting} ─▶ routes gone ─▶ answer        (nothing there: success)
+//!        └─ after the answer: veth ─▶ drop the record (durably) ─▶ release addresses
 //!  CHECK record ─▶ inspect pod + node namespaces ─▶ check::differences
 //!  GC    DEL every record not in `valid`, then orphans (addresses, host veths)
 //! ```
 //!
 //! Two requests for the same attachment never overlap (a lock per
-//! attachment); requests for different ones do. GC and recovery take the
-//! whole service, so they never see an ADD half done.
+//! attachment, which the rest of a DEL keeps until the veth is gone);
+//! requests for different ones do. GC and recovery take the whole service,
+//! so they never see an ADD or a DEL half done.
+//!
+//! Why DEL answers before its veth is gone: deleting a device waits for an
+//! RCU grace period (about 17 ms here, most of a DEL), and nothing the
+//! runtime does next depends on it. Once the pod's routes are gone the pod
+//! is unreachable; its addresses stay allocated, and its name and record
+//! held, until the veth is gone too, so nothing new can collide with what
+//! is left. A restart finishes what a crash interrupted.
 
 use std::collections::{BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
 
 use tokio::sync::{OwnedMutexGuard, RwLock, watch};
+use tracing::Instrument;
 use trellis_cni::proto::{Attachment, Command, Endpoint, PodRef, Response};
 
 use super::NodeFacts;
@@ -35,15 +46,28 @@ use crate::netns::NetnsHandle;
 /// The node's pod endpoints.
 #[derive(Debug)]
 pub struct Endpoints {
+    core: Arc<Core>,
+    facts: watch::Receiver<Option<NodeFacts>>,
+    locks: Arc<AttachmentLocks>,
+    /// Shared by ADD, DEL (until its veth is gone) and CHECK; exclusive for
+    /// GC and recovery.
+    whole: Arc<RwLock<()>>,
+    /// DELs answered whose veth is not gone yet.
+    deleting: Arc<watch::Sender<usize>>,
+}
+
+/// What requests and the rest of a DEL after its answer share.
+#[derive(Debug)]
+struct Core {
     store: Arc<Store>,
     host: Arc<NetnsHandle>,
-    facts: watch::Receiver<Option<NodeFacts>>,
-    locks: AttachmentLocks,
-    /// Shared by ADD, DEL and CHECK; exclusive for GC and recovery.
-    whole: RwLock<()>,
     metrics: Metrics,
     ready: watch::Sender<usize>,
 }
+
+/// Attempts at finishing a DEL after its answer before leaving it to GC or
+/// the next start.
+const DELETE_ATTEMPTS: u32 = 3;
 
 /// What recovery or GC cleaned up besides records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -61,8 +85,9 @@ pub struct Cleanup {
 impl Endpoints {
     /// Opens the state directory (refusing one another process holds),
     /// then recovers: rolls back every record still `Adding` (no ADD
-    /// survives a restart) and removes addresses and host veths no record
-    /// owns. `host` works in the node's namespace.
+    /// survives a restart), finishes every one `Deleting`, and removes
+    /// addresses and host veths no record owns. `host` works in the node's
+    /// namespace.
     pub async fn open(
         state_dir: &Path,
         host: Arc<NetnsHandle>,
@@ -74,18 +99,21 @@ impl Endpoints {
             .await
             .map_err(|e| EndpointError::task("opening the state directory", &e))??;
         let endpoints = Endpoints {
-            store: Arc::new(store),
-            host,
+            core: Arc::new(Core {
+                store: Arc::new(store),
+                host,
+                metrics,
+                ready: watch::Sender::new(0),
+            }),
             facts,
-            locks: AttachmentLocks::default(),
-            whole: RwLock::new(()),
-            metrics,
-            ready: watch::Sender::new(0),
+            locks: Arc::default(),
+            whole: Arc::default(),
+            deleting: Arc::new(watch::Sender::new(0)),
         };
         let cleanup = endpoints.recover().await;
         if cleanup != Cleanup::default() {
             tracing::info!(
-                rolled_back = cleanup.endpoints.len(),
+                finished = cleanup.endpoints.len(),
                 addresses = cleanup.addresses.len(),
                 links = cleanup.links.len(),
                 "recovered the state a previous run left"
@@ -96,7 +124,7 @@ impl Endpoints {
         }
         // Early, so a node that cannot forward says so before its first
         // pod; every ADD checks again (and IPv6 once there is a block).
-        match datapath::ensure_forwarding(&endpoints.host, false).await {
+        match datapath::ensure_forwarding(&endpoints.core.host, false).await {
             Ok(switched) => {
                 for what in switched {
                     tracing::info!(what, "turned on in the node's namespace");
@@ -104,18 +132,27 @@ impl Endpoints {
             }
             Err(e) => tracing::error!(error = %e, "pods on this node will not be reachable"),
         }
-        endpoints.publish_count().await;
+        endpoints.core.publish_count().await;
         Ok(endpoints)
     }
 
     /// The number of `Ready` endpoints, updated after every change.
     pub fn ready_endpoints(&self) -> watch::Receiver<usize> {
-        self.ready.subscribe()
+        self.core.ready.subscribe()
     }
 
     /// The state directory.
     pub fn state_dir(&self) -> &Path {
-        self.store.root()
+        self.core.store.root()
+    }
+
+    /// Waits until every answered DEL has deleted its veth and released its
+    /// addresses (or given up, leaving the record `Deleting` for GC or the
+    /// next start).
+    pub async fn settled(&self) {
+        let mut pending = self.deleting.subscribe();
+        // The sender lives as long as `self`.
+        let _ = pending.wait_for(|n| *n == 0).await;
     }
 
     /// Serves one command.
@@ -159,12 +196,12 @@ impl Endpoints {
         let _one = self.locks.lock(&attachment).await;
         let facts = self.usable_facts()?;
 
-        if self.teardown(&attachment).await? {
+        if self.core.teardown(&attachment).await? {
             tracing::info!("the attachment had an endpoint; made again");
         }
         let host_ifname = naming::host_ifname(&attachment);
         let name = host_ifname.clone();
-        if let Some(held) = self.blocking(move |s| s.owner_of_link(&name)).await? {
+        if let Some(held) = self.core.blocking(move |s| s.owner_of_link(&name)).await? {
             return Err(EndpointError::LinkClash {
                 name: host_ifname,
                 held,
@@ -175,7 +212,7 @@ impl Endpoints {
             .blocks
             .iter()
             .any(|b| Family::of(&b.addr()) == Family::V6);
-        let switched = datapath::ensure_forwarding(&self.host, ipv6).await?;
+        let switched = datapath::ensure_forwarding(&self.core.host, ipv6).await?;
         for what in switched {
             tracing::info!(what, "turned on in the node's namespace");
         }
@@ -184,6 +221,7 @@ impl Endpoints {
         let owner = attachment.clone();
         let blocks = facts.blocks.clone();
         let addresses = self
+            .core
             .blocking(move |s| s.allocate(&owner, &blocks))
             .await??;
         let mut record = Record {
@@ -198,7 +236,7 @@ impl Endpoints {
             host_mac: None,
             mac: None,
         };
-        if let Err(e) = self.put(&record).await {
+        if let Err(e) = self.core.put(&record).await {
             return Err(self.roll_back(&attachment, e).await);
         }
         let wiring = Wiring {
@@ -208,17 +246,17 @@ impl Endpoints {
             mtu: facts.pod_mtu,
             addresses,
         };
-        let wired = match datapath::add(&self.host, &pod_ns, &wiring).await {
+        let wired = match datapath::add(&self.core.host, &pod_ns, &wiring).await {
             Ok(w) => w,
             Err(e) => return Err(self.roll_back(&attachment, e.into()).await),
         };
         record.phase = Phase::Ready;
         record.host_mac = Some(wired.host_mac);
         record.mac = Some(wired.mac);
-        if let Err(e) = self.put(&record).await {
+        if let Err(e) = self.core.put(&record).await {
             return Err(self.roll_back(&attachment, e).await);
         }
-        self.publish_count().await;
+        self.core.publish_count().await;
         tracing::info!(
             addresses = ?record.addresses,
             host_ifname = %record.host_ifname,
@@ -230,18 +268,41 @@ impl Endpoints {
         })
     }
 
-    /// DEL: removes the endpoint; success when there is none.
+    /// DEL: makes the pod unreachable (its record `Deleting`, its routes
+    /// gone) and answers; its veth, record and addresses go after the
+    /// answer, under the attachment's lock. Success when there is nothing.
     pub async fn del(&self, attachment: Attachment) -> Result<(), EndpointError> {
         naming::validate(&attachment).map_err(EndpointError::InvalidAttachment)?;
-        let _whole = self.whole.read().await;
-        let _one = self.locks.lock(&attachment).await;
-        let had = self.teardown(&attachment).await?;
-        self.publish_count().await;
-        if had {
-            tracing::info!("endpoint deleted");
-        } else {
+        let whole = self.whole.clone().read_owned().await;
+        let one = self.locks.lock(&attachment).await;
+        let a = attachment.clone();
+        let Some(mut record) = self.core.blocking(move |s| s.record(&a)).await? else {
+            // No record: only leftovers named after the attachment, if any.
+            self.core.teardown(&attachment).await?;
             tracing::debug!("no endpoint to delete");
+            return Ok(());
+        };
+        if record.phase != Phase::Deleting {
+            record.phase = Phase::Deleting;
+            self.core.put(&record).await?;
         }
+        let errors = datapath::unroute(&self.core.host, record.addresses.clone()).await;
+        if !errors.is_empty() {
+            return Err(EndpointError::Several(
+                errors.into_iter().map(EndpointError::Datapath).collect(),
+            ));
+        }
+        self.core.publish_count().await;
+        tracing::info!("endpoint unplugged; deleting its veth");
+        let pending = Pending::new(self.deleting.clone(), self.core.metrics.clone());
+        let core = self.core.clone();
+        tokio::spawn(
+            async move {
+                let _held = (whole, one, pending);
+                core.finish_delete(&attachment).await;
+            }
+            .in_current_span(),
+        );
         Ok(())
     }
 
@@ -256,13 +317,22 @@ impl Endpoints {
         let _one = self.locks.lock(&attachment).await;
         let a = attachment.clone();
         let record = self
+            .core
             .blocking(move |s| s.record(&a))
             .await?
             .ok_or_else(|| EndpointError::Unknown(attachment.clone()))?;
-        if record.phase != Phase::Ready {
-            return Err(EndpointError::Mismatch(vec![
-                "the endpoint's ADD has not finished".into(),
-            ]));
+        match record.phase {
+            Phase::Ready => {}
+            Phase::Adding => {
+                return Err(EndpointError::Mismatch(vec![
+                    "the endpoint's ADD has not finished".into(),
+                ]));
+            }
+            Phase::Deleting => {
+                return Err(EndpointError::Mismatch(vec![
+                    "the endpoint was deleted (DEL answered) and is not gone yet".into(),
+                ]));
+            }
         }
         if record.netns != netns {
             return Err(EndpointError::Mismatch(vec![format!(
@@ -272,7 +342,7 @@ impl Endpoints {
         }
         let pod_ns = open_netns(&netns).await?;
         let pod = datapath::inspect_pod(&pod_ns, attachment.ifname.clone(), netns).await?;
-        let host = datapath::inspect_host(&self.host, record.host_ifname.clone()).await?;
+        let host = datapath::inspect_host(&self.core.host, record.host_ifname.clone()).await?;
         let differences = check::differences(&record, &pod, &host);
         if !differences.is_empty() {
             return Err(EndpointError::Mismatch(differences));
@@ -313,33 +383,35 @@ impl Endpoints {
 
     /// GC: releases every endpoint not in `valid`, then addresses and host
     /// veths no record owns; returns the endpoints released. Without a
-    /// list (`None`) no recorded endpoint is released, only orphans.
+    /// list (`None`) no recorded endpoint is released, only orphans. Either
+    /// way, a DEL that could not finish after its answer (a record still
+    /// `Deleting`) is finished.
     pub async fn gc(
         &self,
         valid: Option<Vec<Attachment>>,
     ) -> Result<Vec<Attachment>, EndpointError> {
         let _whole = self.whole.write().await;
-        let records = match valid {
-            Some(valid) => {
-                let valid: BTreeSet<Attachment> = valid.into_iter().collect();
-                self.blocking(|s| s.records())
-                    .await?
-                    .into_iter()
-                    .filter(|r| !valid.contains(&r.attachment))
-                    .collect()
-            }
-            None => Vec::new(),
-        };
+        let valid: Option<BTreeSet<Attachment>> = valid.map(|v| v.into_iter().collect());
+        let records: Vec<Record> = self
+            .core
+            .blocking(|s| s.records())
+            .await?
+            .into_iter()
+            .filter(|r| {
+                r.phase == Phase::Deleting
+                    || valid.as_ref().is_some_and(|v| !v.contains(&r.attachment))
+            })
+            .collect();
         let mut released = Vec::new();
         let mut errors = Vec::new();
         for record in records {
-            match self.teardown(&record.attachment).await {
+            match self.core.teardown(&record.attachment).await {
                 Ok(_) => released.push(record.attachment),
                 Err(e) => errors.push(e),
             }
         }
         let orphans = self.collect_orphans().await;
-        self.publish_count().await;
+        self.core.publish_count().await;
         tracing::info!(
             released = released.len(),
             addresses = orphans.addresses.len(),
@@ -354,15 +426,16 @@ impl Endpoints {
         }
     }
 
-    /// Rolls back every record still `Adding`, then removes orphans.
-    /// Runs before any request is served (and takes the whole service).
+    /// Rolls back every record still `Adding`, finishes every one
+    /// `Deleting`, then removes orphans. Runs before any request is served
+    /// (and takes the whole service).
     pub async fn recover(&self) -> Cleanup {
         let _whole = self.whole.write().await;
         let mut cleanup = Cleanup::default();
-        match self.blocking(|s| s.records()).await {
+        match self.core.blocking(|s| s.records()).await {
             Ok(records) => {
-                for record in records.into_iter().filter(|r| r.phase == Phase::Adding) {
-                    match self.teardown(&record.attachment).await {
+                for record in records.into_iter().filter(|r| r.phase != Phase::Ready) {
+                    match self.core.teardown(&record.attachment).await {
                         Ok(_) => cleanup.endpoints.push(record.attachment),
                         Err(e) => cleanup.errors.push(e.to_string()),
                     }
@@ -377,6 +450,82 @@ impl Endpoints {
         cleanup
     }
 
+    /// Tears down a failed ADD; the error to return.
+    async fn roll_back(&self, attachment: &Attachment, cause: EndpointError) -> EndpointError {
+        tracing::warn!(error = %cause, "ADD failed; rolling back");
+        let rolled = self.core.teardown(attachment).await;
+        self.core.publish_count().await;
+        match rolled {
+            Ok(_) => cause,
+            Err(e) => EndpointError::RolledBack {
+                cause: Box::new(cause),
+                rollback: vec![e.to_string()],
+            },
+        }
+    }
+
+    /// Releases addresses no record owns and deletes host veths no record
+    /// owns (and temporary peers). Only with the whole service held.
+    async fn collect_orphans(&self) -> Cleanup {
+        let mut cleanup = Cleanup::default();
+        match self.core.blocking(|s| s.orphan_allocations()).await {
+            Ok(orphans) => {
+                for ip in orphans {
+                    match self.core.blocking(move |s| s.release(ip)).await {
+                        Ok(Ok(())) => cleanup.addresses.push(ip),
+                        Ok(Err(e)) => cleanup.errors.push(e.to_string()),
+                        Err(e) => cleanup.errors.push(e.to_string()),
+                    }
+                }
+            }
+            Err(e) => cleanup.errors.push(e.to_string()),
+        }
+        let links = match datapath::list_links(&self.core.host).await {
+            Ok(links) => links,
+            Err(e) => {
+                cleanup.errors.push(e.to_string());
+                return cleanup;
+            }
+        };
+        for link in links {
+            let name = link.clone();
+            let owned = naming::is_host_veth(&link)
+                && match self.core.blocking(move |s| s.owner_of_link(&name)).await {
+                    Ok(owner) => owner.is_some(),
+                    Err(e) => {
+                        cleanup.errors.push(e.to_string());
+                        true
+                    }
+                };
+            if owned {
+                continue;
+            }
+            match datapath::remove_link(&self.core.host, link.clone()).await {
+                Ok(()) => cleanup.links.push(link),
+                Err(e) => cleanup.errors.push(e.to_string()),
+            }
+        }
+        cleanup
+    }
+
+    /// The facts ADD needs, or why it must wait.
+    fn usable_facts(&self) -> Result<NodeFacts, EndpointError> {
+        match &*self.facts.borrow() {
+            None => Err(EndpointError::NotReady(
+                "trellis-node has not reconciled this node's NodeNetwork yet; try again later"
+                    .into(),
+            )),
+            Some(f) if f.blocks.is_empty() => Err(EndpointError::NotReady(no_block_message())),
+            Some(f) if f.pod_mtu == 0 => Err(EndpointError::NotReady(
+                "the pod MTU is not known yet (the node has not converged once); try again later"
+                    .into(),
+            )),
+            Some(f) => Ok(f.clone()),
+        }
+    }
+}
+
+impl Core {
     /// Removes the attachment's endpoint: the datapath first, and only when
     /// that is all gone its record, then its addresses (an address released
     /// while a route to it remained could reach the wrong pod; a record
@@ -411,77 +560,28 @@ impl Endpoints {
         Ok(record.is_some())
     }
 
-    /// Tears down a failed ADD; the error to return.
-    async fn roll_back(&self, attachment: &Attachment, cause: EndpointError) -> EndpointError {
-        tracing::warn!(error = %cause, "ADD failed; rolling back");
-        let rolled = self.teardown(attachment).await;
-        self.publish_count().await;
-        match rolled {
-            Ok(_) => cause,
-            Err(e) => EndpointError::RolledBack {
-                cause: Box::new(cause),
-                rollback: vec![e.to_string()],
-            },
-        }
-    }
-
-    /// Releases addresses no record owns and deletes host veths no record
-    /// owns (and temporary peers). Only with the whole service held.
-    async fn collect_orphans(&self) -> Cleanup {
-        let mut cleanup = Cleanup::default();
-        match self.blocking(|s| s.orphan_allocations()).await {
-            Ok(orphans) => {
-                for ip in orphans {
-                    match self.blocking(move |s| s.release(ip)).await {
-                        Ok(Ok(())) => cleanup.addresses.push(ip),
-                        Ok(Err(e)) => cleanup.errors.push(e.to_string()),
-                        Err(e) => cleanup.errors.push(e.to_string()),
-                    }
+    /// The rest of a DEL after its answer: the veth, then the record and
+    /// the addresses. Tries [`DELETE_ATTEMPTS`] times, then leaves the
+    /// record `Deleting` for GC or the next start.
+    async fn finish_delete(&self, attachment: &Attachment) {
+        let mut pause = Duration::from_millis(200);
+        for attempt in 1..=DELETE_ATTEMPTS {
+            match self.teardown(attachment).await {
+                Ok(_) => {
+                    tracing::info!("endpoint deleted");
+                    return;
                 }
+                Err(e) if attempt < DELETE_ATTEMPTS => {
+                    tracing::warn!(error = %e, attempt, "deleting the endpoint failed; retrying");
+                    tokio::time::sleep(pause).await;
+                    pause *= 5;
+                }
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "could not delete the endpoint; its record stays Deleting until GC or \
+                     the next start of trellis-node finishes it"
+                ),
             }
-            Err(e) => cleanup.errors.push(e.to_string()),
-        }
-        let links = match datapath::list_links(&self.host).await {
-            Ok(links) => links,
-            Err(e) => {
-                cleanup.errors.push(e.to_string());
-                return cleanup;
-            }
-        };
-        for link in links {
-            let name = link.clone();
-            let owned = naming::is_host_veth(&link)
-                && match self.blocking(move |s| s.owner_of_link(&name)).await {
-                    Ok(owner) => owner.is_some(),
-                    Err(e) => {
-                        cleanup.errors.push(e.to_string());
-                        true
-                    }
-                };
-            if owned {
-                continue;
-            }
-            match datapath::remove_link(&self.host, link.clone()).await {
-                Ok(()) => cleanup.links.push(link),
-                Err(e) => cleanup.errors.push(e.to_string()),
-            }
-        }
-        cleanup
-    }
-
-    /// The facts ADD needs, or why it must wait.
-    fn usable_facts(&self) -> Result<NodeFacts, EndpointError> {
-        match &*self.facts.borrow() {
-            None => Err(EndpointError::NotReady(
-                "trellis-node has not reconciled this node's NodeNetwork yet; try again later"
-                    .into(),
-            )),
-            Some(f) if f.blocks.is_empty() => Err(EndpointError::NotReady(no_block_message())),
-            Some(f) if f.pod_mtu == 0 => Err(EndpointError::NotReady(
-                "the pod MTU is not known yet (the node has not converged once); try again later"
-                    .into(),
-            )),
-            Some(f) => Ok(f.clone()),
         }
     }
 
@@ -573,19 +673,40 @@ async fn open_netns(path: &str) -> Result<PodNetns, EndpointError> {
         .map_err(|e| EndpointError::netns(path, &e))
 }
 
+/// One DEL whose veth is not gone yet, counted while it lives.
+struct Pending {
+    count: Arc<watch::Sender<usize>>,
+    metrics: Metrics,
+}
+
+impl Pending {
+    fn new(count: Arc<watch::Sender<usize>>, metrics: Metrics) -> Pending {
+        count.send_modify(|n| *n += 1);
+        metrics.set_endpoints_deleting(*count.borrow());
+        Pending { count, metrics }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.count.send_modify(|n| *n = n.saturating_sub(1));
+        self.metrics.set_endpoints_deleting(*self.count.borrow());
+    }
+}
+
 /// One lock per attachment, made on first use and dropped with its last
 /// user.
 #[derive(Debug, Default)]
 struct AttachmentLocks(Mutex<HashMap<Attachment, Arc<tokio::sync::Mutex<()>>>>);
 
-struct AttachmentGuard<'a> {
-    locks: &'a AttachmentLocks,
+struct AttachmentGuard {
+    locks: Arc<AttachmentLocks>,
     key: Attachment,
     guard: Option<OwnedMutexGuard<()>>,
 }
 
 impl AttachmentLocks {
-    async fn lock(&self, a: &Attachment) -> AttachmentGuard<'_> {
+    async fn lock(self: &Arc<Self>, a: &Attachment) -> AttachmentGuard {
         let lock = self
             .0
             .lock()
@@ -594,14 +715,14 @@ impl AttachmentLocks {
             .or_default()
             .clone();
         AttachmentGuard {
-            locks: self,
+            locks: self.clone(),
             key: a.clone(),
             guard: Some(lock.lock_owned().await),
         }
     }
 }
 
-impl Drop for AttachmentGuard<'_> {
+impl Drop for AttachmentGuard {
     fn drop(&mut self) {
         self.guard.take();
         let mut map = self.locks.0.lock().unwrap_or_else(PoisonError::into_inner);

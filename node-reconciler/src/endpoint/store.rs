@@ -38,7 +38,8 @@
 //! 3. The cursors are a hint: lost, the round robin starts over.
 //!
 //! So an ADD flushes the disk 4 times for an IPv4 pod (an allocation file,
-//! `ipam/`, the record `Adding` and `Ready`; 5 with IPv6) and a DEL once.
+//! `ipam/`, the record `Adding` and `Ready`; 5 with IPv6) and a DEL twice
+//! (the record `Deleting` before its answer, the removal after it).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, File, OpenOptions};

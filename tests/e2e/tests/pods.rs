@@ -53,6 +53,8 @@ use trellis_e2e::{
 };
 
 const TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a node may take to finish answered DELs (tens of milliseconds each).
+const FOOTPRINT_SETTLES: Duration = Duration::from_secs(10);
 /// The pods' default gateway (trellis_cni::proto::GATEWAY_V4).
 const GATEWAY: &str = "169.254.1.1";
 /// Route protocol of the host routes to pods (trellis_cni::proto::RTPROT_TRELLIS_ENDPOINT).
@@ -267,57 +269,25 @@ impl Cluster {
 
     /// The node holds exactly the endpoints `live` (container ID → address, all distinct):
     /// one allocation file, one Ready record, one host veth and one route each, and nothing
-    /// else (no temporary file, no pod side left in the node).
+    /// else (no temporary file, no pod side left in the node). A DEL answers before its veth
+    /// is gone (the node finishes it right after), so this waits for the node to get there.
     async fn assert_footprint(&self, node: &str, live: &BTreeMap<String, IpAddr>, when: &str) {
-        let fp = self.footprint(node).await;
-        let ips: BTreeSet<String> = live.values().map(ToString::to_string).collect();
-        let records: BTreeMap<String, (String, Vec<String>, String)> = fp
-            .records
-            .values()
-            .map(|r| {
-                (
-                    r["attachment"]["containerID"]
-                        .as_str()
-                        .unwrap_or("?")
-                        .to_string(),
-                    (
-                        r["phase"].as_str().unwrap_or("?").to_string(),
-                        r["addresses"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .map(|a| a.as_str().unwrap_or("?").to_string())
-                            .collect(),
-                        r["hostIfname"].as_str().unwrap_or("?").to_string(),
-                    ),
-                )
-            })
-            .collect();
-        let want_records: BTreeMap<String, (String, Vec<String>)> = live
-            .iter()
-            .map(|(id, ip)| (id.clone(), ("Ready".to_string(), vec![format!("{ip}/32")])))
-            .collect();
-        let got_records: BTreeMap<String, (String, Vec<String>)> = records
-            .iter()
-            .map(|(id, (phase, addrs, _))| (id.clone(), (phase.clone(), addrs.clone())))
-            .collect();
-        let record_veths: BTreeSet<String> = records.values().map(|r| r.2.clone()).collect();
-        let want_routes: BTreeSet<String> = ips.clone();
-        let ok = ips.len() == live.len()
-            && fp.ipam == ips
-            && fp.records.len() == live.len()
-            && got_records == want_records
-            && fp.veths == record_veths
-            && fp.veths.len() == live.len()
-            && fp.temp_peers.is_empty()
-            && fp.routes == want_routes;
-        assert!(
-            ok,
-            "{when}: node {node} should hold exactly {} endpoints {live:?}\n\
-             (allocation files, Ready records, host veths, proto-{ENDPOINT_ROUTE_PROTO} \
-             routes), but holds\n{fp:#?}",
-            live.len()
-        );
+        let deadline = Instant::now() + FOOTPRINT_SETTLES;
+        loop {
+            let fp = self.footprint(node).await;
+            let holds = footprint_holds(&fp, live);
+            if holds || Instant::now() >= deadline {
+                assert!(
+                    holds,
+                    "{when}: node {node} should hold exactly {} endpoints {live:?}\n\
+                     (allocation files, Ready records, host veths, proto-{ENDPOINT_ROUTE_PROTO} \
+                     routes) within {FOOTPRINT_SETTLES:?}, but holds\n{fp:#?}",
+                    live.len()
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
     }
 
     async fn ip(&self, node: &str, args: &[&str]) -> Value {
@@ -1720,4 +1690,49 @@ async fn an_agent_killed_during_adds_and_gc_after_a_runtime_crash_leak_nothing()
     assert!(c.pods.remove(&peer).await.unwrap());
     c.assert_footprint(other, &BTreeMap::new(), "at the end")
         .await;
+}
+
+/// Whether `fp` is exactly the endpoints `live` (see `Cluster::assert_footprint`).
+fn footprint_holds(fp: &Footprint, live: &BTreeMap<String, IpAddr>) -> bool {
+    let ips: BTreeSet<String> = live.values().map(ToString::to_string).collect();
+    let records: BTreeMap<String, (String, Vec<String>, String)> = fp
+        .records
+        .values()
+        .map(|r| {
+            (
+                r["attachment"]["containerID"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .to_string(),
+                (
+                    r["phase"].as_str().unwrap_or("?").to_string(),
+                    r["addresses"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|a| a.as_str().unwrap_or("?").to_string())
+                        .collect(),
+                    r["hostIfname"].as_str().unwrap_or("?").to_string(),
+                ),
+            )
+        })
+        .collect();
+    let want_records: BTreeMap<String, (String, Vec<String>)> = live
+        .iter()
+        .map(|(id, ip)| (id.clone(), ("Ready".to_string(), vec![format!("{ip}/32")])))
+        .collect();
+    let got_records: BTreeMap<String, (String, Vec<String>)> = records
+        .iter()
+        .map(|(id, (phase, addrs, _))| (id.clone(), (phase.clone(), addrs.clone())))
+        .collect();
+    let record_veths: BTreeSet<String> = records.values().map(|r| r.2.clone()).collect();
+    let want_routes: BTreeSet<String> = ips.clone();
+    ips.len() == live.len()
+        && fp.ipam == ips
+        && fp.records.len() == live.len()
+        && got_records == want_records
+        && fp.veths == record_veths
+        && fp.veths.len() == live.len()
+        && fp.temp_peers.is_empty()
+        && fp.routes == want_routes
 }
