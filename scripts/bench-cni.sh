@@ -12,12 +12,17 @@
 #   trellis    the node's installed 10-trellis.conflist (trellis, then portmap);
 #   reference  bridge "trellis-bench0" (isGateway, ipMasq false) + host-local
 #              10.98.0.0/22, then the same portmap.
+# Each run measures twice, each time in a fresh sandbox: the plugins under test
+# alone (trellis against bridge + host-local, no portmap in either), then the
+# chains as installed. After each Trellis DEL the bench waits (untimed) until
+# trellis-node has finished it: DEL answers before the pod's veth is gone, and
+# the rest must not overlap the reference's next command.
 # The pods' network namespaces are made before anything is timed. After 5
 # warm-up pods each, PODS pods per network are ADDed (the two networks taking
 # turns, pod by pod), then DELeted the same way; each pod's time is its ADD +
 # its DEL. A profile follows (each plugin timed on its own, plugin start-up,
 # trellis-node's own time from its /metrics). Prints each run's report and a
-# Markdown table for BENCHMARKS.md. Leaves nothing behind (each run's sandbox
+# Markdown table per mode for BENCHMARKS.md. Leaves nothing behind (each run's sandbox
 # is stopped, its namespaces and state dir removed; the trap ends a bench that
 # was killed).
 set -euo pipefail
@@ -46,22 +51,35 @@ trap cleanup EXIT
 
 results=()
 for run in $(seq "$runs"); do
-  echo "== run $run of $runs ($pods pods per network)"
-  out=$("$bench" --pods "$pods" --state-dir "$scratch/sandbox")
-  printf '%s\n' "$out" | grep -v '^RESULT '
-  results+=("$(printf '%s\n' "$out" | grep '^RESULT ')")
+  # The plugins under test alone (the issue's comparison: trellis against bridge +
+  # host-local), then the chains as installed (portmap after both).
+  for mode in --without-portmap ""; do
+    echo "== run $run of $runs ($pods pods per network${mode:+, without portmap})"
+    out=$("$bench" --pods "$pods" --state-dir "$scratch/sandbox" $mode)
+    printf '%s\n' "$out" | grep -v '^RESULT '
+    results+=("$(printf '%s\n' "$out" | grep '^RESULT ')")
+  done
 done
 
 # key=value out of a RESULT line
 field() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }
 
-echo
-echo "| run | pods | Trellis ADD+DEL p50 | p99 | mean | reference ADD+DEL p50 | p99 | mean | ratio p50 | ratio p99 | ratio mean |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
-i=0
-for r in "${results[@]}"; do
-  i=$((i + 1))
-  echo "| $i | $(field "$r" pods) | $(field "$r" t_p50) ms | $(field "$r" t_p99) ms | $(field "$r" t_mean) ms" \
-    "| $(field "$r" r_p50) ms | $(field "$r" r_p99) ms | $(field "$r" r_mean) ms" \
-    "| $(field "$r" ratio_p50)x | $(field "$r" ratio_p99)x | $(field "$r" ratio_mean)x |"
+for chain in plugins installed; do
+  echo
+  case $chain in
+    plugins) echo "trellis against bridge + host-local (no portmap in either):" ;;
+    installed) echo "the installed chains (portmap after both):" ;;
+  esac
+  echo "| run | pods | Trellis ADD+DEL p50 | p99 | mean | reference ADD+DEL p50 | p99 | mean | ratio p50 | ratio p99 | ratio mean | ADD ratio p50 | DEL ratio p50 |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  i=0
+  for r in "${results[@]}"; do
+    [[ $(field "$r" chain) == "$chain" ]] || continue
+    i=$((i + 1))
+    add_ratio=$(awk -v t="$(field "$r" t_add_p50)" -v b="$(field "$r" r_add_p50)" 'BEGIN { printf "%.2f", t / b }')
+    del_ratio=$(awk -v t="$(field "$r" t_del_p50)" -v b="$(field "$r" r_del_p50)" 'BEGIN { printf "%.2f", t / b }')
+    echo "| $i | $(field "$r" pods) | $(field "$r" t_p50) ms | $(field "$r" t_p99) ms | $(field "$r" t_mean) ms" \
+      "| $(field "$r" r_p50) ms | $(field "$r" r_p99) ms | $(field "$r" r_mean) ms" \
+      "| $(field "$r" ratio_p50)x | $(field "$r" ratio_p99)x | $(field "$r" ratio_mean)x | ${add_ratio}x | ${del_ratio}x |"
+  done
 done

@@ -13,12 +13,15 @@
 //!   trellis    the node's installed 10-trellis.conflist: trellis, then portmap
 //!   reference  bridge "trellis-bench0" (isGateway, no ipMasq) + host-local 10.98.0.0/22,
 //!              then the same portmap
+//!   (--without-portmap: both lists without portmap, the plugins under test alone)
 //!
 //! pod namespaces: created (and recorded by the sandbox) before anything is timed
 //! warm-up:  W pods per network, ADD then DEL, not counted
 //! ADD:      pod 1..N, both networks, the order alternating per pod   (the node fills up)
 //! DEL:      pod 1..N, both networks, the order alternating per pod
-//!           timed: Runtime::add / Runtime::del, on a monotonic clock; around each phase
+//!           timed: Runtime::add / Runtime::del, on a monotonic clock; after each Trellis
+//!           DEL (untimed) until trellis-node has finished it (DEL answers before the veth is
+//!           gone), so its rest never overlaps the reference's next command; around each phase
 //!           trellis-node's /metrics (its own time per request, reconciles, NetworkStatus
 //!           writes) and its CPU time (/proc/<pid>/stat)
 //! profile:  P more pods per network with every plugin run on its own (the same
@@ -74,6 +77,10 @@ struct Args {
     /// Keep the state directory (logs) after stopping.
     #[arg(long)]
     keep_state: bool,
+    /// Both networks without portmap: the plugins under test alone (trellis against bridge +
+    /// host-local), instead of the chains as installed.
+    #[arg(long)]
+    without_portmap: bool,
 }
 
 const POOL: &str = "default-ipv4";
@@ -86,6 +93,8 @@ const POD_NAMESPACE: &str = "trellis-bench";
 const REF_NETWORK: &str = "trellis-bench-ref";
 const REF_BRIDGE: &str = "trellis-bench0";
 const REF_SUBNET: &str = "10.98.0.0/22";
+/// How long trellis-node may take to finish an answered DEL in the profile.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -187,7 +196,13 @@ async fn measure(cp: &ControlPlane, args: &Args) -> anyhow::Result<Report> {
         ready.elapsed().as_secs_f64()
     );
     let runtime = pods.runtime(NODE).await?;
-    let reference = reference_network(&trellis, &sandbox.dir().join("bench"))?;
+    let bench_dir = sandbox.dir().join("bench");
+    let reference = reference_network(&trellis, &bench_dir, !args.without_portmap)?;
+    let trellis = if args.without_portmap {
+        trellis_alone(&trellis, &bench_dir)?
+    } else {
+        trellis
+    };
     let nets = [
         Net {
             label: "trellis",
@@ -273,6 +288,9 @@ async fn measure(cp: &ControlPlane, args: &Args) -> anyhow::Result<Report> {
                 .await
                 .with_context(|| format!("{}: DEL of pod {}", nets[k].label, i + 1))?;
             times[k].del.push(ms(t0));
+            if k == 0 {
+                settle(port, timeout).await?;
+            }
         }
     }
     let del_phase = del_phase.elapsed();
@@ -311,6 +329,7 @@ async fn measure(cp: &ControlPlane, args: &Args) -> anyhow::Result<Report> {
     }
 
     Ok(Report {
+        portmap: !args.without_portmap,
         pods: n,
         warmup,
         times,
@@ -419,37 +438,82 @@ async fn apply_pool(client: &Client) -> anyhow::Result<()> {
 }
 
 /// The reference network: `bridge` (its own bridge, the gateway address on it, no masquerade)
-/// with `host-local` IPAM (state under `dir`), then the same `portmap` as Trellis's list, in
-/// the same `cniVersion`. Written to `dir` as well, for a look by hand.
-fn reference_network(trellis: &NetworkConfigList, dir: &Path) -> anyhow::Result<NetworkConfigList> {
-    let portmap = trellis
-        .plugins
-        .iter()
-        .find(|p| p.plugin_type == "portmap")
-        .with_context(|| format!("{} chains no portmap", trellis.path.display()))?;
+/// with `host-local` IPAM (state under `dir`), then, with `portmap`, the same `portmap` as
+/// Trellis's list, in the same `cniVersion`. Written to `dir` as well, for a look by hand.
+fn reference_network(
+    trellis: &NetworkConfigList,
+    dir: &Path,
+    portmap: bool,
+) -> anyhow::Result<NetworkConfigList> {
+    let mut plugins = vec![json!({
+        "type": "bridge",
+        "bridge": REF_BRIDGE,
+        "isGateway": true,
+        "ipMasq": false,
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{ "subnet": REF_SUBNET }]],
+            "dataDir": dir.join("host-local").display().to_string(),
+        },
+    })];
+    if portmap {
+        let portmap = trellis
+            .plugins
+            .iter()
+            .find(|p| p.plugin_type == "portmap")
+            .with_context(|| format!("{} chains no portmap", trellis.path.display()))?;
+        plugins.push(Value::Object(portmap.raw.clone()));
+    }
     let list = json!({
         "cniVersion": trellis.cni_version,
         "name": REF_NETWORK,
-        "plugins": [
-            {
-                "type": "bridge",
-                "bridge": REF_BRIDGE,
-                "isGateway": true,
-                "ipMasq": false,
-                "ipam": {
-                    "type": "host-local",
-                    "ranges": [[{ "subnet": REF_SUBNET }]],
-                    "dataDir": dir.join("host-local").display().to_string(),
-                },
-            },
-            Value::Object(portmap.raw.clone()),
-        ],
+        "plugins": plugins,
     });
+    write_list(dir, REF_NETWORK, &list)
+}
+
+/// The node's installed list with only its first plugin (`trellis`), in `dir`.
+fn trellis_alone(installed: &NetworkConfigList, dir: &Path) -> anyhow::Result<NetworkConfigList> {
+    let first = installed
+        .plugins
+        .first()
+        .filter(|p| p.plugin_type == "trellis")
+        .with_context(|| format!("{} does not start with trellis", installed.path.display()))?;
+    let list = json!({
+        "cniVersion": installed.cni_version,
+        "name": installed.name,
+        "plugins": [Value::Object(first.raw.clone())],
+    });
+    write_list(dir, "trellis-alone", &list)
+}
+
+fn write_list(dir: &Path, name: &str, list: &Value) -> anyhow::Result<NetworkConfigList> {
     std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    let path = dir.join(format!("{REF_NETWORK}.conflist"));
-    let text = serde_json::to_vec_pretty(&list)?;
+    let path = dir.join(format!("{name}.conflist"));
+    let text = serde_json::to_vec_pretty(list)?;
     std::fs::write(&path, &text).with_context(|| format!("write {}", path.display()))?;
     Ok(NetworkConfigList::parse(&path, &text)?)
+}
+
+/// Waits until trellis-node has finished every answered DEL (`trellis_node_endpoints_deleting`
+/// is 0).
+async fn settle(port: u16, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let text = metrics(port).await?;
+        let pending = text
+            .lines()
+            .find_map(|l| l.strip_prefix("trellis_node_endpoints_deleting "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .context("trellis-node's /metrics has no trellis_node_endpoints_deleting")?;
+        if pending == 0.0 {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            bail!("trellis-node still deleting {pending} endpoints after {timeout:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 /// Pod `i` of the network tagged `net`: its sandbox record (namespace
@@ -632,6 +696,9 @@ async fn profile_phase(
                     .with_context(|| format!("profile: {} DEL", plugin.plugin_type))?;
                 plugins[k][j].1.del.push(ms(t0));
             }
+            if k == 0 {
+                settle(port, SETTLE_TIMEOUT).await?;
+            }
         }
     }
     let after = server_times(port).await?;
@@ -652,6 +719,9 @@ async fn profile_phase(
             let t0 = Instant::now();
             runtime.del(&nets[k].list, &rt).await?;
             whole[k].del.push(ms(t0));
+            if k == 0 {
+                settle(port, SETTLE_TIMEOUT).await?;
+            }
         }
     }
 
@@ -764,6 +834,8 @@ fn line(v: &[f64]) -> String {
 }
 
 struct Report {
+    /// Whether both chains had portmap (as installed) or not (the plugins alone).
+    portmap: bool,
     pods: usize,
     warmup: usize,
     /// trellis, reference.
@@ -788,9 +860,10 @@ impl Report {
              then DELs in turns; through cni_runtime::Runtime in the node's namespace:",
             self.pods, self.warmup
         );
+        let chain = if self.portmap { " + portmap" } else { "" };
         for (label, times, both) in [
-            ("trellis + portmap", t, &tb),
-            ("bridge + host-local + portmap", r, &rb),
+            (format!("trellis{chain}"), t, &tb),
+            (format!("bridge + host-local{chain}"), r, &rb),
         ] {
             println!("  {label}");
             println!("    ADD        {}", line(&times.add));
@@ -866,11 +939,12 @@ impl Report {
             p.print();
         }
         println!(
-            "RESULT pods={} t_add_p50={:.1} t_add_p99={:.1} t_del_p50={:.1} t_del_p99={:.1} \
+            "RESULT chain={} pods={} t_add_p50={:.1} t_add_p99={:.1} t_del_p50={:.1} t_del_p99={:.1} \
              t_p50={:.1} t_p99={:.1} t_mean={:.1} r_add_p50={:.1} r_add_p99={:.1} \
              r_del_p50={:.1} r_del_p99={:.1} r_p50={:.1} r_p99={:.1} r_mean={:.1} \
              ratio_p50={r50:.2} ratio_p99={r99:.2} ratio_mean={rmean:.2} server_add={:.2} \
              server_del={:.2} agent_cpu_add={:.1} agent_cpu_del={:.1}",
+            if self.portmap { "installed" } else { "plugins" },
             self.pods,
             ta.p50,
             ta.p99,
