@@ -11,7 +11,7 @@
 //!  apply::Writer ── server-side apply, field manager "trellis-operator"
 //! ```
 //!
-//! `ipam`, `desired`, `status`, `conditions`, `selector` and `plan` are pure
+//! `ipam`, `desired`, `status`, `conditions` and `plan` are pure
 //! (values in, values out; no client, no clock) and tested in microseconds;
 //! `controller` and `apply` are the thin shell that does the I/O; `lease`
 //! elects the one replica that writes; `ops` serves metrics and health.
@@ -25,5 +25,4 @@ pub mod ipam;
 pub mod lease;
 pub mod ops;
 pub mod plan;
-pub mod selector;
 pub mod status;

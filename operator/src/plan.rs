@@ -22,11 +22,11 @@ use trellis_api::v1alpha1::{
     NetworkConfigSpec, NetworkConfigStatus, NetworkStatus, NodeNetwork, NodeNetworkSpec,
     NodeNetworkStatus, VXLAN_OVERHEAD,
 };
+use trellis_policy::selector::Selector;
 
 use crate::conditions::{self, Cond};
 use crate::desired::{NodeAddresses, node_network_spec};
 use crate::ipam::{self, Allocation};
-use crate::selector::Selector;
 use crate::status::{self, reason};
 
 /// The finalizer that keeps an `IPPool` while nodes hold blocks from it.

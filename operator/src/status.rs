@@ -188,7 +188,7 @@ fn first_names(names: &[String]) -> String {
 mod tests {
     use super::*;
     use crate::ipam::{Family, Pool};
-    use crate::selector::Selector;
+    use trellis_policy::selector::Selector;
 
     fn pool(disabled: bool, deleting: bool) -> Pool {
         Pool {

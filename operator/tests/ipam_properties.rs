@@ -13,7 +13,7 @@ use trellis_api::v1alpha1::{LabelSelector, LabelSelectorRequirement, SelectorOpe
 use trellis_operator::ipam::{
     Allocation, Family, Held, Node, Pool, Problem, allocate, nets_overlap,
 };
-use trellis_operator::selector::Selector;
+use trellis_policy::selector::Selector;
 
 /// Small pools, several overlapping, so exhaustion and overlap happen often.
 const POOLS: [(&str, u8); 7] = [

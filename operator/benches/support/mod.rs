@@ -13,7 +13,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use trellis_api::v1alpha1::{IPPool, IPPoolSpec};
 use trellis_operator::ipam::{self, Allocation};
 use trellis_operator::plan::{self, Snapshot};
-use trellis_operator::selector::Selector;
+use trellis_policy::selector::Selector;
 
 pub const V4_CIDR: &str = "10.0.0.0/8";
 pub const V4_BLOCK: u8 = 24;

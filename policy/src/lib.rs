@@ -1,0 +1,53 @@
+//! `trellis-policy`: the one NetworkPolicy compiler (design 0004). Pure
+//! functions over values — no client, no I/O, no clock — shared by the
+//! operator (identities) and the node (tables for its local endpoints).
+//!
+//! ```text
+//!  NetworkPolicy ─┬─▶ cidr::CidrTable ── cidr_identity(addr) ──▶ IP cache (cidr_identity)
+//!                 │
+//!  Pod+Namespace ─┼─▶ identity::SecurityLabels ─▶ IdentityInfo (id, labels, named ports)
+//!                 ▼
+//!  compile::compile_endpoint(Input, LocalEndpoint)
+//!                 │  Kubernetes semantics, ports → port prefixes (ports)
+//!                 ▼
+//!  Compiled { EndpointPolicy { ingress, egress: DirectionTable }, Provenance, Diagnostics }
+//!                 │                                        │
+//!  trellis-node ──┘ writes trellis_policy / endpoints      └─ table::lookup: the BPF lookup, mirrored
+//! ```
+//!
+//! - [`identity`]: reserved identities (`ANY` 0, `HOST` 1, `WORLD` 2, pods
+//!   from 256, CIDRs from `0x0100_0000`), the label set that makes pods share
+//!   an identity, and named ports.
+//! - [`cidr`]: one identity per distinct `ipBlock` prefix, and the longest
+//!   prefix lookup the IP cache stores for every address.
+//! - [`ports`]: protocols and the minimal aligned cover of a port range.
+//! - [`table`]: the map keys and values of 0004 and [`table::lookup`], the
+//!   exact order the datapath looks them up in.
+//! - [`compile`]: Kubernetes NetworkPolicy → one endpoint's two tables, the
+//!   provenance of every entry, and [`Diagnostic`]s for what cannot be
+//!   enforced (which then matches nothing: never wider than written).
+//! - [`selector`]: label selectors, from our CRDs and from Kubernetes.
+//!
+//! Decisions worth knowing (see each module):
+//! - `ipBlock` matches pod addresses too, through CIDR identities.
+//! - Egress named ports resolve per destination identity (the union of the
+//!   container ports of its pods); towards an `ipBlock` they cannot be
+//!   enforced and match nothing (a warning). Ingress named ports resolve
+//!   against the pod itself.
+//! - An isolated pod always admits its own node (`HOST`), on every port.
+
+pub mod cidr;
+pub mod compile;
+pub mod diagnostic;
+pub mod identity;
+pub mod ports;
+pub mod selector;
+pub mod table;
+
+pub use cidr::CidrTable;
+pub use compile::{Compiled, Input, LocalEndpoint, Origin, Provenance, compile_endpoint};
+pub use diagnostic::{Diagnostic, Problem, Severity};
+pub use identity::{IdentityInfo, NamedPorts, SecurityLabels};
+pub use ports::Protocol;
+pub use table::{Decision, Direction, DirectionTable, EndpointPolicy, lookup};
+pub use trellis_api::v1alpha1::PolicyEnforcement;

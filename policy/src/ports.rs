@@ -1,0 +1,256 @@
+//! Protocols and port prefixes (0004 §4): a port range becomes the fewest
+//! aligned prefixes `(port, plen)` that cover it exactly, as in a routing
+//! table, so the datapath finds a range with at most 17 hash lookups.
+
+use std::fmt;
+
+/// A protocol a NetworkPolicy port can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Protocol {
+    /// IANA 6.
+    Tcp,
+    /// IANA 17.
+    Udp,
+    /// IANA 132.
+    Sctp,
+}
+
+impl Protocol {
+    /// Every protocol, in IANA order.
+    pub const ALL: [Protocol; 3] = [Protocol::Tcp, Protocol::Udp, Protocol::Sctp];
+
+    /// The IANA protocol number, as in the IP header and the policy key.
+    pub fn number(self) -> u8 {
+        match self {
+            Protocol::Tcp => 6,
+            Protocol::Udp => 17,
+            Protocol::Sctp => 132,
+        }
+    }
+
+    /// The protocol with IANA number `n`, when it has ports.
+    pub fn from_number(n: u8) -> Option<Self> {
+        Protocol::ALL.into_iter().find(|p| p.number() == n)
+    }
+
+    /// Kubernetes' spelling (case-sensitive, as the apiserver validates it);
+    /// unset means TCP. `None` for anything else.
+    pub fn from_k8s(s: Option<&str>) -> Option<Self> {
+        match s {
+            None | Some("TCP") => Some(Protocol::Tcp),
+            Some("UDP") => Some(Protocol::Udp),
+            Some("SCTP") => Some(Protocol::Sctp),
+            Some(_) => None,
+        }
+    }
+
+    /// Kubernetes' spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "TCP",
+            Protocol::Udp => "UDP",
+            Protocol::Sctp => "SCTP",
+        }
+    }
+}
+
+impl fmt::Display for Protocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// An aligned block of ports: the `plen` high bits of `port` are fixed, the
+/// other `16 − plen` bits are free (and zero in `port`). `plen` 16 is one
+/// port, `plen` 0 every port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortPrefix {
+    /// The first port of the block (its low `16 − plen` bits are zero).
+    pub port: u16,
+    /// How many high bits are fixed, 0 to 16.
+    pub plen: u8,
+}
+
+impl PortPrefix {
+    /// The first port of the block.
+    pub fn first(self) -> u16 {
+        self.port
+    }
+
+    /// The last port of the block.
+    pub fn last(self) -> u16 {
+        self.port | !mask(self.plen)
+    }
+
+    /// Whether `port` is in the block.
+    pub fn contains(self, port: u16) -> bool {
+        port & mask(self.plen) == self.port
+    }
+}
+
+/// The mask of the `plen` high bits of a port (`plen` above 16 counts as 16).
+/// This is 0004's `port >> (16 − n) << (16 − n)`, written without a shift by
+/// 16, which C defines for `int` but Rust does not for `u16`.
+pub fn mask(plen: u8) -> u16 {
+    match plen {
+        0 => 0,
+        n if n >= 16 => u16::MAX,
+        n => u16::MAX << (16 - u32::from(n)),
+    }
+}
+
+/// The fewest aligned prefixes whose union is exactly `first..=last`, in
+/// ascending order; empty when `first > last`.
+///
+/// Greedy from the bottom: take the largest block that starts at the next
+/// uncovered port (so is aligned there) and does not pass `last`. The blocks
+/// taken are exactly the maximal aligned blocks inside the range, and every
+/// exact cover needs at least one block inside each of those, so none is
+/// smaller. At most 30 prefixes (for `1..=65534`).
+pub fn port_prefixes(first: u16, last: u16) -> Vec<PortPrefix> {
+    let mut out = Vec::new();
+    let (mut next, last) = (u32::from(first), u32::from(last));
+    while next <= last {
+        // Largest k with next aligned to 2^k and next + 2^k − 1 ≤ last.
+        let mut k = if next == 0 {
+            16
+        } else {
+            next.trailing_zeros().min(16)
+        };
+        while next + (1 << k) - 1 > last {
+            k -= 1;
+        }
+        out.push(PortPrefix {
+            // `next` ≤ `last` ≤ 65535 here, and `k` ≤ 16.
+            port: next as u16,
+            plen: (16 - k) as u8,
+        });
+        next += 1 << k;
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn cover(first: u16, last: u16) -> Vec<(u16, u8)> {
+        port_prefixes(first, last)
+            .into_iter()
+            .map(|p| (p.port, p.plen))
+            .collect()
+    }
+
+    #[test]
+    fn known_covers() {
+        type Case = (u16, u16, &'static [(u16, u8)]);
+        let cases: &[Case] = &[
+            (80, 80, &[(80, 16)]),
+            (0, 65535, &[(0, 0)]),
+            (
+                1,
+                65535,
+                &[
+                    (1, 16),
+                    (2, 15),
+                    (4, 14),
+                    (8, 13),
+                    (16, 12),
+                    (32, 11),
+                    (64, 10),
+                    (128, 9),
+                    (256, 8),
+                    (512, 7),
+                    (1024, 6),
+                    (2048, 5),
+                    (4096, 4),
+                    (8192, 3),
+                    (16384, 2),
+                    (32768, 1),
+                ],
+            ),
+            (8080, 8090, &[(8080, 13), (8088, 15), (8090, 16)]),
+            (32768, 65535, &[(32768, 1)]),
+            (65535, 65535, &[(65535, 16)]),
+            (10, 9, &[]),
+        ];
+        for (first, last, want) in cases {
+            assert_eq!(cover(*first, *last), *want, "{first}..={last}");
+        }
+    }
+
+    #[test]
+    fn the_worst_case_is_thirty() {
+        assert_eq!(port_prefixes(1, 65534).len(), 30);
+    }
+
+    #[test]
+    fn masks() {
+        assert_eq!(mask(0), 0);
+        assert_eq!(mask(1), 0x8000);
+        assert_eq!(mask(15), 0xfffe);
+        assert_eq!(mask(16), 0xffff);
+        assert_eq!(mask(200), 0xffff);
+    }
+
+    #[test]
+    fn protocols_round_trip() {
+        for p in Protocol::ALL {
+            assert_eq!(Protocol::from_number(p.number()), Some(p));
+            assert_eq!(Protocol::from_k8s(Some(p.as_str())), Some(p));
+        }
+        assert_eq!(Protocol::from_k8s(None), Some(Protocol::Tcp));
+        assert_eq!(Protocol::from_k8s(Some("tcp")), None);
+        assert_eq!(Protocol::from_k8s(Some("ICMP")), None);
+        assert_eq!(Protocol::from_number(1), None);
+        assert_eq!(
+            Protocol::ALL.map(Protocol::number),
+            [6, 17, 132],
+            "IANA numbers"
+        );
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        /// Exact, aligned, disjoint and minimal. Minimal is checked without
+        /// trusting the algorithm: an exact cover by aligned blocks is minimal
+        /// iff no block's parent (the aligned block twice its size that holds
+        /// it) lies inside the range, i.e. every block is maximal.
+        #[test]
+        fn cover_is_exact_aligned_and_minimal(a in any::<u16>(), b in any::<u16>()) {
+            let (first, last) = (a.min(b), a.max(b));
+            let prefixes = port_prefixes(first, last);
+            let mut expect = u32::from(first);
+            for p in &prefixes {
+                prop_assert!(p.plen <= 16);
+                prop_assert_eq!(p.port & !mask(p.plen), 0, "aligned: {:?}", p);
+                // Ascending and contiguous: together with the ends this is
+                // "union == range" and "disjoint".
+                prop_assert_eq!(u32::from(p.first()), expect, "contiguous: {:?}", p);
+                expect = u32::from(p.last()) + 1;
+                if p.plen > 0 {
+                    let parent = PortPrefix { port: p.port & mask(p.plen - 1), plen: p.plen - 1 };
+                    prop_assert!(
+                        parent.first() < first || parent.last() > last,
+                        "{:?} could merge into {:?} inside {}..={}", p, parent, first, last
+                    );
+                }
+            }
+            prop_assert_eq!(expect, u32::from(last) + 1);
+        }
+
+        /// Membership agrees with the range for every port near the ends.
+        #[test]
+        fn membership_matches_range(a in any::<u16>(), b in any::<u16>(), probe in any::<u16>()) {
+            let (first, last) = (a.min(b), a.max(b));
+            let prefixes = port_prefixes(first, last);
+            for port in [probe, first, last, first.wrapping_sub(1), last.wrapping_add(1)] {
+                let inside = (first..=last).contains(&port);
+                let covered = prefixes.iter().filter(|p| p.contains(port)).count();
+                prop_assert_eq!(covered, usize::from(inside), "port {}", port);
+            }
+        }
+    }
+}
