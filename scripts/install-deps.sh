@@ -6,8 +6,9 @@
 #
 # - Rust (stable >= 1.95, with rustfmt and clippy) and Go (>= 1.24) must be on
 #   the machine: they are the toolchains, not project dependencies.
-# - Debian packages the sandbox and tests use are installed with apt-get when
-#   missing.
+# - Debian packages the build, the sandbox and the tests use (among them
+#   clang and libbpf-dev for the eBPF policy programs) are installed with
+#   apt-get when missing.
 # - kube-apiserver, kubectl, etcd, cnitool and the reference CNI plugins are
 #   built from the pinned Go tools modules in tests/e2e/tools/ into a cache
 #   outside the repository.
@@ -43,13 +44,24 @@ declare -A need=(
   [iptables]=iptables  # the reference portmap plugin chained after ours
   [nft]=nftables       # portmap's nftables backend
   [openssl]=openssl    # the demo's HTTPS server between pods
+  [clang]=clang        # node-reconciler/build.rs compiles the eBPF policy programs
+  [tc]=iproute2        # the BPF tests check clsact filters
+)
+# ... and when a file is missing.
+declare -A need_files=(
+  [/usr/include/bpf/bpf_helpers.h]=libbpf-dev  # libbpf's headers for the eBPF programs
 )
 missing=()
 for cmd in "${!need[@]}"; do
   command -v "$cmd" >/dev/null || missing+=("${need[$cmd]}")
 done
+for file in "${!need_files[@]}"; do
+  [[ -e $file ]] || missing+=("${need_files[$file]}")
+done
 if ((${#missing[@]})); then
   command -v apt-get >/dev/null || die "missing ${missing[*]} and no apt-get to install them"
+  # Several entries can name one package.
+  mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   say "installing ${missing[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"

@@ -16,10 +16,13 @@
 //! notifications (`wake`, pure, says which of those can matter to it), and
 //! publishes the node's facts (blocks, pod MTU,
 //! readiness) to `endpoint`, which serves the CNI plugin: pod addresses,
-//! veths and their routes, on a unix socket.
+//! veths and their routes, on a unix socket. `bpf` is the policy datapath:
+//! it loads the C programs of `bpf/` (compiled by build.rs), attaches them
+//! to pods' host veths and writes their maps.
 
 pub mod agent;
 pub mod apply;
+pub mod bpf;
 pub mod desired;
 pub mod endpoint;
 pub mod metrics;
