@@ -34,7 +34,7 @@ use aya::util::KernelVersion;
 use nix::errno::Errno;
 use nix::sched::{CloneFlags, setns};
 
-use super::datapath::{Datapath, Program};
+use super::datapath::{Datapath, Program, classifier, classifier_mut};
 use super::error::{BpfError, io_errno, link_errno, program_errno, tc_errno};
 use crate::netns::NetnsError;
 
@@ -140,7 +140,7 @@ impl Datapath {
                 add_clsact(ifname, &namespace)?;
             }
             for program in Program::ALL {
-                let prog = classifier(ebpf, program)?;
+                let prog = classifier_mut(ebpf, program)?;
                 let on = On {
                     program,
                     ifname,
@@ -216,20 +216,8 @@ impl Datapath {
         in_netns(netns, ifname, || {
             let mut out = [false; 2];
             for (i, program) in Program::ALL.into_iter().enumerate() {
-                let name = program.name();
-                let prog: &SchedClassifier = ebpf
-                    .program(name)
-                    .ok_or(BpfError::Missing {
-                        what: "program",
-                        name,
-                    })?
-                    .try_into()
-                    .map_err(|e| BpfError::Verify {
-                        program: name,
-                        source: Box::new(e),
-                    })?;
                 out[i] = attached_here(
-                    prog,
+                    classifier(ebpf, program)?,
                     &On {
                         program,
                         ifname,
@@ -289,20 +277,6 @@ fn tcx_supported() -> bool {
 
 fn link_pin(links_dir: &Path, ifname: &str, program: Program) -> PathBuf {
     links_dir.join(format!("{ifname}_{}", program.pin_suffix()))
-}
-
-fn classifier(ebpf: &mut aya::Ebpf, program: Program) -> Result<&mut SchedClassifier, BpfError> {
-    let name = program.name();
-    ebpf.program_mut(name)
-        .ok_or(BpfError::Missing {
-            what: "program",
-            name,
-        })?
-        .try_into()
-        .map_err(|e| BpfError::Verify {
-            program: name,
-            source: Box::new(e),
-        })
 }
 
 /// Runs `f` on a thread inside the namespace at `netns`, or right here.

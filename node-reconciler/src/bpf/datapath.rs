@@ -218,22 +218,12 @@ impl Datapath {
         })?;
 
         for program in Program::ALL {
-            let name = program.name();
-            let prog: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or(BpfError::Missing {
-                    what: "program",
-                    name,
-                })?
-                .try_into()
+            classifier_mut(&mut ebpf, program)?
+                .load()
                 .map_err(|e| BpfError::Verify {
-                    program: name,
+                    program: program.name(),
                     source: Box::new(e),
                 })?;
-            prog.load().map_err(|e| BpfError::Verify {
-                program: name,
-                source: Box::new(e),
-            })?;
         }
 
         Ok(Datapath {
@@ -260,23 +250,12 @@ impl Datapath {
     /// What the kernel says about a loaded program (its id, size, how many
     /// instructions the verifier processed).
     pub fn program_info(&self, program: Program) -> Result<ProgramInfo, BpfError> {
-        let name = program.name();
-        let prog: &SchedClassifier = self
-            .ebpf
-            .program(name)
-            .ok_or(BpfError::Missing {
-                what: "program",
-                name,
-            })?
-            .try_into()
+        classifier(&self.ebpf, program)?
+            .info()
             .map_err(|e| BpfError::Verify {
-                program: name,
+                program: program.name(),
                 source: Box::new(e),
-            })?;
-        prog.info().map_err(|e| BpfError::Verify {
-            program: name,
-            source: Box::new(e),
-        })
+            })
     }
 
     /// Makes `ifindex` (the host veth in the node's namespace) an endpoint,
@@ -566,4 +545,37 @@ fn prepare_pin_dir(dir: &Path) -> Result<PathBuf, BpfError> {
         return Err(BpfError::NotBpffs { path: versioned });
     }
     Ok(versioned)
+}
+
+/// Our program `program` in `ebpf`, as the classifier it is.
+pub(super) fn classifier(ebpf: &Ebpf, program: Program) -> Result<&SchedClassifier, BpfError> {
+    let name = program.name();
+    ebpf.program(name)
+        .ok_or(BpfError::Missing {
+            what: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|e| BpfError::Verify {
+            program: name,
+            source: Box::new(e),
+        })
+}
+
+/// [`classifier`], to load or attach it.
+pub(super) fn classifier_mut(
+    ebpf: &mut Ebpf,
+    program: Program,
+) -> Result<&mut SchedClassifier, BpfError> {
+    let name = program.name();
+    ebpf.program_mut(name)
+        .ok_or(BpfError::Missing {
+            what: "program",
+            name,
+        })?
+        .try_into()
+        .map_err(|e| BpfError::Verify {
+            program: name,
+            source: Box::new(e),
+        })
 }
