@@ -33,6 +33,7 @@ case "$tool" in
   kube-apiserver|kubectl)
     mod="$here/kubernetes"
     pkgs=(k8s.io/kubernetes/cmd/$tool)
+    bins=("$tool")
     version=$(pinned k8s.io/kubernetes "$mod")
     minor=$(echo "$version" | cut -d. -f2)
     ldflags="-s -w -X k8s.io/component-base/version.gitVersion=$version -X k8s.io/component-base/version.gitMajor=1 -X k8s.io/component-base/version.gitMinor=$minor"
@@ -40,12 +41,15 @@ case "$tool" in
   etcd)
     mod="$here/etcd"
     pkgs=(go.etcd.io/etcd/server/v3)
+    # The package's last element is its major version, not the binary's name.
+    bins=(etcd)
     version=$(pinned go.etcd.io/etcd/server/v3 "$mod")
     ldflags="-s -w"
     ;;
   cnitool)
     mod="$here/cni"
     pkgs=(github.com/containernetworking/cni/cnitool)
+    bins=(cnitool)
     version=$(pinned github.com/containernetworking/cni "$mod")
     ldflags="-s -w"
     ;;
@@ -53,8 +57,10 @@ case "$tool" in
     mod="$here/cni"
     version=$(pinned github.com/containernetworking/plugins "$mod")
     pkgs=()
+    bins=()
     for name in $(printf '%s\n' "${!cni_plugins[@]}" | sort); do
       pkgs+=("github.com/containernetworking/plugins/${cni_plugins[$name]}")
+      bins+=("$name")
     done
     ldflags="-s -w -X github.com/containernetworking/plugins/pkg/utils/buildversion.BuildVersion=$version"
     ;;
@@ -84,18 +90,21 @@ build() { # build <package> <binary path>
   mv -f "$bin.tmp.$$" "$bin"   # atomic: a crashed build never leaves a half binary at $bin
 }
 
+# Indexes of the packages whose binary ($dir/${bins[i]}) is not there yet.
 missing=()
-for pkg in "${pkgs[@]}"; do
-  [[ -x "$dir/${pkg##*/}" ]] || missing+=("$pkg")
+for i in "${!pkgs[@]}"; do
+  [[ -x "$dir/${bins[i]}" ]] || missing+=("$i")
 done
 if (( ${#missing[@]} )); then
   mkdir -p "$dir"
   command -v go >/dev/null || { echo "build.sh: Go is not installed (need Go >= 1.24 for tools modules)" >&2; exit 3; }
-  echo "build.sh: building ${missing[*]##*/} $version (cold build, minutes) into $dir" >&2
+  names=$(for i in "${missing[@]}"; do printf '%s ' "${bins[i]}"; done)
+  echo "build.sh: building ${names% } $version (cold build, minutes) into $dir" >&2
   start=$(date +%s)
-  for pkg in "${missing[@]}"; do
-    build "$pkg" "$dir/${pkg##*/}"
+  for i in "${missing[@]}"; do
+    build "${pkgs[i]}" "$dir/${bins[i]}"
   done
-  echo "build.sh: built ${missing[*]##*/} in $(( $(date +%s) - start ))s" >&2
+  echo "build.sh: built ${names% } in $(( $(date +%s) - start ))s" >&2
 fi
+[[ -x "$out" ]] || { echo "build.sh: $out was not built" >&2; exit 3; }
 echo "$out"
