@@ -18,7 +18,9 @@
 //! readiness) to `endpoint`, which serves the CNI plugin: pod addresses,
 //! veths and their routes, on a unix socket. `bpf` is the policy datapath:
 //! it loads the C programs of `bpf/` (compiled by build.rs), attaches them
-//! to pods' host veths and writes their maps.
+//! to pods' host veths and writes their maps; `policy` turns compiled
+//! NetworkPolicy tables into those maps' contents (pure) and writes them in
+//! an order that never exposes a half-written table.
 
 pub mod agent;
 pub mod apply;
@@ -30,5 +32,6 @@ pub mod model;
 pub mod netns;
 pub mod observe;
 pub mod plan;
+pub mod policy;
 pub mod report;
 pub mod wake;

@@ -30,6 +30,7 @@ use Reason::{
     PolicyAllow, PolicyDeny, Related, Reply, UnknownEndpoint,
 };
 use aya::programs::{SchedClassifier, TcAttachType};
+use fixtures::bpf::{Bpffs, expect, got, sent};
 use fixtures::netns::{Netns, run};
 use fixtures::packet::{
     ETH_P_8021Q, ETH_P_IP, ETH_P_IPV6, Frag, Ip, L4, TCP_ACK, TCP_FIN, TCP_SYN, arp, eth, frame,
@@ -131,42 +132,10 @@ fn net(s: &str) -> IpNet {
     s.parse().expect("a prefix")
 }
 
-/// Runs `program` on `frame` as if on device `ifindex`, and checks the
-/// verdict and that exactly one counter moved: `reason` in the program's
-/// direction.
-#[track_caller]
-fn expect(dp: &Datapath, program: Program, ifindex: u32, frame: &[u8], reason: Reason) {
-    let before = dp.counters().expect("counters");
-    let verdict = dp.test_run(program, ifindex, frame).expect("test run");
-    let counted = dp.counters().expect("counters").since(&before).nonzero();
-    let want = if reason.is_drop() {
-        Verdict::Drop
-    } else {
-        Verdict::Pass
-    };
-    assert_eq!(
-        (verdict, counted),
-        (want, vec![(reason, program.direction(), 1)]),
-        "{program:?} on ifindex {ifindex}"
-    );
-}
-
 /// The connection entry `k`, which must exist.
 #[track_caller]
 fn read(dp: &Datapath, k: &CtKey) -> CtEntry {
     dp.conntrack(k).expect("read").expect("tracked")
-}
-
-/// [`expect`] for `l4` from `src` to `dst` sent by the pod behind `ifindex`.
-#[track_caller]
-fn sent(dp: &Datapath, ifindex: u32, src: &str, dst: &str, l4: L4, reason: Reason) {
-    expect(dp, FromPod, ifindex, &frame(src, dst, l4), reason);
-}
-
-/// [`expect`] for `l4` from `src` to `dst` going to the pod behind `ifindex`.
-#[track_caller]
-fn got(dp: &Datapath, ifindex: u32, src: &str, dst: &str, l4: L4, reason: Reason) {
-    expect(dp, ToPod, ifindex, &frame(src, dst, l4), reason);
 }
 
 /// The `plens` of a table holding `keys`.
@@ -1080,32 +1049,6 @@ fn later_fragments_follow_their_first_fragment() {
 }
 
 // ─── pinned maps and links, real traffic ───────────────────────────────────
-
-/// A private bpffs instance, mounted at a `trellis-bpft-*` directory and
-/// unmounted and removed when dropped.
-struct Bpffs {
-    path: PathBuf,
-}
-
-impl Bpffs {
-    fn new(test: &str) -> Bpffs {
-        let path = PathBuf::from(format!("/run/trellis-bpft-{test}"));
-        // Left by a killed run.
-        let _ = Command::new("umount").arg(&path).output();
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).expect("mount point");
-        let target = path.to_str().expect("UTF-8 path");
-        run(&["mount", "-t", "bpf", "trellis-bpft", target]);
-        Bpffs { path }
-    }
-}
-
-impl Drop for Bpffs {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.path).output();
-        let _ = std::fs::remove_dir(&self.path);
-    }
-}
 
 /// A node namespace and a pod namespace joined by a veth: `host` in the
 /// node's (10.99.0.1/24), `eth0` in the pod's (10.99.0.2/24).

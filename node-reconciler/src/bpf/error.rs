@@ -126,6 +126,16 @@ pub enum BpfError {
         #[source]
         source: Box<MapError>,
     },
+    #[error(
+        "endpoint ifindex {ifindex} not switched to policy table {policy}: the table \
+         is not completely written (see the failure before)"
+    )]
+    TableIncomplete { policy: u32, ifindex: u32 },
+    #[error(
+        "policy table {policy} not removed: endpoint ifindex {ifindex} still uses it \
+         (its switch to another table failed)"
+    )]
+    TableInUse { policy: u32, ifindex: u32 },
     #[error(transparent)]
     Netns(Box<NetnsError>),
 }

@@ -1,0 +1,826 @@
+//! What the policy maps of this node should hold. Pure.
+//!
+//! ```text
+//!  locals ──group by (labels, named ports)──▶ compile_endpoint, once per group ──▶ Arc<Compiled>
+//!                                                │ isolated directions' entries
+//!                                                ▼
+//!               equal contents ──▶ one Table ──▶ id: the installed id of equal
+//!               (any endpoint, either direction)     contents (PolicyIds), else a fresh one
+//!                                                ▼
+//!  endpoints: ifindex ──▶ EndpointEntry { identity, flags, ingress/egress id + plens }
+//!  ipcache:   CIDR prefixes (WORLD, own id) ◀── host (HOST), local and remote pods (/32, /128)
+//! ```
+//!
+//! A table never depends on the endpoint's identity (see
+//! [`LocalEndpoint`]), so endpoints with equal labels and named ports share
+//! one compilation, and tables with equal entries share one policy id
+//! whoever uses them, in whichever direction. An id keeps naming the same
+//! contents for as long as they are installed: a changed table gets a
+//! fresh id, which is what lets `sync::plan` write it completely before one
+//! endpoint update switches to it (0004 decision 5). Id 0 is never used.
+//!
+//! Two endpoints can share a table while their rule ids mean different
+//! policies (equal shapes in two namespaces): the provenance to read a
+//! rule id with is the endpoint's, in [`Desired::compiled`].
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::Arc;
+
+use ipnet::IpNet;
+use trellis_policy::compile::{Compiled, Input, LocalEndpoint, compile_endpoint};
+use trellis_policy::identity::{HOST, NamedPorts, SecurityLabels, WORLD};
+use trellis_policy::table::{self, DirectionTable, Key, PLENS_ANY_PROTOCOL};
+
+use crate::bpf::abi::{Direction, EndpointEntry, IpCacheEntry, PolicyEntry};
+
+/// One policy table as the `trellis_policy` map holds it under its id:
+/// (identity, protocol, port prefix) → (rule, action).
+pub type Table = BTreeMap<Key, PolicyEntry>;
+
+/// The contents of every isolated direction with nothing allowed.
+pub static EMPTY_TABLE: Table = BTreeMap::new();
+
+/// One pod endpoint of this node.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Local {
+    /// The index of its host-side veth in the node's namespace (the
+    /// `trellis_endpoints` key).
+    pub ifindex: u32,
+    /// Its addresses.
+    pub addresses: Vec<IpAddr>,
+    /// What it is compiled for: identity, labels, named ports.
+    pub endpoint: LocalEndpoint,
+}
+
+/// Everything the node's policy maps are computed from.
+#[derive(Debug, Clone, Copy)]
+pub struct World<'a> {
+    /// Policies, identities and the node's CIDR identities.
+    pub input: &'a Input,
+    /// This node's pod endpoints.
+    pub locals: &'a [Local],
+    /// Other nodes' pod addresses and their identities (the shards).
+    pub remote: &'a [(IpAddr, u32)],
+    /// This node's own addresses: identity `HOST`.
+    pub host: &'a [IpAddr],
+}
+
+/// Which table contents are installed under which id: the only memory
+/// [`desired`] has, so that unchanged tables keep their ids (no churn) and
+/// new ones get ids nothing installed uses. Borrows the contents from the
+/// mirror it is built from (`sync::Installed::ids`).
+#[derive(Debug, Clone, Default)]
+pub struct PolicyIds<'a> {
+    by_content: HashMap<&'a Table, u32>,
+    used: BTreeSet<u32>,
+}
+
+impl<'a> PolicyIds<'a> {
+    /// Nothing installed.
+    pub fn new() -> Self {
+        PolicyIds::default()
+    }
+
+    /// Records that id `id` is installed holding exactly `table`. When
+    /// several ids hold equal contents, the smallest is the one reused (the
+    /// others then lose their endpoints and are removed). Id 0 is only
+    /// reserved: it never names a table.
+    pub fn insert(&mut self, id: u32, table: &'a Table) {
+        self.used.insert(id);
+        if id == 0 {
+            return;
+        }
+        self.by_content
+            .entry(table)
+            .and_modify(|have| *have = (*have).min(id))
+            .or_insert(id);
+    }
+
+    /// Records that `id` is in use with contents no table may reuse.
+    pub fn reserve(&mut self, id: u32) {
+        self.used.insert(id);
+    }
+
+    /// The installed id of exactly these contents.
+    pub fn get(&self, table: &Table) -> Option<u32> {
+        self.by_content.get(table).copied()
+    }
+
+    /// Whether `id` is installed (or reserved).
+    pub fn is_used(&self, id: u32) -> bool {
+        self.used.contains(&id)
+    }
+}
+
+/// Who says an address has an identity. Lower ranks win a conflict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Claimant {
+    /// A pod endpoint of this node, by the ifindex of its veth.
+    Local { ifindex: u32 },
+    /// This node.
+    Host,
+    /// Another node's shard.
+    Remote,
+}
+
+impl fmt::Display for Claimant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Claimant::Local { ifindex } => write!(f, "local endpoint ifindex {ifindex}"),
+            Claimant::Host => f.write_str("this node"),
+            Claimant::Remote => f.write_str("another node's endpoints"),
+        }
+    }
+}
+
+/// One claim on an address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Claim {
+    pub by: Claimant,
+    pub identity: u32,
+}
+
+impl Claim {
+    /// Local before host before remote (we made the local pods' veths; a
+    /// remote shard can be stale), then the smaller identity.
+    fn rank(&self) -> (u8, u32) {
+        let by = match self.by {
+            Claimant::Local { .. } => 0,
+            Claimant::Host => 1,
+            Claimant::Remote => 2,
+        };
+        (by, self.identity)
+    }
+}
+
+/// Input that contradicts itself; what was kept is deterministic.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Conflict {
+    /// One address claimed with two identities (a stale shard, a reused
+    /// address): `kept` is in the IP cache, `dropped` is not.
+    Address {
+        address: IpAddr,
+        kept: Claim,
+        dropped: Claim,
+    },
+    /// Two local endpoints on one ifindex: the one with the smaller
+    /// identity is kept, the other (and its addresses) left out.
+    Ifindex {
+        ifindex: u32,
+        kept: u32,
+        dropped: u32,
+    },
+}
+
+impl fmt::Display for Conflict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Conflict::Address {
+                address,
+                kept,
+                dropped,
+            } => write!(
+                f,
+                "{address} has identity {} from {} and {} from {}: kept {}",
+                kept.identity, kept.by, dropped.identity, dropped.by, kept.identity
+            ),
+            Conflict::Ifindex {
+                ifindex,
+                kept,
+                dropped,
+            } => write!(
+                f,
+                "two endpoints on ifindex {ifindex}, identities {kept} and {dropped}: kept {kept}"
+            ),
+        }
+    }
+}
+
+/// The policy maps this node should hold, and what they were made from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// `trellis_endpoints`: ifindex → entry.
+    pub endpoints: BTreeMap<u32, EndpointEntry>,
+    /// `trellis_policy`, by table id. Every id an endpoint names is here
+    /// (an isolated direction that allows nothing names an empty table).
+    pub tables: BTreeMap<u32, Table>,
+    /// `trellis_ipcache`: prefix → (identity, CIDR identity).
+    pub ipcache: BTreeMap<IpNet, IpCacheEntry>,
+    /// Per endpoint (ifindex), its compilation: the tables, the provenance
+    /// of their rule ids and the diagnostics (shared by endpoints with equal
+    /// labels and named ports).
+    pub compiled: BTreeMap<u32, Arc<Compiled>>,
+    /// Contradictions in the input, sorted.
+    pub conflicts: Vec<Conflict>,
+}
+
+impl Desired {
+    /// The table id endpoint `ifindex` uses in `dir`; `None` when it is not
+    /// an endpoint or `dir` is not isolated.
+    pub fn policy_of(&self, ifindex: u32, dir: Direction) -> Option<u32> {
+        let entry = self.endpoints.get(&ifindex)?;
+        entry.is_isolated(dir).then_some(policy_id(entry, dir))
+    }
+
+    /// What the IP cache answers for `addr`: the entry of the longest prefix
+    /// containing it, else `WORLD`/`WORLD` (the datapath's lookup).
+    pub fn identities_of(&self, addr: IpAddr) -> IpCacheEntry {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        (0..=max)
+            .rev()
+            .find_map(|len| {
+                let net = IpNet::new(addr, len).ok()?.trunc();
+                self.ipcache.get(&net).copied()
+            })
+            .unwrap_or(IpCacheEntry {
+                identity: WORLD,
+                cidr_identity: WORLD,
+            })
+    }
+}
+
+/// The table id of `dir` in `entry` (meaningful when `dir` is isolated).
+pub fn policy_id(entry: &EndpointEntry, dir: Direction) -> u32 {
+    match dir {
+        Direction::Ingress => entry.ingress_policy,
+        Direction::Egress => entry.egress_policy,
+    }
+}
+
+/// The `plens` of `dir` in `entry`.
+pub fn plens_of(entry: &EndpointEntry, dir: Direction) -> u32 {
+    match dir {
+        Direction::Ingress => entry.ingress_plens,
+        Direction::Egress => entry.egress_plens,
+    }
+}
+
+/// The prefix-length mask an endpoint entry announces for `table` (as
+/// [`DirectionTable::plens`]: bit `n` for port prefix length `n`, bit 17 for
+/// any-protocol entries).
+pub fn plens(table: &Table) -> u32 {
+    table.keys().fold(0, |bits, k| {
+        if k.proto == 0 {
+            bits | PLENS_ANY_PROTOCOL
+        } else if k.plen <= 16 {
+            bits | 1 << k.plen
+        } else {
+            bits
+        }
+    })
+}
+
+/// The map form of a compiled direction's entries.
+fn to_table(compiled: &DirectionTable) -> Table {
+    compiled
+        .entries
+        .iter()
+        .map(|(k, e)| {
+            let entry = match e.action {
+                table::Action::Allow => PolicyEntry::allow(e.rule),
+                table::Action::Deny => PolicyEntry::deny(e.rule),
+            };
+            (*k, entry)
+        })
+        .collect()
+}
+
+fn compiled_direction(dir: Direction) -> table::Direction {
+    match dir {
+        Direction::Ingress => table::Direction::Ingress,
+        Direction::Egress => table::Direction::Egress,
+    }
+}
+
+/// The policy maps for `world`, reusing the ids of `installed` for
+/// contents it already holds.
+pub fn desired(world: &World, installed: &PolicyIds) -> Desired {
+    let mut conflicts = Vec::new();
+    let locals = unique_locals(world.locals, &mut conflicts);
+
+    // One compilation per (labels, named ports): the identity does not
+    // change the tables. Ids by content, across endpoints and directions,
+    // handed out in ifindex order (so fresh ids do not depend on the
+    // input's order).
+    let mut ids = Ids::new(installed);
+    let mut groups: BTreeMap<(&SecurityLabels, &NamedPorts), (Arc<Compiled>, EndpointEntry)> =
+        BTreeMap::new();
+    let mut compiled = BTreeMap::new();
+    let mut endpoints = BTreeMap::new();
+    for local in &locals {
+        let ep = &local.endpoint;
+        let (c, template) = groups
+            .entry((&ep.labels, &ep.named_ports))
+            .or_insert_with(|| {
+                let c = compile_endpoint(world.input, ep);
+                let mut entry = EndpointEntry::new(0);
+                for dir in Direction::ALL {
+                    let t = c.policy.table(compiled_direction(dir));
+                    if t.isolated {
+                        entry = entry.isolate(dir, ids.id_of(t), t.plens());
+                    }
+                }
+                (Arc::new(c), entry)
+            });
+        compiled.insert(local.ifindex, Arc::clone(c));
+        let entry = EndpointEntry {
+            identity: ep.identity,
+            ..*template
+        };
+        endpoints.insert(local.ifindex, entry);
+    }
+
+    let ipcache = ipcache(world, &locals, &mut conflicts);
+    conflicts.sort();
+    Desired {
+        endpoints,
+        tables: ids.tables,
+        ipcache,
+        compiled,
+        conflicts,
+    }
+}
+
+/// One local endpoint per ifindex (the smaller identity wins), sorted by
+/// ifindex.
+fn unique_locals<'a>(locals: &'a [Local], conflicts: &mut Vec<Conflict>) -> Vec<&'a Local> {
+    let mut sorted: Vec<&Local> = locals.iter().collect();
+    sorted.sort_by(|a, b| {
+        (a.ifindex, a.endpoint.identity, &a.addresses).cmp(&(
+            b.ifindex,
+            b.endpoint.identity,
+            &b.addresses,
+        ))
+    });
+    let mut out: Vec<&Local> = Vec::with_capacity(sorted.len());
+    for local in sorted {
+        match out.last() {
+            Some(kept) if kept.ifindex == local.ifindex => {
+                if kept.endpoint != local.endpoint || kept.addresses != local.addresses {
+                    conflicts.push(Conflict::Ifindex {
+                        ifindex: local.ifindex,
+                        kept: kept.endpoint.identity,
+                        dropped: local.endpoint.identity,
+                    });
+                }
+            }
+            _ => out.push(local),
+        }
+    }
+    out
+}
+
+/// Hands out table ids by content.
+struct Ids<'i, 'a> {
+    installed: &'i PolicyIds<'a>,
+    /// Contents → id, for the tables of this desired state.
+    assigned: HashMap<Table, u32>,
+    tables: BTreeMap<u32, Table>,
+    /// The next candidate for a fresh id.
+    next: u32,
+}
+
+impl<'i, 'a> Ids<'i, 'a> {
+    fn new(installed: &'i PolicyIds<'a>) -> Self {
+        Ids {
+            installed,
+            assigned: HashMap::new(),
+            tables: BTreeMap::new(),
+            next: 1,
+        }
+    }
+
+    fn id_of(&mut self, compiled: &DirectionTable) -> u32 {
+        let table = to_table(compiled);
+        if let Some(&id) = self.assigned.get(&table) {
+            return id;
+        }
+        let id = match self.installed.get(&table) {
+            Some(id) => id,
+            None => self.fresh(),
+        };
+        self.assigned.insert(table.clone(), id);
+        self.tables.insert(id, table);
+        id
+    }
+
+    /// The smallest id that is neither 0, nor installed, nor handed out.
+    fn fresh(&mut self) -> u32 {
+        while self.installed.is_used(self.next) || self.tables.contains_key(&self.next) {
+            // Ids are bounded by the number of tables ever live at once, far
+            // from u32::MAX.
+            self.next += 1;
+        }
+        let id = self.next;
+        self.next += 1;
+        id
+    }
+}
+
+/// Every CIDR prefix as (WORLD, its own id), then every host, local and
+/// remote address as a host prefix with its identity and the CIDR identity
+/// of the longest prefix containing it (an address equal to a /32 or /128
+/// prefix replaces that prefix's entry: its CIDR identity is the same).
+fn ipcache(
+    world: &World,
+    locals: &[&Local],
+    conflicts: &mut Vec<Conflict>,
+) -> BTreeMap<IpNet, IpCacheEntry> {
+    let cidrs = &world.input.cidrs;
+    let mut out: BTreeMap<IpNet, IpCacheEntry> = cidrs
+        .iter()
+        .map(|(prefix, id)| {
+            let entry = IpCacheEntry {
+                identity: WORLD,
+                cidr_identity: id,
+            };
+            (prefix, entry)
+        })
+        .collect();
+
+    let claims = locals
+        .iter()
+        .flat_map(|l| {
+            let claim = Claim {
+                by: Claimant::Local { ifindex: l.ifindex },
+                identity: l.endpoint.identity,
+            };
+            l.addresses.iter().map(move |a| (*a, claim))
+        })
+        .chain(world.host.iter().map(|a| {
+            let claim = Claim {
+                by: Claimant::Host,
+                identity: HOST,
+            };
+            (*a, claim)
+        }))
+        .chain(world.remote.iter().map(|(a, id)| {
+            let claim = Claim {
+                by: Claimant::Remote,
+                identity: *id,
+            };
+            (*a, claim)
+        }));
+    let mut best: BTreeMap<IpAddr, Claim> = BTreeMap::new();
+    let mut losers: BTreeMap<IpAddr, BTreeSet<Claim>> = BTreeMap::new();
+    for (addr, claim) in claims {
+        match best.get_mut(&addr) {
+            None => {
+                best.insert(addr, claim);
+            }
+            Some(have) => {
+                if claim.rank() < have.rank() {
+                    let old = std::mem::replace(have, claim);
+                    losers.entry(addr).or_default().insert(old);
+                } else {
+                    losers.entry(addr).or_default().insert(claim);
+                }
+            }
+        }
+    }
+    for (addr, dropped) in losers {
+        let kept = best[&addr];
+        for claim in dropped {
+            if claim.identity != kept.identity {
+                conflicts.push(Conflict::Address {
+                    address: addr,
+                    kept,
+                    dropped: claim,
+                });
+            }
+        }
+    }
+    for (addr, claim) in best {
+        let entry = IpCacheEntry {
+            identity: claim.identity,
+            cidr_identity: cidrs.cidr_identity(addr),
+        };
+        out.insert(IpNet::from(addr), entry);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testing::*;
+    use serde_json::json;
+    use trellis_policy::PolicyEnforcement;
+    use trellis_policy::identity::CIDR_FIRST;
+    use trellis_policy::ports::Protocol;
+
+    #[test]
+    fn equal_labels_share_a_compilation_and_equal_tables_an_id() {
+        let input = mk_input(mk_policies(8080));
+        let d = compute(&input, &mk_locals(), &PolicyIds::new());
+        // web on 10 and 11: one compilation, one ingress table; egress open.
+        assert!(Arc::ptr_eq(&d.compiled[&10], &d.compiled[&11]));
+        assert!(!Arc::ptr_eq(&d.compiled[&10], &d.compiled[&12]));
+        let web = d.policy_of(10, Direction::Ingress).expect("isolated");
+        assert_eq!(d.policy_of(11, Direction::Ingress), Some(web));
+        assert_eq!(d.policy_of(10, Direction::Egress), None);
+        // tool (no policy in ops): not isolated, no table at all.
+        assert_eq!(d.endpoints[&13], EndpointEntry::new(TOOL));
+        // Three distinct tables: web ingress, db ingress, db egress.
+        assert_eq!(d.tables.len(), 3);
+        assert_eq!(d.tables.keys().copied().collect::<Vec<_>>(), [1, 2, 3]);
+        for (ifindex, entry) in &d.endpoints {
+            for dir in Direction::ALL {
+                let Some(id) = d.policy_of(*ifindex, dir) else {
+                    assert_eq!((policy_id(entry, dir), plens_of(entry, dir)), (0, 0));
+                    continue;
+                };
+                assert_ne!(id, 0);
+                let compiled = d.compiled[ifindex]
+                    .policy
+                    .table(compiled_direction(dir))
+                    .clone();
+                assert_eq!(d.tables[&id], to_table(&compiled));
+                assert_eq!(plens_of(entry, dir), compiled.plens());
+                assert_eq!(plens(&d.tables[&id]), compiled.plens());
+            }
+        }
+    }
+
+    #[test]
+    fn equal_tables_share_an_id_whatever_the_direction() {
+        use trellis_policy::identity::ANY;
+        use trellis_policy::table::{Action, Entry};
+        let mk = |rule| DirectionTable {
+            isolated: true,
+            entries: [(
+                Key::any_protocol(ANY),
+                Entry {
+                    rule,
+                    action: Action::Allow,
+                },
+            )]
+            .into(),
+        };
+        let none = PolicyIds::new();
+        let mut ids = Ids::new(&none);
+        // One endpoint's ingress, another's egress: one table.
+        assert_eq!(ids.id_of(&mk(16)), 1);
+        assert_eq!(ids.id_of(&mk(16)), 1);
+        // Another rule id is another table.
+        assert_eq!(ids.id_of(&mk(17)), 2);
+        assert_eq!(ids.tables.len(), 2);
+        // Id 0 never names a table, even when a map holds entries under it.
+        let mut zero = PolicyIds::new();
+        zero.insert(0, &EMPTY_TABLE);
+        assert_eq!(zero.get(&EMPTY_TABLE), None);
+        assert!(zero.is_used(0));
+
+        // Contents installed under some id are found there, whoever had
+        // them before.
+        let input = mk_input(mk_policies(8080));
+        let locals = mk_locals();
+        let d = compute(&input, &locals, &PolicyIds::new());
+        let db_egress = d.policy_of(12, Direction::Egress).expect("isolated");
+        let mut installed = PolicyIds::new();
+        installed.insert(42, &d.tables[&db_egress]);
+        let d = compute(&input, &locals, &installed);
+        assert_eq!(d.policy_of(12, Direction::Egress), Some(42));
+        assert!(d.tables.keys().all(|id| *id != 0));
+    }
+
+    #[test]
+    fn installed_ids_are_kept_and_nothing_moves_on_recompute() {
+        let input = mk_input(mk_policies(8080));
+        let locals = mk_locals();
+        let first = compute(&input, &locals, &PolicyIds::new());
+        let again = compute(&input, &locals, &installed_ids(&first));
+        assert_eq!(again, first);
+        // The input's order does not matter either.
+        let mut reversed = locals.clone();
+        reversed.reverse();
+        let mut input_r = input.clone();
+        input_r.policies.reverse();
+        assert_eq!(compute(&input_r, &reversed, &PolicyIds::new()), first);
+    }
+
+    #[test]
+    fn a_changed_table_gets_a_fresh_id_and_the_others_keep_theirs() {
+        let input = mk_input(mk_policies(8080));
+        let locals = mk_locals();
+        let before = compute(&input, &locals, &PolicyIds::new());
+        let web_before = before.policy_of(10, Direction::Ingress).expect("isolated");
+        let db_in = before.policy_of(12, Direction::Ingress);
+        let db_out = before.policy_of(12, Direction::Egress);
+
+        let changed = mk_input(mk_policies(8081));
+        let after = compute(&changed, &locals, &installed_ids(&before));
+        let web_after = after.policy_of(10, Direction::Ingress).expect("isolated");
+        assert!(
+            !before.tables.contains_key(&web_after),
+            "{web_after} is fresh"
+        );
+        assert_ne!(web_after, 0);
+        assert_eq!(after.policy_of(11, Direction::Ingress), Some(web_after));
+        assert_eq!(after.policy_of(12, Direction::Ingress), db_in);
+        assert_eq!(after.policy_of(12, Direction::Egress), db_out);
+        assert!(!after.tables.contains_key(&web_before));
+        // Fresh ids skip whatever is installed, not just what is desired.
+        let mut busy = PolicyIds::new();
+        for id in 1..=5 {
+            busy.reserve(id);
+        }
+        let d = compute(&changed, &locals, &busy);
+        assert!(d.tables.keys().all(|id| *id > 5), "{:?}", d.tables.keys());
+    }
+
+    #[test]
+    fn an_isolated_direction_that_allows_nothing_names_an_empty_table() {
+        let deny = mk_policy(json!({
+            "metadata": {"namespace": "shop", "name": "deny-egress"},
+            "spec": {"podSelector": {}, "policyTypes": ["Egress"]}
+        }));
+        let input = mk_input(vec![deny]);
+        let d = compute(&input, &mk_locals(), &PolicyIds::new());
+        let id = d.policy_of(10, Direction::Egress).expect("isolated");
+        assert_ne!(id, 0);
+        assert_eq!(d.tables[&id], EMPTY_TABLE);
+        assert_eq!(d.endpoints[&10].egress_plens, 0);
+        assert!(!d.endpoints[&10].is_isolated(Direction::Ingress));
+        // Every shop endpoint shares it.
+        assert_eq!(d.policy_of(12, Direction::Egress), Some(id));
+        // Installed and referenced, it keeps its id.
+        let mut ids = PolicyIds::new();
+        ids.insert(9, &EMPTY_TABLE);
+        let d = compute(&input, &mk_locals(), &ids);
+        assert_eq!(d.policy_of(10, Direction::Egress), Some(9));
+    }
+
+    #[test]
+    fn enforcement_never_isolates_nothing() {
+        let mut input = mk_input(mk_policies(8080));
+        input.enforcement = PolicyEnforcement::Never;
+        let d = compute(&input, &mk_locals(), &PolicyIds::new());
+        assert!(d.tables.is_empty());
+        assert!(d.endpoints.values().all(|e| e.flags == 0));
+    }
+
+    #[test]
+    fn the_ip_cache_holds_prefixes_pods_and_the_host() {
+        let input = mk_input(mk_policies(8080));
+        let d = compute(&input, &mk_locals(), &PolicyIds::new());
+        let id8 = input.cidrs.identity_of(&net("10.0.0.0/8")).expect("known");
+        let id16 = input.cidrs.identity_of(&net("10.1.0.0/16")).expect("known");
+        assert_eq!((id8, id16), (CIDR_FIRST, CIDR_FIRST + 1));
+        let e = |identity, cidr_identity| IpCacheEntry {
+            identity,
+            cidr_identity,
+        };
+        let want: BTreeMap<IpNet, IpCacheEntry> = [
+            ("10.0.0.0/8", e(WORLD, id8)),
+            ("10.1.0.0/16", e(WORLD, id16)),
+            ("10.244.1.10/32", e(WEB, id8)),
+            ("fd00:a::10/128", e(WEB, WORLD)),
+            ("10.244.1.11/32", e(WEB, id8)),
+            ("10.244.1.12/32", e(DB, id8)),
+            ("10.244.1.13/32", e(TOOL, id8)),
+            ("10.244.2.20/32", e(TOOL, id8)),
+            ("10.1.0.7/32", e(DB, id16)),
+            ("192.0.2.11/32", e(HOST, WORLD)),
+        ]
+        .into_iter()
+        .map(|(n, e)| (net(n), e))
+        .collect();
+        assert_eq!(d.ipcache, want);
+        assert!(d.conflicts.is_empty(), "{:?}", d.conflicts);
+        // The longest-prefix answer, as the datapath finds it.
+        assert_eq!(d.identities_of(ip("10.1.2.3")), e(WORLD, id16));
+        assert_eq!(d.identities_of(ip("10.9.9.9")), e(WORLD, id8));
+        assert_eq!(d.identities_of(ip("10.1.0.7")), e(DB, id16));
+        assert_eq!(d.identities_of(ip("203.0.113.1")), e(WORLD, WORLD));
+        assert_eq!(d.identities_of(ip("2001:db8::1")), e(WORLD, WORLD));
+    }
+
+    #[test]
+    fn an_address_that_is_also_a_policy_prefix_keeps_its_pod_identity() {
+        let p = mk_policy(json!({
+            "metadata": {"namespace": "shop", "name": "one"},
+            "spec": {
+                "podSelector": {},
+                "ingress": [{"from": [{"ipBlock": {"cidr": "10.244.1.12/32"}}]}]
+            }
+        }));
+        let input = mk_input(vec![p]);
+        let d = compute(&input, &mk_locals(), &PolicyIds::new());
+        assert_eq!(
+            d.ipcache[&net("10.244.1.12/32")],
+            IpCacheEntry {
+                identity: DB,
+                cidr_identity: CIDR_FIRST
+            }
+        );
+        assert!(d.conflicts.is_empty());
+    }
+
+    #[test]
+    fn conflicting_claims_are_decided_and_reported() {
+        let input = mk_input(vec![]);
+        let locals = vec![
+            mk_local(10, WEB, "shop", "web", &["10.244.1.10"]),
+            // The same ifindex twice: the smaller identity stays.
+            mk_local(20, DB, "shop", "db", &["10.244.1.20"]),
+            mk_local(20, WEB, "shop", "web", &["10.244.1.21"]),
+        ];
+        let remote = [
+            // A stale shard still lists a local pod's address.
+            (ip("10.244.1.10"), TOOL),
+            // Two shards, one address: the smaller identity.
+            (ip("10.244.2.5"), 500),
+            (ip("10.244.2.5"), 400),
+            // The same claim twice is no conflict.
+            (ip("10.244.2.6"), 400),
+            (ip("10.244.2.6"), 400),
+            // A remote pod claims the node's address.
+            (ip("192.0.2.11"), 600),
+        ];
+        let host = [ip("192.0.2.11")];
+        let world = World {
+            input: &input,
+            locals: &locals,
+            remote: &remote,
+            host: &host,
+        };
+        let d = desired(&world, &PolicyIds::new());
+        let id = |s: &str| d.ipcache[&IpNet::from(ip(s))].identity;
+        assert_eq!(id("10.244.1.10"), WEB);
+        assert_eq!(id("10.244.2.5"), 400);
+        assert_eq!(id("10.244.2.6"), 400);
+        assert_eq!(id("192.0.2.11"), HOST);
+        assert_eq!(id("10.244.1.21"), WEB);
+        assert!(!d.ipcache.contains_key(&net("10.244.1.20/32")));
+        assert_eq!(d.endpoints[&20].identity, WEB);
+        let claim = |by, identity| Claim { by, identity };
+        assert_eq!(
+            d.conflicts,
+            [
+                Conflict::Address {
+                    address: ip("10.244.1.10"),
+                    kept: claim(Claimant::Local { ifindex: 10 }, WEB),
+                    dropped: claim(Claimant::Remote, TOOL),
+                },
+                Conflict::Address {
+                    address: ip("10.244.2.5"),
+                    kept: claim(Claimant::Remote, 400),
+                    dropped: claim(Claimant::Remote, 500),
+                },
+                Conflict::Address {
+                    address: ip("192.0.2.11"),
+                    kept: claim(Claimant::Host, HOST),
+                    dropped: claim(Claimant::Remote, 600),
+                },
+                Conflict::Ifindex {
+                    ifindex: 20,
+                    kept: WEB,
+                    dropped: DB,
+                },
+            ]
+        );
+        assert_eq!(
+            d.conflicts[0].to_string(),
+            "10.244.1.10 has identity 300 from local endpoint ifindex 10 and 302 from \
+             another node's endpoints: kept 300"
+        );
+        // The order of the claims does not matter.
+        let mut remote_r = remote.to_vec();
+        remote_r.reverse();
+        let world_r = World {
+            remote: &remote_r,
+            ..world
+        };
+        assert_eq!(desired(&world_r, &PolicyIds::new()), d);
+    }
+
+    #[test]
+    fn named_ports_split_compilations() {
+        let p = mk_policy(json!({
+            "metadata": {"namespace": "shop", "name": "named"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "web"}},
+                "ingress": [{"ports": [{"protocol": "TCP", "port": "http"}]}]
+            }
+        }));
+        let input = mk_input(vec![p]);
+        let mut locals = mk_locals();
+        locals[0]
+            .endpoint
+            .named_ports
+            .insert("http", Protocol::Tcp, 8080);
+        locals[1]
+            .endpoint
+            .named_ports
+            .insert("http", Protocol::Tcp, 9090);
+        let d = compute(&input, &locals, &PolicyIds::new());
+        assert!(!Arc::ptr_eq(&d.compiled[&10], &d.compiled[&11]));
+        assert_ne!(
+            d.policy_of(10, Direction::Ingress),
+            d.policy_of(11, Direction::Ingress)
+        );
+    }
+}

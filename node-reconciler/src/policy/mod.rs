@@ -1,0 +1,29 @@
+//! Compiled policy → the contents of the datapath's maps, and the ordered
+//! writes that get them there without a packet ever seeing a half-written
+//! table (docs/design/0004, decision 5).
+//!
+//! ```text
+//!  World { Input, locals, remote pods, host addrs }      Datapath maps (pinned)
+//!        │                                                     │ dump (start, periodic resync)
+//!        ▼                                                     ▼
+//!  desired::desired(world, &installed.ids()) ◀── PolicyIds ── sync::Installed (mirror)
+//!        │  compile once per (labels, named ports)              ▲          │
+//!        │  equal tables share one id; installed ids kept       │          │
+//!        ▼                                                      │          │
+//!  Desired { endpoints, tables, ipcache, compiled, conflicts }   │          │
+//!        └──────────────▶ sync::plan(desired, installed) ◀──────┼──────────┘
+//!                               │ [MapOp]: ipcache ▸ new tables ▸ endpoints
+//!                               ▼          ▸ gone endpoints ▸ old tables ▸ old ipcache
+//!                         sync::apply(maps, &mut installed, ops) ─▶ failures (the rest still ran)
+//! ```
+//!
+//! [`desired`] is pure. [`sync`] holds the mirror of what the maps contain,
+//! the pure [`sync::plan`] and the executor [`sync::apply`], which writes
+//! through the small [`sync::PolicyMaps`] trait ([`crate::bpf::Datapath`]
+//! in production, a recording fake in unit tests) and keeps the mirror
+//! equal to the maps op by op.
+
+pub mod desired;
+pub mod sync;
+#[cfg(test)]
+mod testing;
