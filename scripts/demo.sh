@@ -36,17 +36,23 @@ kubectl_bin=$(bash tests/e2e/tools/build.sh kubectl)
 kubeconfig=$("$sandbox" kubeconfig)
 k() { "$kubectl_bin" --kubeconfig "$kubeconfig" "$@"; }
 
-# The sample NodeNetwork and NetworkStatus document the kinds' shapes; in a
-# cluster the operator writes one NodeNetwork per Node and each trellis-node
-# its own NetworkStatus, so they are not applied.
-sample_nodenetwork=config/samples/network.trellis.dev_v1alpha1_nodenetwork.yaml
-sample_networkstatus=config/samples/network.trellis.dev_v1alpha1_networkstatus.yaml
+# The samples of the kinds Trellis writes (NodeNetwork, NetworkStatus,
+# SecurityIdentity, NodeEndpoints) document their shapes; in a cluster the
+# operator writes one NodeNetwork per Node and each trellis-node its own
+# NetworkStatus and NodeEndpoints and the identities it needs, so they are
+# not applied.
+written_by_trellis=(
+  config/samples/network.trellis.dev_v1alpha1_nodenetwork.yaml
+  config/samples/network.trellis.dev_v1alpha1_networkstatus.yaml
+  config/samples/network.trellis.dev_v1alpha1_securityidentity.yaml
+  config/samples/network.trellis.dev_v1alpha1_nodeendpoints.yaml
+)
 echo
 echo "== applying config/samples (cluster-scoped kinds, and the NetworkPolicies in namespace trellis-demo)"
-echo "   (not the NodeNetwork and NetworkStatus samples: those are written by Trellis)"
+echo "   (not the NodeNetwork, NetworkStatus, SecurityIdentity and NodeEndpoints samples: those are written by Trellis)"
 k create namespace trellis-demo --dry-run=client -o yaml | k apply -f -
 for f in config/samples/*.yaml; do
-  [[ $f == "$sample_nodenetwork" || $f == "$sample_networkstatus" ]] && continue
+  [[ " ${written_by_trellis[*]} " == *" $f "* ]] && continue
   k apply -n trellis-demo -f "$f"
 done
 

@@ -4,7 +4,10 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::v1alpha1::{IPPool, NetworkConfig, NetworkStatus, NodeNetwork, PolicyBundle};
+use crate::v1alpha1::{
+    IPPool, NetworkConfig, NetworkStatus, NodeEndpoints, NodeNetwork, PolicyBundle,
+    SecurityIdentity,
+};
 
 /// Header of every generated file.
 pub const GENERATED_HEADER: &str =
@@ -18,6 +21,8 @@ pub fn all() -> Vec<CustomResourceDefinition> {
         PolicyBundle::crd(),
         NodeNetwork::crd(),
         NetworkStatus::crd(),
+        SecurityIdentity::crd(),
+        NodeEndpoints::crd(),
     ]
 }
 

@@ -6,7 +6,10 @@
 //!                                 │
 //!                        trellis-operator ──▶ NodeNetwork (one per node, desired)
 //!                                 │
-//!                        trellis-node ──────▶ NetworkStatus (one per node, observed)
+//!                        trellis-node ──┬───▶ NetworkStatus (one per node, observed)
+//!                                       ├───▶ NodeEndpoints (one per node: its pods'
+//!                                       │     addresses, identities, named ports)
+//!                                       └───▶ SecurityIdentity (one per pod label set)
 //! ```
 //!
 //! Types only: this crate re-exports `kube` and `k8s-openapi` so the other

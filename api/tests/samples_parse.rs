@@ -6,7 +6,8 @@ use std::path::PathBuf;
 
 use serde::Deserialize;
 use trellis_api::v1alpha1::{
-    Encapsulation, IPPool, NetworkConfig, NetworkStatus, NodeNetwork, PolicyBundle, RuleAction,
+    Encapsulation, IPPool, NetworkConfig, NetworkStatus, NodeEndpoints, NodeNetwork, PolicyBundle,
+    Protocol, RuleAction, SecurityIdentity,
 };
 
 fn documents(file: &str) -> Vec<serde_yaml::Value> {
@@ -74,4 +75,28 @@ fn node_network_and_status_samples_parse() {
         .try_into()
         .expect("one doc");
     assert_eq!(status.metadata.name.as_deref(), Some("trellis-sample-node"));
+}
+
+#[test]
+fn security_identity_and_node_endpoints_samples_agree() {
+    let [identity]: [SecurityIdentity; 1] =
+        one("network.trellis.dev_v1alpha1_securityidentity.yaml")
+            .try_into()
+            .expect("one doc");
+    assert_eq!(identity.metadata.name.as_deref(), Some("3022894"));
+    assert_eq!(identity.spec.namespace, "payments");
+    assert_eq!(identity.spec.pod_labels["app"], "checkout");
+    let [shard]: [NodeEndpoints; 1] = one("network.trellis.dev_v1alpha1_nodeendpoints.yaml")
+        .try_into()
+        .expect("one doc");
+    // The shard's pods carry the sample identity's number and namespace.
+    assert_eq!(shard.spec.endpoints.len(), 2);
+    for e in &shard.spec.endpoints {
+        assert_eq!(e.identity.to_string(), "3022894");
+        assert_eq!(e.namespace, identity.spec.namespace);
+    }
+    assert_eq!(
+        shard.spec.endpoints[0].named_ports[0].protocol,
+        Protocol::Tcp
+    );
 }

@@ -1,9 +1,22 @@
 //! Security identities (0004 §1): the reserved numbers, the label set that
-//! decides which pods share an identity, and what the compiler needs to know
-//! about each identity.
+//! decides which pods share an identity, what the compiler needs to know
+//! about each identity, and how a node picks the number of a new label set
+//! (0005): a stable hash of the labels names the first id to try, and the
+//! next ids are probed from there.
+//!
+//! ```text
+//!  SecurityLabels ── stable_hash: FNV-1a 64 over canonical bytes
+//!        │
+//!        ▼
+//!  preferred_identity = 256 + hash mod (number of pod ids)
+//!        │  held by another label set? try the next id (after the last, 256)
+//!        ▼
+//!  allocate → the first id that is free or already holds these labels
+//! ```
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
+use std::ops::RangeInclusive;
 
 use k8s_openapi::api::core::v1::ContainerPort;
 
@@ -74,6 +87,149 @@ impl SecurityLabels {
             pod_labels,
         }
     }
+}
+
+impl SecurityLabels {
+    /// A hash of the label set that is the same on every node, version and
+    /// architecture: 64-bit FNV-1a (offset basis `0xcbf29ce484222325`, prime
+    /// `0x100000001b3`) over this canonical encoding of the label set:
+    ///
+    /// ```text
+    ///  str(namespace)  map(namespace_labels)  map(pod_labels)
+    ///
+    ///  str(s) = len(s)  the UTF-8 bytes of s
+    ///  map(m) = len(m)  str(key) str(value) …   entries in ascending byte order of key
+    ///  len(n) = n as a u64, little-endian (bytes for a string, entries for a map)
+    /// ```
+    ///
+    /// Every length is written, so no two label sets share an encoding.
+    ///
+    /// **Never change this function or the encoding.** Nodes name new
+    /// identities by it (0005), and two nodes agree on the number of a new
+    /// label set only while they compute the same hash. In a cluster whose
+    /// nodes run versions with different hashes, the same new label set would
+    /// get a different number from each version: two identities for one label
+    /// set, each selected alike by policy but each a separate IP-cache and
+    /// policy entry on every node, until the operator collects the unused one.
+    /// Tests pin the function with golden values.
+    pub fn stable_hash(&self) -> u64 {
+        let mut h = Fnv1a::new();
+        h.str(&self.namespace);
+        h.map(&self.namespace_labels);
+        h.map(&self.pod_labels);
+        h.0
+    }
+}
+
+/// 64-bit FNV-1a, written out so that it cannot change under us with a
+/// dependency's version.
+struct Fnv1a(u64);
+
+impl Fnv1a {
+    const OFFSET_BASIS: u64 = 0xcbf2_9ce4_8422_2325;
+    const PRIME: u64 = 0x0000_0100_0000_01b3;
+
+    fn new() -> Self {
+        Fnv1a(Self::OFFSET_BASIS)
+    }
+
+    fn bytes(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(Self::PRIME);
+        }
+    }
+
+    fn len(&mut self, n: usize) {
+        // `usize` is at most 64 bits on every target Rust supports: lossless.
+        self.bytes(&(n as u64).to_le_bytes());
+    }
+
+    fn str(&mut self, s: &str) {
+        self.len(s.len());
+        self.bytes(s.as_bytes());
+    }
+
+    fn map(&mut self, m: &BTreeMap<String, String>) {
+        // A BTreeMap<String, _> iterates in ascending byte order of its keys
+        // (`str`'s `Ord` compares UTF-8 bytes), whatever order it was built in.
+        self.len(m.len());
+        for (k, v) in m {
+            self.str(k);
+            self.str(v);
+        }
+    }
+}
+
+/// The pod identity a label set asks for first (0005):
+/// `POD_FIRST + stable_hash mod (POD_LAST − POD_FIRST + 1)`. Every node
+/// computes the same number for the same labels, so two nodes that race to
+/// create the identity of a new label set pick the same name and one create
+/// wins.
+pub fn preferred_identity(labels: &SecurityLabels) -> u32 {
+    preferred_in(labels.stable_hash(), &POD_RANGE)
+}
+
+/// The id to use for `labels`: the first id, starting at
+/// [`preferred_identity`] and probing upwards (after [`POD_LAST`] comes
+/// [`POD_FIRST`]), that either already holds these labels or is free.
+/// `taken(id)` answers the label set an existing identity holds, from the
+/// caller's watch of `SecurityIdentity` objects; when the answer is `None`
+/// the caller creates the identity, and on `AlreadyExists` (another node won
+/// the race) reads it and calls again.
+///
+/// A label set can hold an identity off its probe path (after a race lost
+/// with a different view of the taken ids), so callers look the labels up in
+/// their index first and allocate only when they are not there.
+pub fn allocate<'a>(
+    labels: &SecurityLabels,
+    taken: impl Fn(u32) -> Option<&'a SecurityLabels>,
+) -> Result<u32, IdentitySpaceFull> {
+    allocate_in(labels, POD_RANGE, taken)
+}
+
+/// Every pod identity.
+const POD_RANGE: RangeInclusive<u32> = POD_FIRST..=POD_LAST;
+
+/// [`allocate`] within `range` (tests use small ranges).
+fn allocate_in<'a>(
+    labels: &SecurityLabels,
+    range: RangeInclusive<u32>,
+    taken: impl Fn(u32) -> Option<&'a SecurityLabels>,
+) -> Result<u32, IdentitySpaceFull> {
+    let (first, last) = (*range.start(), *range.end());
+    let start = preferred_in(labels.stable_hash(), &range);
+    let mut id = start;
+    loop {
+        match taken(id) {
+            None => return Ok(id),
+            Some(held) if held == labels => return Ok(id),
+            Some(_) => {}
+        }
+        id = if id == last { first } else { id + 1 };
+        if id == start {
+            return Err(IdentitySpaceFull { first, last });
+        }
+    }
+}
+
+/// `range.start() + hash mod len(range)`.
+fn preferred_in(hash: u64, range: &RangeInclusive<u32>) -> u32 {
+    let len = u64::from(range.end() - range.start()) + 1;
+    // The remainder is below `len`, which is at most 2^32: it fits a u32.
+    range.start() + (hash % len) as u32
+}
+
+/// Every id of the range holds another label set.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "every pod identity from {first} to {last} holds another label set; the operator frees identities that no node has used for ten minutes"
+)]
+pub struct IdentitySpaceFull {
+    /// The first id of the range.
+    pub first: u32,
+    /// The last id of the range.
+    pub last: u32,
 }
 
 impl fmt::Display for SecurityLabels {
@@ -188,6 +344,227 @@ pub struct IdentityInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect()
+    }
+
+    fn labels(ns: &str, ns_labels: &[(&str, &str)], pod: &[(&str, &str)]) -> SecurityLabels {
+        SecurityLabels::new(ns, map(ns_labels), map(pod))
+    }
+
+    fn payments() -> SecurityLabels {
+        labels(
+            "payments",
+            &[
+                ("kubernetes.io/metadata.name", "payments"),
+                ("team", "payments"),
+            ],
+            &[("app", "checkout"), ("tier", "backend")],
+        )
+    }
+
+    #[test]
+    fn fnv1a_matches_the_reference_vectors() {
+        let hash = |b: &[u8]| {
+            let mut h = Fnv1a::new();
+            h.bytes(b);
+            h.0
+        };
+        assert_eq!(hash(b""), 0xcbf2_9ce4_8422_2325);
+        assert_eq!(hash(b"a"), 0xaf63_dc4c_8601_ec8c);
+        assert_eq!(hash(b"foobar"), 0x8594_4171_f739_67e8);
+    }
+
+    /// Golden values: these numbers are part of every cluster's state (0005).
+    /// If this test fails, the change renumbers identities; revert it.
+    /// (Computed independently of this code from the documented encoding.)
+    #[test]
+    fn stable_hash_and_preferred_identity_never_change() {
+        let cases = [
+            (labels("", &[], &[]), 0x81d2_3fd7_003c_2305, 15_066_373),
+            (
+                labels(
+                    "default",
+                    &[("kubernetes.io/metadata.name", "default")],
+                    &[],
+                ),
+                0x84ff_b825_2162_fe64,
+                8_936_804,
+            ),
+            (payments(), 0x60b5_0619_f25e_c62e, 3_022_894),
+            (
+                labels(
+                    "kube-system",
+                    &[("kubernetes.io/metadata.name", "kube-system")],
+                    &[("k8s-app", "kube-dns"), ("pod-template-hash", "7db6d8ff4d")],
+                ),
+                0xa6c9_4ffc_be2a_23ff,
+                15_784_191,
+            ),
+            // Lengths count UTF-8 bytes, not characters.
+            (
+                labels("é", &[], &[("ключ", "v")]),
+                0xada4_9a00_9dd9_e227,
+                8_374_311,
+            ),
+        ];
+        for (l, hash, id) in cases {
+            assert_eq!(l.stable_hash(), hash, "{l}");
+            assert_eq!(preferred_identity(&l), id, "{l}");
+        }
+    }
+
+    #[test]
+    fn the_hash_depends_on_the_labels_not_on_their_order() {
+        let forwards = payments();
+        let mut backwards = SecurityLabels::new("payments", BTreeMap::new(), BTreeMap::new());
+        for (k, v) in forwards.namespace_labels.iter().rev() {
+            backwards.namespace_labels.insert(k.clone(), v.clone());
+        }
+        for (k, v) in forwards.pod_labels.iter().rev() {
+            backwards.pod_labels.insert(k.clone(), v.clone());
+        }
+        assert_eq!(forwards.stable_hash(), backwards.stable_hash());
+        assert_eq!(forwards.stable_hash(), payments().stable_hash());
+    }
+
+    #[test]
+    fn every_part_of_the_label_set_counts() {
+        let base = labels("a", &[("k", "v")], &[("k", "v")]);
+        let variants = [
+            // The same label on the namespace or on the pod differs.
+            labels("a", &[], &[("k", "v"), ("x", "y")]),
+            labels("a", &[("k", "v"), ("x", "y")], &[("k", "v")]),
+            labels("a", &[("k", "v")], &[("k", "v"), ("x", "y")]),
+            // Lengths are written, so moving bytes across a boundary differs.
+            labels("ak", &[], &[("k", "v")]),
+            labels("a", &[("kv", "")], &[("k", "v")]),
+            labels("a", &[("k", "v")], &[("k", "vv")]),
+            labels("b", &[("k", "v")], &[("k", "v")]),
+        ];
+        let mut seen = BTreeSet::from([base.stable_hash()]);
+        for v in &variants {
+            assert!(seen.insert(v.stable_hash()), "{v:?} collides");
+        }
+    }
+
+    #[test]
+    fn distinct_label_sets_mostly_get_distinct_ids() {
+        // 20,000 label sets in 16.7 million ids: about 12 pairs collide by
+        // chance (n² / 2N); far more would mean a badly spread hash.
+        let n = 20_000;
+        let ids: BTreeSet<u32> = (0..n)
+            .map(|i| {
+                let app = format!("app-{i}");
+                let l = labels(&format!("ns-{}", i % 7), &[], &[("app", app.as_str())]);
+                let id = preferred_identity(&l);
+                assert!((POD_FIRST..=POD_LAST).contains(&id), "{id}");
+                id
+            })
+            .collect();
+        let collisions = n - ids.len();
+        assert!(
+            collisions <= 40,
+            "{collisions} collisions among {n} label sets"
+        );
+    }
+
+    #[test]
+    fn allocate_takes_the_preferred_id_when_free_or_already_ours() {
+        let l = payments();
+        let preferred = preferred_identity(&l);
+        assert_eq!(allocate(&l, |_| None), Ok(preferred));
+        let same = payments();
+        assert_eq!(
+            allocate(&l, |id| (id == preferred).then_some(&same)),
+            Ok(preferred)
+        );
+    }
+
+    #[test]
+    fn allocate_probes_past_other_label_sets() {
+        let l = payments();
+        let preferred = preferred_identity(&l);
+        let other = labels("payments", &[], &[("app", "other")]);
+        // The next two ids hold other labels, the third holds ours: ours wins
+        // even though a free id would come later.
+        let ours = payments();
+        let taken = |id: u32| match id - preferred {
+            0 | 1 => Some(&other),
+            2 => Some(&ours),
+            _ => None,
+        };
+        assert_eq!(allocate(&l, taken), Ok(preferred + 2));
+        // Without ours on the path, the first free id.
+        let taken = |id: u32| (id - preferred < 2).then_some(&other);
+        assert_eq!(allocate(&l, taken), Ok(preferred + 2));
+    }
+
+    #[test]
+    fn probing_wraps_around_inside_the_range() {
+        let l = payments();
+        let other = labels("x", &[], &[]);
+        // In 256..=263 the payments labels prefer 256 + hash mod 8 = 262.
+        let range = 256..=263;
+        assert_eq!(preferred_in(l.stable_hash(), &range), 262);
+        let inside = |id: u32| assert!(range.contains(&id), "probed {id} outside the range");
+        // 262 and 263 are taken: the probe goes on at 256, never past 263.
+        let taken = |id: u32| {
+            inside(id);
+            (id >= 262).then_some(&other)
+        };
+        assert_eq!(allocate_in(&l, range.clone(), taken), Ok(256));
+        // Only 261, the id before the preferred one, is free.
+        let taken = |id: u32| {
+            inside(id);
+            (id != 261).then_some(&other)
+        };
+        assert_eq!(allocate_in(&l, range.clone(), taken), Ok(261));
+        // The real range: everything from the preferred id up to POD_LAST is
+        // taken, so the label set gets POD_FIRST.
+        let preferred = preferred_identity(&l);
+        let taken = |id: u32| {
+            assert!((POD_FIRST..=POD_LAST).contains(&id), "probed {id}");
+            (id >= preferred).then_some(&other)
+        };
+        assert_eq!(allocate(&l, taken), Ok(POD_FIRST));
+    }
+
+    #[test]
+    fn a_full_range_is_an_error_not_a_loop() {
+        let l = payments();
+        let other = labels("x", &[], &[]);
+        let range = 1000..=1015;
+        let probed = std::cell::Cell::new(0u32);
+        let taken = |_| {
+            probed.set(probed.get() + 1);
+            Some(&other)
+        };
+        assert_eq!(
+            allocate_in(&l, range, taken),
+            Err(IdentitySpaceFull {
+                first: 1000,
+                last: 1015
+            })
+        );
+        assert_eq!(probed.get(), 16, "every id is probed exactly once");
+        // One id holding our labels is found wherever it is.
+        let ours = payments();
+        for at in 1000..=1015 {
+            let taken = |id: u32| Some(if id == at { &ours } else { &other });
+            assert_eq!(allocate_in(&l, 1000..=1015, taken), Ok(at));
+        }
+    }
+
+    #[test]
+    fn pod_range_matches_the_api() {
+        assert_eq!(POD_FIRST, trellis_api::v1alpha1::POD_IDENTITY_FIRST);
+        assert_eq!(POD_LAST, trellis_api::v1alpha1::POD_IDENTITY_LAST);
+    }
 
     #[test]
     fn kinds_follow_0004() {

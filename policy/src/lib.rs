@@ -6,6 +6,7 @@
 //!  NetworkPolicy ─┬─▶ cidr::CidrTable ── cidr_identity(addr) ──▶ IP cache (cidr_identity)
 //!                 │
 //!  Pod+Namespace ─┼─▶ identity::SecurityLabels ─▶ IdentityInfo (id, labels, named ports)
+//!    (objects)    │      └─ identity::allocate (stable hash, then probe) ─▶ SecurityIdentity
 //!                 ▼
 //!  compile::compile_endpoint(Input, LocalEndpoint)
 //!                 │  Kubernetes semantics, ports → port prefixes (ports)
@@ -17,7 +18,10 @@
 //!
 //! - [`identity`]: reserved identities (`ANY` 0, `HOST` 1, `WORLD` 2, pods
 //!   from 256, CIDRs from `0x0100_0000`), the label set that makes pods share
-//!   an identity, and named ports.
+//!   an identity, named ports, and how a node numbers a new label set (0005:
+//!   a stable hash names the first id to try, then the next ids are probed).
+//! - [`objects`]: Pod + Namespace → label set and named ports;
+//!   `SecurityIdentity` and `NodeEndpoints` named ports ⇄ the values above.
 //! - [`cidr`]: one identity per distinct `ipBlock` prefix, and the longest
 //!   prefix lookup the IP cache stores for every address.
 //! - [`ports`]: protocols and the minimal aligned cover of a port range.
@@ -40,6 +44,7 @@ pub mod cidr;
 pub mod compile;
 pub mod diagnostic;
 pub mod identity;
+pub mod objects;
 pub mod ports;
 pub mod selector;
 pub mod table;
@@ -47,7 +52,10 @@ pub mod table;
 pub use cidr::CidrTable;
 pub use compile::{Compiled, Input, LocalEndpoint, Origin, Provenance, compile_endpoint};
 pub use diagnostic::{Diagnostic, Problem, Severity};
-pub use identity::{IdentityInfo, NamedPorts, SecurityLabels};
+pub use identity::{
+    IdentityInfo, IdentitySpaceFull, NamedPorts, SecurityLabels, allocate, preferred_identity,
+};
+pub use objects::ObjectError;
 pub use ports::Protocol;
 pub use table::{Decision, Direction, DirectionTable, EndpointPolicy, lookup};
 pub use trellis_api::v1alpha1::PolicyEnforcement;

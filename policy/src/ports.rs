@@ -54,6 +54,28 @@ impl Protocol {
     }
 }
 
+impl From<trellis_api::v1alpha1::Protocol> for Protocol {
+    fn from(p: trellis_api::v1alpha1::Protocol) -> Self {
+        use trellis_api::v1alpha1::Protocol as Api;
+        match p {
+            Api::Tcp => Protocol::Tcp,
+            Api::Udp => Protocol::Udp,
+            Api::Sctp => Protocol::Sctp,
+        }
+    }
+}
+
+impl From<Protocol> for trellis_api::v1alpha1::Protocol {
+    fn from(p: Protocol) -> Self {
+        use trellis_api::v1alpha1::Protocol as Api;
+        match p {
+            Protocol::Tcp => Api::Tcp,
+            Protocol::Udp => Api::Udp,
+            Protocol::Sctp => Api::Sctp,
+        }
+    }
+}
+
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())

@@ -23,9 +23,7 @@ pub struct LabelSelector {
     /// Labels that must be present with exactly these values.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32, "additionalProperties" = {"type": "string", "maxLength": 63, "pattern": LABEL_VALUE_PATTERN}))]
-    #[x_kube(validation = kube::core::Rule::new(
-        "self.all(k, k.size() <= 317 && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))"
-    ).message("matchLabels keys must be label keys: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters of [A-Za-z0-9-_.] starting and ending with an alphanumeric"))]
+    #[x_kube(validation = kube::core::Rule::new(CEL_LABEL_KEYS).message("matchLabels keys must be label keys: an optional DNS-subdomain prefix and '/', then a name of at most 63 characters of [A-Za-z0-9-_.] starting and ending with an alphanumeric"))]
     pub match_labels: BTreeMap<String, String>,
 
     /// Set-based requirements on labels.
@@ -73,6 +71,10 @@ pub const LABEL_KEY_PATTERN: &str = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9
 /// A label value: empty, or at most 63 characters of `[A-Za-z0-9-_.]`
 /// starting and ending with an alphanumeric.
 pub const LABEL_VALUE_PATTERN: &str = r"^([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?$";
+
+/// CEL over a map: every key is a label key ([`LABEL_KEY_PATTERN`]; OpenAPI
+/// cannot constrain map keys, so this one is CEL).
+pub(crate) const CEL_LABEL_KEYS: &str = "self.all(k, k.size() <= 317 && k.matches('^([a-z0-9]([-a-z0-9]*[a-z0-9])?([.][a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$'))";
 
 /// CEL: a well-formed IPv4 or IPv6 CIDR whose address is the network address
 /// (no host bits set), e.g. `10.244.0.0/16`, not `10.244.1.7/16`.

@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use serde_json::json;
 use trellis_api::v1alpha1::{
-    Encapsulation, IPPool, NetworkConfig, NetworkStatus, NodeNetwork, PolicyBundle,
-    PolicyEnforcement,
+    Encapsulation, IPPool, NetworkConfig, NetworkStatus, NodeEndpoints, NodeNetwork, PolicyBundle,
+    PolicyEnforcement, SecurityIdentity,
 };
 use trellis_e2e::{ControlPlane, StartOptions, Tool, binaries, controlplane::repo_root};
 
@@ -144,9 +144,9 @@ async fn samples_apply(ctx: &Ctx) -> Outcome {
         .lines()
         .filter(|l| l.ends_with(" created") || l.ends_with(" unchanged"))
         .count();
-    if lines < 8 {
+    if lines < 10 {
         return Err(format!(
-            "expected at least 8 objects applied, kubectl said:\n{}",
+            "expected at least 10 objects applied, kubectl said:\n{}",
             out.stdout
         ));
     }
@@ -171,6 +171,14 @@ async fn samples_apply(ctx: &Ctx) -> Outcome {
         .list(&Default::default())
         .await
         .map_err(|e| e.to_string())?;
+    let identities = Api::<SecurityIdentity>::all(c.clone())
+        .list(&Default::default())
+        .await
+        .map_err(|e| e.to_string())?;
+    let shards = Api::<NodeEndpoints>::all(c.clone())
+        .list(&Default::default())
+        .await
+        .map_err(|e| e.to_string())?;
     let netpols = ctx
         .kubectl(&["get", "networkpolicies", "-n", &ns, "-o", "name"], None)
         .await;
@@ -180,6 +188,16 @@ async fn samples_apply(ctx: &Ctx) -> Outcome {
         format!("policybundles={}", bundles.items.len()),
         format!("nodenetworks={}", nodes.items.len()),
         format!("networkstatuses={}", statuses.items.len()),
+        format!("securityidentities={}", identities.items.len()),
+        format!(
+            "nodeendpoints={} with {} endpoints",
+            shards.items.len(),
+            shards
+                .items
+                .iter()
+                .map(|s| s.spec.endpoints.len())
+                .sum::<usize>()
+        ),
     ];
     got.extend(netpols.stdout.lines().map(str::to_owned));
     got.sort();
@@ -189,6 +207,8 @@ async fn samples_apply(ctx: &Ctx) -> Outcome {
         "policybundles=1".to_owned(),
         "nodenetworks=1".to_owned(),
         "networkstatuses=1".to_owned(),
+        "securityidentities=1".to_owned(),
+        "nodeendpoints=1 with 2 endpoints".to_owned(),
         "networkpolicy.networking.k8s.io/allow-frontend-to-backend".to_owned(),
         "networkpolicy.networking.k8s.io/default-deny-ingress".to_owned(),
     ];
@@ -304,6 +324,57 @@ async fn invalid_samples_are_rejected(ctx: &Ctx) -> Outcome {
         Ok(())
     } else {
         Err(failures.join("\n"))
+    }
+}
+
+/// A node's shard may name at most `MAX_NODE_NAMED_PORTS` ports in all (a
+/// CEL rule over the whole list, which no single-field sample can reach).
+async fn node_endpoints_named_port_total(ctx: &Ctx) -> Outcome {
+    use trellis_api::v1alpha1::{
+        MAX_ENDPOINT_NAMED_PORTS, MAX_NODE_NAMED_PORTS, NamedPort, NodeEndpointsSpec, PodEndpoint,
+        Protocol,
+    };
+    let api = Api::<NodeEndpoints>::all(ctx.client.clone());
+    let shard = |pods: usize| {
+        let endpoints = (0..pods)
+            .map(|i| PodEndpoint {
+                namespace: "payments".to_owned(),
+                name: format!("checkout-{i}"),
+                addresses: vec![format!("10.244.{}.{}", i / 250, i % 250 + 1)],
+                identity: 3_022_894,
+                named_ports: (0..MAX_ENDPOINT_NAMED_PORTS)
+                    .map(|p| NamedPort {
+                        name: format!("port-{p}"),
+                        protocol: Protocol::Tcp,
+                        port: 10_000 + i32::try_from(p).expect("small"),
+                    })
+                    .collect(),
+            })
+            .collect();
+        NodeEndpoints::new("trellis-e2e-ports", NodeEndpointsSpec { endpoints })
+    };
+    let at_limit = MAX_NODE_NAMED_PORTS / MAX_ENDPOINT_NAMED_PORTS;
+    let _ = api.delete("trellis-e2e-ports", &Default::default()).await;
+    api.create(&PostParams::default(), &shard(at_limit))
+        .await
+        .map_err(|e| format!("{at_limit} pods with {MAX_ENDPOINT_NAMED_PORTS} named ports each (the limit) refused: {e}"))?;
+    let _ = api.delete("trellis-e2e-ports", &Default::default()).await;
+    match api
+        .create(&PostParams::default(), &shard(at_limit + 1))
+        .await
+    {
+        Ok(_) => Err(format!(
+            "{} named ports accepted; the limit is {MAX_NODE_NAMED_PORTS}",
+            (at_limit + 1) * MAX_ENDPOINT_NAMED_PORTS
+        )),
+        Err(e)
+            if e.to_string().contains(&format!(
+                "at most {MAX_NODE_NAMED_PORTS} named ports in all"
+            )) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(format!("refused, but not by the named-port total: {e}")),
     }
 }
 
@@ -441,7 +512,7 @@ async fn printer_columns(ctx: &Ctx) -> Outcome {
         .kubectl(
             &[
                 "get",
-                "networkconfigs,ippools,policybundles,nodenetworks,networkstatuses",
+                "networkconfigs,ippools,policybundles,nodenetworks,networkstatuses,securityidentities,nodeendpoints",
             ],
             None,
         )
@@ -516,6 +587,25 @@ async fn printer_columns(ctx: &Ctx) -> Outcome {
         failures.push(format!(
             "-o wide does not add the priority-1 DISABLED column:\n{}",
             wide.stdout
+        ));
+    }
+    // The sample identity (applied by `samples_apply`): its namespace, and
+    // its pod labels with -o wide.
+    let identity = ctx
+        .kubectl(
+            &["get", "securityidentities", "3022894", "-o", "wide"],
+            None,
+        )
+        .await;
+    let cells = table_cells(&identity.stdout);
+    if cells.get("NAMESPACE").map(String::as_str) != Some("payments")
+        || !identity
+            .stdout
+            .contains(r#"{"app":"checkout","tier":"backend"}"#)
+    {
+        failures.push(format!(
+            "securityidentity 3022894 -o wide lacks its namespace or pod labels:\n{}{}",
+            identity.stdout, identity.stderr
         ));
     }
     let category = ctx.kubectl(&["get", "trellis"], None).await;
@@ -600,6 +690,7 @@ async fn api_against_a_real_apiserver() {
     }
     scenario!(samples_apply);
     scenario!(invalid_samples_are_rejected);
+    scenario!(node_endpoints_named_port_total);
     scenario!(schema_defaults);
     scenario!(conditions_merge_by_type);
     scenario!(printer_columns);
