@@ -91,6 +91,7 @@ pub fn args(node: &str, host_netns: &Path, kubeconfig: &Path, metrics_port: u16)
 /// CNI plugin it installs.
 pub fn endpoint_args(dirs: &NodeDirs, cni_plugin: &Path) -> Vec<String> {
     let d = |p: &Path| p.display().to_string();
+    // TODO(policy datapath): pass `--bpffs-root <NodeDirs::bpffs>` once trellis-node has the flag.
     vec![
         "--state-dir".into(),
         d(&dirs.state),

@@ -7,8 +7,8 @@
 //!   delete stale      cargo)
 //!   namespaces)
 //!   ─► namespace trellis-system ─► underlay ─► Nodes ─► trellis-operator ──/readyz──►
-//!      (if asked)                  (datapath)  (if any;   (if asked; 127.0.0.1:free metrics)
-//!                                              + netns)
+//!      (if asked)                  (datapath:  (if any;   (if asked; 127.0.0.1:free metrics)
+//!                                   + bpffs)    + netns)
 //!   ─► trellis-node per node ──/healthz──► ready
 //!      (if asked; 127.0.0.1:free metrics)
 //! ```
@@ -324,7 +324,11 @@ impl ControlPlane {
             };
             config.write(&sandbox)?;
             let (dp_sandbox, underlay) = (sandbox.clone(), config.underlay_netns.clone());
-            blocking(move || datapath::create_underlay(&dp_sandbox, &underlay)).await?;
+            blocking(move || {
+                dp_sandbox.mount_bpffs()?;
+                datapath::create_underlay(&dp_sandbox, &underlay)
+            })
+            .await?;
             phase("underlay", t);
         }
 
@@ -437,7 +441,8 @@ impl ControlPlane {
 
     /// End the node agents (by their pid files), then the control-plane processes (newest
     /// first: the operator, the apiserver, etcd), remove their pid files, delete every
-    /// network namespace the sandbox recorded and, if so configured, the state directory.
+    /// network namespace the sandbox recorded, unmount its bpffs and, if so configured, the
+    /// state directory.
     /// Keeps going past failures and reports all of them (the state directory then stays).
     /// Idempotent.
     pub fn stop(&mut self) -> Result<Vec<Ended>> {
@@ -456,6 +461,9 @@ impl ControlPlane {
             Err(e) => errors.push(e),
         }
         if let Err(e) = self.sandbox.delete_recorded_namespaces() {
+            errors.push(e);
+        }
+        if let Err(e) = self.sandbox.unmount_bpffs() {
             errors.push(e);
         }
         if errors.is_empty() && self.remove_state_on_stop {
@@ -495,8 +503,8 @@ impl Drop for ControlPlane {
     }
 }
 
-/// During [`ControlPlane::start`]: if the start fails, end the node agents and delete the
-/// namespaces recorded so far.
+/// During [`ControlPlane::start`]: if the start fails, end the node agents, delete the
+/// namespaces recorded so far and unmount the bpffs.
 struct DatapathGuard {
     sandbox: Sandbox,
     armed: bool,
@@ -511,6 +519,9 @@ impl Drop for DatapathGuard {
             eprintln!("trellis sandbox: {e}");
         }
         if let Err(e) = self.sandbox.delete_recorded_namespaces() {
+            eprintln!("trellis sandbox: {e}");
+        }
+        if let Err(e) = self.sandbox.unmount_bpffs() {
             eprintln!("trellis sandbox: {e}");
         }
     }

@@ -10,8 +10,8 @@
 //!                            ├─ apiserver   https://127.0.0.1:<free>, ready on /readyz
 //!                            ├─ crds        config/crd/*.yaml, server-side applied, Established
 //!                            ├─ namespace   trellis-system                     (if asked)
-//!                            ├─ underlay    netns trellis-<tag>-underlay, bridge trellis-br0
-//!                            │                                                 (if datapath)
+//!                            ├─ underlay    netns trellis-<tag>-underlay, bridge trellis-br0,
+//!                            │              bpffs at <state>/bpffs             (if datapath)
 //!                            ├─ nodes       Node objects trellis-node-<i>, 192.0.2.<10+i>,
 //!                            │              + netns trellis-<tag>-<node> on the underlay
 //!                            ├─ operator    trellis-operator, ready on its /readyz (if asked)
@@ -23,6 +23,9 @@
 //!  Pods::add ─► Pod (spec.nodeName) ─► netns trellis-<tag>-pod_<ns>_<name>
 //!            ─► cni_runtime: the node's conflist, CNI ADD as a container runtime runs it
 //!            ─► Pod status (Running, podIPs) as a kubelet writes it
+//!
+//!  truth::World ─► namespaces x y z × pods a b c serving TCP/UDP 80, 81 ─► NetworkPolicy
+//!                  truth tables: probes vs an independent oracle (crate::truth)
 //! ```
 //!
 //! Processes run detached and are recorded by pid in the state directory, so the CLI can exit
@@ -34,6 +37,7 @@
 
 pub mod agent;
 pub mod binaries;
+pub mod bpffs;
 pub mod certs;
 pub mod cni_runtime;
 pub mod controlplane;
@@ -48,6 +52,7 @@ pub mod process;
 pub mod samples;
 pub mod sandbox;
 pub mod support;
+pub mod truth;
 pub mod wait;
 
 pub use agent::{Agent, AgentOptions};

@@ -19,6 +19,8 @@
 //!     state/ run/cni.sock   trellis-node's --state-dir and --run-dir (its endpoint socket)
 //!     net.d/ bin/           the CNI conf and bin dirs it installs into
 //!     cni-cache/            the runtime's results cache (a host's /var/lib/cni)
+//!   bpffs/                  a bpf filesystem mounted here (with the datapath; crate::bpffs)
+//!     <node>/               the node's pin directory (a host's /sys/fs/bpf; NodeDirs::bpffs)
 //! ```
 
 use std::{
@@ -29,7 +31,7 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    agent, controlplane,
+    agent, bpffs, controlplane,
     datapath::{self, DatapathConfig},
     error::{Error, Result},
     process::{self, Ended, PidRecord, Process},
@@ -48,7 +50,8 @@ pub const TERM_GRACE: Duration = Duration::from_secs(10);
 pub const UNIX_SOCKET_PATH_MAX: usize = 107;
 
 /// A node's own directories in the state directory: what a real node has on its disk as
-/// `/var/lib/trellis`, `/run/trellis`, `/etc/cni/net.d`, `/opt/cni/bin` and `/var/lib/cni`.
+/// `/var/lib/trellis`, `/run/trellis`, `/etc/cni/net.d`, `/opt/cni/bin`, `/var/lib/cni` and
+/// `/sys/fs/bpf`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeDirs {
     /// `<state>/nodes/<node>`.
@@ -64,6 +67,10 @@ pub struct NodeDirs {
     pub bin: PathBuf,
     /// The container runtime's results cache (libcni's `/var/lib/cni`).
     pub cni_cache: PathBuf,
+    /// `<state>/bpffs/<node>`: where the node's `trellis-node` pins its BPF maps and links
+    /// (its `--bpffs-root`), a directory on the sandbox's bpffs (see [`crate::bpffs`]). Not
+    /// under [`NodeDirs::root`]: one bpffs serves every node.
+    pub bpffs: PathBuf,
 }
 
 impl NodeDirs {
@@ -76,6 +83,7 @@ impl NodeDirs {
             conf: root.join("net.d"),
             bin: root.join("bin"),
             cni_cache: root.join("cni-cache"),
+            bpffs: sandbox.bpffs_dir().join(node),
             root,
         }
     }
@@ -98,7 +106,8 @@ impl NodeDirs {
         Ok(())
     }
 
-    /// Create every directory.
+    /// Create every directory. The pin directory only on a mounted bpffs: pins in a plain
+    /// directory would fail, or worse, outlive the sandbox's teardown.
     pub fn create(&self) -> Result<()> {
         for dir in [
             &self.root,
@@ -110,16 +119,42 @@ impl NodeDirs {
         ] {
             std::fs::create_dir_all(dir).map_err(|e| Error::io("create", dir, e))?;
         }
-        Ok(())
+        let bpffs_root = self.bpffs.parent().unwrap_or(&self.bpffs);
+        if !bpffs::is_mounted(bpffs_root)? {
+            return Err(Error::InvalidNode {
+                name: self.node_name(),
+                reason: format!(
+                    "no bpffs is mounted at {} for its pin directory (a sandbox started by an \
+                     older trellis-sandbox? `down`, then `up` again)",
+                    bpffs_root.display()
+                ),
+            });
+        }
+        match std::fs::create_dir(&self.bpffs) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+            Err(e) => Err(Error::io("create", &self.bpffs, e)),
+        }
     }
 
-    /// Delete them all; gone already is fine.
+    /// Delete them all, the pins in the pin directory too; gone already is fine. Keeps going
+    /// past a failure and reports every one.
     pub fn remove(&self) -> Result<()> {
-        match std::fs::remove_dir_all(&self.root) {
-            Ok(()) => Ok(()),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(Error::io("remove", &self.root, e)),
+        let mut errors = Vec::new();
+        for dir in [&self.root, &self.bpffs] {
+            match std::fs::remove_dir_all(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => errors.push(Error::io("remove", dir, e)),
+            }
         }
+        Error::from_list(errors)
+    }
+
+    fn node_name(&self) -> String {
+        self.root
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
     }
 }
 
@@ -210,6 +245,27 @@ impl Sandbox {
     /// `nodes/`: each node's own directories (see [`NodeDirs`]).
     pub fn nodes_dir(&self) -> PathBuf {
         self.dir.join("nodes")
+    }
+
+    /// `bpffs/`: where a sandbox with a datapath mounts its bpf filesystem (see
+    /// [`crate::bpffs`]); each node pins under its own subdirectory ([`NodeDirs::bpffs`]).
+    pub fn bpffs_dir(&self) -> PathBuf {
+        self.dir.join("bpffs")
+    }
+
+    /// Mount the sandbox's bpffs at [`Sandbox::bpffs_dir`] unless it is mounted already.
+    pub fn mount_bpffs(&self) -> Result<bool> {
+        bpffs::mount(&self.bpffs_dir())
+    }
+
+    /// Unmount every bpffs at [`Sandbox::bpffs_dir`], found by that path (so also the one a
+    /// crashed run left); how many there were. The pins go with it.
+    pub fn unmount_bpffs(&self) -> Result<usize> {
+        let unmounted = bpffs::unmount(&self.bpffs_dir())?;
+        if unmounted > 0 {
+            tracing::debug!(dir = %self.bpffs_dir().display(), unmounted, "unmounted the sandbox's bpffs");
+        }
+        Ok(unmounted)
     }
 
     /// Node `node`'s own directories (see [`NodeDirs`]).
@@ -322,11 +378,12 @@ impl Sandbox {
     }
 
     /// Make the directory a fresh, empty sandbox: end whatever an earlier run left running,
-    /// delete the network namespaces it recorded, wipe the old state (only if it carries our
-    /// marker) and lay out the subdirectories.
+    /// delete the network namespaces it recorded, unmount its bpffs, wipe the old state (only
+    /// if it carries our marker) and lay out the subdirectories.
     pub fn reset(&self) -> Result<Vec<Ended>> {
         let ended = self.end_recorded_processes()?;
         self.delete_recorded_namespaces()?;
+        self.unmount_bpffs()?;
         self.remove()?;
         for dir in [
             self.dir.clone(),
@@ -345,8 +402,9 @@ impl Sandbox {
         Ok(ended)
     }
 
-    /// Delete the state directory. Refuses a non-empty directory without our marker; a missing
-    /// directory is fine.
+    /// Delete the state directory. Refuses a non-empty directory without our marker, and one
+    /// with anything mounted inside (deleting would walk into the mount); a missing directory
+    /// is fine.
     pub fn remove(&self) -> Result<()> {
         let is_empty = match std::fs::read_dir(&self.dir) {
             Ok(mut entries) => entries.next().is_none(),
@@ -359,14 +417,30 @@ impl Sandbox {
                 marker: MARKER,
             });
         }
+        let mounted = bpffs::mounts_under(&self.dir)?;
+        if !mounted.is_empty() {
+            return Err(Error::Datapath {
+                path: self.dir.clone(),
+                reason: format!(
+                    "refusing to delete the state directory while something is mounted inside \
+                     it: {} (umount it first)",
+                    mounted
+                        .iter()
+                        .map(|p| p.display().to_string())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            });
+        }
         std::fs::remove_dir_all(&self.dir).map_err(|e| Error::io("remove", &self.dir, e))
     }
 
-    /// End every recorded process, delete every recorded network namespace, then delete the
-    /// state directory unless `keep_state`.
+    /// End every recorded process, delete every recorded network namespace, unmount the
+    /// sandbox's bpffs, then delete the state directory unless `keep_state`.
     pub fn down(&self, keep_state: bool) -> Result<Vec<Ended>> {
         let ended = self.end_recorded_processes()?;
         self.delete_recorded_namespaces()?;
+        self.unmount_bpffs()?;
         if !keep_state {
             self.remove()?;
         }
@@ -441,6 +515,10 @@ impl Sandbox {
                 Err(e) => Err(e.to_string()),
             }
         };
+        let bpffs_mounted = match &datapath {
+            Some(_) => Some(bpffs::is_mounted(&self.bpffs_dir())?),
+            None => None,
+        };
         Ok(Status {
             dir: self.dir.clone(),
             processes,
@@ -448,6 +526,7 @@ impl Sandbox {
             readyz,
             operator_readyz,
             datapath,
+            bpffs_mounted,
             nodes,
         })
     }
@@ -519,13 +598,16 @@ pub struct Status {
     pub operator_readyz: Option<std::result::Result<String, String>>,
     /// The sandbox's datapath configuration; `None` if it has none.
     pub datapath: Option<DatapathConfig>,
+    /// With a datapath: whether its bpffs is mounted at [`Sandbox::bpffs_dir`].
+    pub bpffs_mounted: Option<bool>,
     /// Every node with a recorded namespace.
     pub nodes: Vec<NodeStatus>,
 }
 
 impl Status {
     /// Every recorded process runs, `/readyz` answered `ok`, every recorded node namespace
-    /// exists and, if the sandbox runs node agents, every node's agent answers `/healthz`.
+    /// exists, the bpffs is mounted (with a datapath) and, if the sandbox runs node agents,
+    /// every node's agent answers `/healthz`.
     pub fn healthy(&self) -> bool {
         let agents = self.datapath.as_ref().is_some_and(|d| d.agents);
         !self.processes.is_empty()
@@ -535,6 +617,7 @@ impl Status {
                 .all(|p| p.state == ProcessState::Running)
             && self.readyz.as_deref().is_ok_and(|body| body.trim() == "ok")
             && self.operator_readyz.as_ref().is_none_or(Result::is_ok)
+            && self.bpffs_mounted != Some(false)
             && self.nodes.iter().all(|n| {
                 n.netns_present && (!agents || n.agent_healthz.as_ref().is_some_and(Result::is_ok))
             })

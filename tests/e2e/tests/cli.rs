@@ -10,7 +10,7 @@ use std::{
 use kube::Api;
 use trellis_api::v1alpha1::NetworkStatus;
 use trellis_e2e::{
-    DatapathConfig, Sandbox, agent, datapath, kubeconfig,
+    DatapathConfig, Sandbox, agent, bpffs, datapath, kubeconfig,
     process::{PidRecord, is_alive},
     wait_for,
 };
@@ -301,6 +301,12 @@ fn up_with_the_datapath_gives_nodes_namespaces_and_agents_and_down_deletes_them(
         "{status}"
     );
     assert!(status.contains("healthz ok"), "{status}");
+    let bpffs = state_dir.join("bpffs");
+    assert!(
+        status.contains(&format!("bpffs:      {} (mounted)", bpffs.display())),
+        "{status}"
+    );
+    assert!(bpffs::is_mounted(&bpffs).expect("read mountinfo"));
 
     let list = ok(&state_dir, &["node", "list"]);
     assert!(
@@ -343,6 +349,7 @@ fn up_with_the_datapath_gives_nodes_namespaces_and_agents_and_down_deletes_them(
         assert!(!is_alive(r.pid), "{} (pid {}) survived down", r.name, r.pid);
     }
     assert_eq!(namespaces_of(&tag), Vec::<String>::new());
+    assert!(!bpffs::is_mounted(&bpffs).expect("read mountinfo"));
     assert!(!state_dir.exists());
 }
 

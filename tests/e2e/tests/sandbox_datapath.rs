@@ -7,6 +7,9 @@
 //! their first reconcile, write their node's `NetworkStatus`, and can be killed and started
 //! again; a removed node takes its `NetworkStatus` with it.
 //!
+//! The sandbox's bpffs (the nodes' pin directories) is mounted while the sandbox is up, checked
+//! with `findmnt`, and unmounted by every teardown, also after a crash.
+//!
 //! No operator runs here: this is about the sandbox's own plumbing, so the agents find no
 //! `NodeNetwork` and report `NoNodeNetwork`. Each test has its own state dir, hence its own
 //! namespace names (`trellis-<tag>-…`), so they run in parallel.
@@ -14,7 +17,8 @@
 use std::{
     collections::BTreeSet,
     net::{IpAddr, Ipv4Addr},
-    path::PathBuf,
+    os::unix::fs::MetadataExt as _,
+    path::{Path, PathBuf},
     process::Output,
     time::Duration,
 };
@@ -203,6 +207,28 @@ async fn assert_pings(nodes: &Nodes, from: &str, to: Ipv4Addr) {
 
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().expect("an IPv4 address")
+}
+
+/// `FSTYPE SOURCE` of every mount at exactly `path`, as `findmnt` (util-linux) lists them.
+fn findmnt(path: &Path) -> Vec<String> {
+    let path = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let out = std::process::Command::new("findmnt")
+        .args(["--noheadings", "--output", "FSTYPE,SOURCE", "--mountpoint"])
+        .arg(&path)
+        .output()
+        .expect("run findmnt");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// The filesystem (device) `path` is on.
+fn device(path: &Path) -> u64 {
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("stat {}: {e}", path.display()))
+        .dev()
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -725,4 +751,77 @@ async fn an_agent_that_exits_fails_the_start_and_leaves_nothing_behind() {
     assert!(sandbox.recorded_processes().expect("pid files").is_empty());
     assert_eq!(namespaces_of(&tag), BTreeSet::new());
     sandbox.down(false).expect("remove the state dir");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bpffs_is_mounted_while_up_and_gone_after_every_teardown() {
+    let opts = datapath_only("datapath-bpffs", 2);
+    let mut first = ControlPlane::start(opts.clone()).await.expect("start");
+    let sandbox = first.sandbox().clone();
+    let root = sandbox.bpffs_dir();
+    assert_eq!(root, sandbox.dir().join("bpffs"));
+    assert_eq!(findmnt(&root), ["bpf trellis-bpffs"]);
+    assert_ne!(
+        device(&root),
+        device(sandbox.dir()),
+        "a filesystem of its own"
+    );
+    let nodes = first.nodes();
+    for name in ["trellis-node-1", "trellis-node-2"] {
+        let pins = nodes.node_dirs(name).bpffs;
+        assert_eq!(pins, root.join(name));
+        assert!(pins.is_dir(), "{}", pins.display());
+        assert_eq!(
+            device(&pins),
+            device(&root),
+            "{name}'s pin directory is on the bpffs"
+        );
+    }
+    let status = sandbox.status().await.expect("status");
+    assert_eq!(status.bpffs_mounted, Some(true));
+    // A removed node takes its pin directory with it; a node added later gets one.
+    nodes.remove("trellis-node-2").await.expect("remove a node");
+    assert!(!root.join("trellis-node-2").exists());
+    nodes
+        .add(&NodeSpec::new("trellis-late", IpAddr::V4(ip("192.0.2.30"))))
+        .await
+        .expect("add a node");
+    assert_eq!(device(&root.join("trellis-late")), device(&root));
+    first.stop().expect("stop");
+    assert!(
+        findmnt(&root).is_empty(),
+        "stop unmounts: {:?}",
+        findmnt(&root)
+    );
+    assert!(!sandbox.dir().exists());
+
+    // As if the owner crashed with the bpffs mounted: the next start unmounts it and mounts
+    // a fresh one (not a second one on top), and `down` unmounts that.
+    let second = ControlPlane::start(opts.clone())
+        .await
+        .expect("second start");
+    // Only directories can be made in a bpffs: mark this mount with one.
+    std::fs::create_dir(root.join("trellis-mark")).expect("mkdir in the bpffs");
+    second.detach();
+    assert_eq!(
+        findmnt(&root),
+        ["bpf trellis-bpffs"],
+        "a crash leaves it mounted"
+    );
+    let third = ControlPlane::start(opts.clone())
+        .await
+        .expect("third start");
+    assert_eq!(findmnt(&root), ["bpf trellis-bpffs"], "one mount, not two");
+    assert!(
+        !root.join("trellis-mark").exists(),
+        "the first run's bpffs survived"
+    );
+    third.detach();
+    sandbox.down(false).expect("down");
+    assert!(
+        findmnt(&root).is_empty(),
+        "down unmounts: {:?}",
+        findmnt(&root)
+    );
+    assert!(!sandbox.dir().exists());
 }

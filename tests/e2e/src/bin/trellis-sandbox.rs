@@ -3,16 +3,18 @@
 //! ```text
 //! trellis-sandbox up          etcd + kube-apiserver + CRDs, namespace trellis-system, 3 Nodes
 //!                             each with a network namespace on the underlay bridge and a
-//!                             trellis-node, and trellis-operator, detached; prints the kubeconfig
+//!                             trellis-node, and trellis-operator, detached; a bpffs at
+//!                             <state>/bpffs (a pin directory per node); prints the kubeconfig
 //! trellis-sandbox status      are the recorded processes alive, do the /readyz and the agents'
-//!                             /healthz say ok, do the node namespaces exist
+//!                             /healthz say ok, do the node namespaces exist, is bpffs mounted
 //! trellis-sandbox node add|del|list   add, remove and show nodes (namespace and agent too)
 //! trellis-sandbox pod add|exec|del|list   pods: a Pod bound to a node, a namespace plugged in
 //!                             by the node's CNI configuration as a runtime does, its status
 //! trellis-sandbox cni status|check|gc     the runtime's other CNI operations
 //! trellis-sandbox kubeconfig  path of the admin kubeconfig
 //! trellis-sandbox down        CNI DEL for the remaining pods, end the recorded processes,
-//!                             delete the recorded namespaces and the state dir
+//!                             delete the recorded namespaces, unmount the bpffs, delete the
+//!                             state dir
 //! ```
 
 use std::{collections::BTreeMap, net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
@@ -52,8 +54,8 @@ enum Command {
     /// the CRDs, create namespace trellis-system, the underlay and the nodes, and start
     /// trellis-operator and a trellis-node per node.
     Up(UpArgs),
-    /// End the recorded processes, delete the recorded network namespaces and the state
-    /// directory.
+    /// End the recorded processes, delete the recorded network namespaces, unmount the
+    /// sandbox's bpffs and delete the state directory.
     Down {
         /// Keep the state directory (logs, certificates, etcd data).
         #[arg(long)]
@@ -304,6 +306,10 @@ async fn up(state_dir: &std::path::Path, args: UpArgs) -> anyhow::Result<ExitCod
             "underlay: bridge {BRIDGE} in network namespace {}",
             config.underlay_netns
         );
+        eprintln!(
+            "bpffs: {} (a pin directory per node)",
+            cp.sandbox().bpffs_dir().display()
+        );
         for name in &node_names {
             eprintln!("  {}", describe_node(&nodes, name)?);
         }
@@ -365,6 +371,7 @@ async fn down(sandbox: &Sandbox, keep_state: bool) -> anyhow::Result<ExitCode> {
     // state directory.
     let ended = sandbox.end_recorded_processes().with_context(context)?;
     let namespaces = sandbox.delete_recorded_namespaces().with_context(context)?;
+    let bpffs = sandbox.unmount_bpffs().with_context(context)?;
     sandbox.down(keep_state).with_context(context)?;
     if ended.is_empty() {
         eprintln!("no processes recorded in {}", sandbox.dir().display());
@@ -374,6 +381,9 @@ async fn down(sandbox: &Sandbox, keep_state: bool) -> anyhow::Result<ExitCode> {
     }
     for netns in &namespaces {
         eprintln!("deleted network namespace {netns}");
+    }
+    if bpffs > 0 {
+        eprintln!("unmounted bpffs {}", sandbox.bpffs_dir().display());
     }
     if keep_state {
         eprintln!("kept {}", sandbox.dir().display());
@@ -432,6 +442,15 @@ async fn status(sandbox: &Sandbox) -> anyhow::Result<ExitCode> {
             "underlay:   network namespace {} ({}), bridge {BRIDGE}",
             config.underlay_netns,
             present(&config.underlay_netns)
+        );
+        println!(
+            "bpffs:      {} ({})",
+            sandbox.bpffs_dir().display(),
+            if status.bpffs_mounted == Some(true) {
+                "mounted"
+            } else {
+                "NOT MOUNTED"
+            }
         );
         for n in &status.nodes {
             let agent = match (&n.agent, &n.agent_healthz) {
