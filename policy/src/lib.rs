@@ -43,6 +43,7 @@
 pub mod cidr;
 pub mod compile;
 pub mod diagnostic;
+pub mod generation;
 pub mod identity;
 pub mod objects;
 pub mod ports;

@@ -1,0 +1,118 @@
+//! Which policy a node enforces, as one string both the node and the
+//! operator compute: the node reports it in `NetworkStatus.status.policyHash`
+//! once its maps hold it; whoever rolls realisation up compares it with
+//! the hash of the policies it sees.
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use trellis_api::v1alpha1::PolicyEnforcement;
+
+/// `v1-` and 16 hex digits: FNV-1a (64 bits) over the enforcement mode and,
+/// sorted, each NetworkPolicy's `namespace/name/uid/generation`. A changed
+/// spec bumps the generation, so the hash changes with every edit, and only
+/// with an edit (labels and annotations do not count: they change nothing
+/// that is enforced). The encoding is fixed: nodes and operators of
+/// different versions must agree on it.
+pub fn policy_hash(enforcement: PolicyEnforcement, policies: &[NetworkPolicy]) -> String {
+    let mut lines: Vec<String> = policies
+        .iter()
+        .map(|p| {
+            let m = &p.metadata;
+            format!(
+                "{}/{}/{}/{}",
+                m.namespace.as_deref().unwrap_or_default(),
+                m.name.as_deref().unwrap_or_default(),
+                m.uid.as_deref().unwrap_or_default(),
+                m.generation.unwrap_or_default()
+            )
+        })
+        .collect();
+    lines.sort();
+    let mode = match enforcement {
+        PolicyEnforcement::Default => "Default",
+        PolicyEnforcement::Always => "Always",
+        PolicyEnforcement::Never => "Never",
+    };
+    let mut h = Fnv::new();
+    h.write(mode.as_bytes());
+    for l in &lines {
+        h.write(b"\n");
+        h.write(l.as_bytes());
+    }
+    format!("v1-{:016x}", h.0)
+}
+
+/// FNV-1a, 64 bits.
+struct Fnv(u64);
+
+impl Fnv {
+    fn new() -> Self {
+        Fnv(0xcbf2_9ce4_8422_2325)
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 ^= u64::from(*b);
+            self.0 = self.0.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    fn np(ns: &str, name: &str, uid: &str, generation: i64) -> NetworkPolicy {
+        NetworkPolicy {
+            metadata: ObjectMeta {
+                namespace: Some(ns.into()),
+                name: Some(name.into()),
+                uid: Some(uid.into()),
+                generation: Some(generation),
+                ..ObjectMeta::default()
+            },
+            ..NetworkPolicy::default()
+        }
+    }
+
+    #[test]
+    fn the_hash_is_fixed_by_its_encoding() {
+        // FNV-1a 64 of "Default": a change of encoding shows here first.
+        assert_eq!(
+            policy_hash(PolicyEnforcement::Default, &[]),
+            format!("v1-{:016x}", {
+                let mut h = Fnv::new();
+                h.write(b"Default");
+                h.0
+            })
+        );
+        // The published FNV-1a 64 test vector.
+        let mut h = Fnv::new();
+        h.write(b"a");
+        assert_eq!(h.0, 0xaf63_dc4c_8601_ec8c);
+    }
+
+    #[test]
+    fn order_does_not_count_and_every_edit_does() {
+        let a = np("x", "a", "u1", 1);
+        let b = np("y", "b", "u2", 3);
+        let base = policy_hash(PolicyEnforcement::Default, &[a.clone(), b.clone()]);
+        assert_eq!(
+            base,
+            policy_hash(PolicyEnforcement::Default, &[b.clone(), a.clone()])
+        );
+        let others = [
+            policy_hash(PolicyEnforcement::Always, &[a.clone(), b.clone()]),
+            policy_hash(PolicyEnforcement::Default, std::slice::from_ref(&a)),
+            policy_hash(
+                PolicyEnforcement::Default,
+                &[a.clone(), np("y", "b", "u2", 4)],
+            ),
+            // Deleted and made again under the same name: another uid.
+            policy_hash(PolicyEnforcement::Default, &[a, np("y", "b", "u3", 3)]),
+        ];
+        for o in others {
+            assert_ne!(o, base);
+        }
+    }
+}
