@@ -41,7 +41,10 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
-use trellis_api::v1alpha1::{NETWORKSTATUS_READY, NetworkStatus, NetworkStatusStatus, NodeNetwork};
+use trellis_api::v1alpha1::{
+    NETWORKSTATUS_POLICY_READY, NETWORKSTATUS_READY, NetworkStatus, NetworkStatusStatus,
+    NodeNetwork,
+};
 use trellis_common::ops::Health;
 use trellis_common::process::until_true;
 use trellis_common::versions::resource_version_reached;
@@ -52,6 +55,7 @@ use crate::metrics::{ErrorKind, Metrics, NotificationEffect, Trigger};
 use crate::netns::{NetnsHandle, Notifications};
 use crate::observe::{Snapshot, observe};
 use crate::plan::{Op, plan};
+use crate::policy::engine::PolicyReport;
 use crate::report::{Outcome, report, status};
 use crate::wake::{self, Interest};
 
@@ -75,6 +79,9 @@ pub struct Config {
     /// The endpoint service's count of Ready endpoints, for
     /// `status.endpoints`; `None` leaves that field as it is.
     pub endpoints: Option<watch::Receiver<usize>>,
+    /// The policy engine's state, for the `PolicyReady` condition and
+    /// `status.policyHash`; `None` reports no policy condition.
+    pub policy: Option<watch::Receiver<PolicyReport>>,
 }
 
 impl Config {
@@ -86,6 +93,7 @@ impl Config {
             max_backoff: Duration::from_secs(30),
             facts: None,
             endpoints: None,
+            policy: None,
         }
     }
 }
@@ -122,6 +130,7 @@ pub async fn run(
     let mut trigger = Trigger::Start;
     let mut backoff: Option<Duration> = None;
     let mut endpoints = cfg.endpoints.clone();
+    let mut policy = cfg.policy.clone();
     // The endpoint count the status shows: taken at start and then at most
     // once per `ENDPOINTS_INTERVAL`, so a burst of pods costs a few status
     // writes, not one per pod; a change after a quiet second shows at once.
@@ -194,11 +203,12 @@ pub async fn run(
                         Some(Trigger::Resync)
                     }
                 },
-                Some(()) = endpoints_changed(&mut endpoints), if endpoints_due.is_none() => {
+                Some(()) = changed(&mut endpoints), if endpoints_due.is_none() => {
                     // Later changes pile up in the watch until the slot.
                     endpoints_due = Some(endpoints_throttle.slot(Instant::now()));
                     None
                 }
+                Some(()) = changed(&mut policy) => Some(Trigger::Policy),
                 () = sleep_until(endpoints_due), if endpoints_due.is_some() => {
                     endpoints_due = None;
                     Some(Trigger::Endpoints)
@@ -280,13 +290,79 @@ async fn subscribe(
         .await
 }
 
-/// Resolves when the endpoint count changes; `None` once its sender is gone
+/// The reasons of `PolicyReady`.
+const POLICY_ENFORCED: &str = "Enforced";
+const POLICY_ENFORCED_WITH_PROBLEMS: &str = "EnforcedWithProblems";
+const POLICY_NOT_ENFORCED: &str = "NotEnforced";
+const POLICY_REASONS: [&str; 3] = [
+    POLICY_ENFORCED,
+    POLICY_ENFORCED_WITH_PROBLEMS,
+    POLICY_NOT_ENFORCED,
+];
+
+/// Resolves when the watched value changes; `None` once its sender is gone
 /// (the branch then waits for the others), never without a receiver.
-async fn endpoints_changed(rx: &mut Option<watch::Receiver<usize>>) -> Option<()> {
+async fn changed<T>(rx: &mut Option<watch::Receiver<T>>) -> Option<()> {
     match rx {
         Some(rx) => rx.changed().await.ok(),
         None => std::future::pending().await,
     }
+}
+
+/// The `PolicyReady` condition and `status.policyHash` of the engine's
+/// report. Before the engine's first sync after a start, the condition
+/// `previous` had stays (the pinned maps still enforce what it says), so a
+/// restart that changes nothing writes nothing.
+fn add_policy(
+    r: &mut crate::report::Report,
+    policy: &PolicyReport,
+    previous: Option<&NetworkStatusStatus>,
+) {
+    if !policy.synced {
+        let kept = previous.and_then(|p| {
+            p.conditions
+                .iter()
+                .find(|c| c.type_ == NETWORKSTATUS_POLICY_READY)
+        });
+        let (status, reason, message) = match kept {
+            Some(c) => (
+                c.status == "True",
+                POLICY_REASONS
+                    .into_iter()
+                    .find(|r| *r == c.reason)
+                    .unwrap_or(POLICY_NOT_ENFORCED),
+                c.message.clone(),
+            ),
+            None => (false, POLICY_NOT_ENFORCED, policy.message.clone()),
+        };
+        r.conditions.push(trellis_common::conditions::Cond::new(
+            NETWORKSTATUS_POLICY_READY,
+            status,
+            reason,
+            message,
+        ));
+        return;
+    }
+    let reason = match (policy.ready, policy.diagnostics.is_empty()) {
+        (true, true) => POLICY_ENFORCED,
+        (true, false) => POLICY_ENFORCED_WITH_PROBLEMS,
+        (false, _) => POLICY_NOT_ENFORCED,
+    };
+    let mut message = policy.message.clone();
+    for d in policy.diagnostics.iter().take(3) {
+        message.push_str("; ");
+        message.push_str(d);
+    }
+    if policy.diagnostics.len() > 3 {
+        message.push_str(&format!("; and {} more", policy.diagnostics.len() - 3));
+    }
+    r.conditions.push(trellis_common::conditions::Cond::new(
+        NETWORKSTATUS_POLICY_READY,
+        policy.ready,
+        reason,
+        message,
+    ));
+    r.status.policy_hash = policy.hash.clone();
 }
 
 /// A version of this node's `NetworkStatus` as the watch shows it:
@@ -381,6 +457,9 @@ async fn reconcile(
         publish_facts(cfg, Vec::new(), None, false);
         let mut r = report(&cfg.node_name, &[], None, &Outcome::NoNodeNetwork);
         r.endpoints = endpoints;
+        if let Some(policy) = &cfg.policy {
+            add_policy(&mut r, &policy.borrow(), reporter.last.as_ref());
+        }
         metrics.reconciled(trigger, started.elapsed());
         metrics.set_state(0, 0, false);
         return !reporter.publish(r, metrics).await;
@@ -441,6 +520,9 @@ async fn reconcile(
         }
     };
     r.endpoints = endpoints;
+    if let Some(policy) = &cfg.policy {
+        add_policy(&mut r, &policy.borrow(), reporter.last.as_ref());
+    }
     let ready = r
         .conditions
         .iter()
@@ -775,6 +857,114 @@ mod tests {
         throttle.fired(t0 + s + s);
         let later = t0 + ms(3500);
         assert_eq!(throttle.slot(later), later);
+    }
+
+    #[test]
+    fn the_policy_condition_says_what_is_enforced_and_what_is_not() {
+        let blank = || crate::report::Report {
+            status: NetworkStatusStatus::default(),
+            conditions: Vec::new(),
+            endpoints: None,
+        };
+        let cond = |r: &crate::report::Report| {
+            let c = r
+                .conditions
+                .iter()
+                .find(|c| c.type_ == NETWORKSTATUS_POLICY_READY)
+                .expect("a PolicyReady condition")
+                .clone();
+            (c.status, c.reason, c.message)
+        };
+        let mut r = blank();
+        add_policy(
+            &mut r,
+            &PolicyReport {
+                synced: true,
+                ready: true,
+                message: "policy in force".into(),
+                diagnostics: Vec::new(),
+                hash: Some("v1-0123456789abcdef".into()),
+            },
+            None,
+        );
+        assert_eq!(cond(&r), (true, "Enforced", "policy in force".into()));
+        assert_eq!(r.status.policy_hash.as_deref(), Some("v1-0123456789abcdef"));
+
+        // What cannot be enforced is named, the first three in full.
+        let mut r = blank();
+        let diagnostics: Vec<String> = (1..=5).map(|i| format!("problem {i}")).collect();
+        add_policy(
+            &mut r,
+            &PolicyReport {
+                synced: true,
+                ready: true,
+                message: "m".into(),
+                diagnostics,
+                hash: Some("h".into()),
+            },
+            None,
+        );
+        assert_eq!(
+            cond(&r),
+            (
+                true,
+                "EnforcedWithProblems",
+                "m; problem 1; problem 2; problem 3; and 2 more".into()
+            )
+        );
+
+        // A failed sync: False, and no hash claims anything new is enforced.
+        let mut r = blank();
+        add_policy(
+            &mut r,
+            &PolicyReport {
+                synced: true,
+                ready: false,
+                message: "a map write failed".into(),
+                ..PolicyReport::default()
+            },
+            None,
+        );
+        assert_eq!(
+            cond(&r),
+            (false, "NotEnforced", "a map write failed".into())
+        );
+        assert_eq!(r.status.policy_hash, None);
+
+        // Not synced since the start: what the status said stays.
+        let starting = PolicyReport {
+            message: "not synced yet".into(),
+            ..PolicyReport::default()
+        };
+        let mut r = blank();
+        add_policy(&mut r, &starting, None);
+        assert_eq!(cond(&r), (false, "NotEnforced", "not synced yet".into()));
+        let mut before = NetworkStatusStatus::default();
+        let mut enforced = blank();
+        add_policy(
+            &mut enforced,
+            &PolicyReport {
+                synced: true,
+                ready: true,
+                message: "policy in force".into(),
+                hash: Some("v1-1".into()),
+                ..PolicyReport::default()
+            },
+            None,
+        );
+        before.conditions = trellis_common::conditions::merge(
+            &[],
+            enforced.conditions,
+            &Time(k8s_openapi::jiff::Timestamp::UNIX_EPOCH),
+            None,
+        );
+        let mut r = blank();
+        add_policy(&mut r, &starting, Some(&before));
+        assert_eq!(cond(&r), (true, "Enforced", "policy in force".into()));
+        assert_eq!(
+            r.status.policy_hash, None,
+            "status() keeps the previous hash"
+        );
     }
 
     #[test]

@@ -14,9 +14,10 @@ use trellis_common::process::{LogFormat, client, init_tracing, shutdown_signal, 
 use trellis_node::agent::{self, Config};
 use trellis_node::endpoint::install::Install;
 use trellis_node::endpoint::server::{self, Server};
-use trellis_node::endpoint::{Endpoints, NodeFacts};
+use trellis_node::endpoint::{EndpointPolicy, Endpoints, NodeFacts};
 use trellis_node::metrics::Metrics;
 use trellis_node::netns::NetnsHandle;
+use trellis_node::policy::engine::{Engine, Unavailable};
 
 #[derive(Parser)]
 #[command(
@@ -69,6 +70,10 @@ struct Args {
     /// node where something else installs them).
     #[arg(long)]
     no_cni_install: bool,
+    /// A directory on a bpffs where the policy maps and program links are
+    /// pinned (in `<dir>/v1/`), so they outlive restarts and upgrades.
+    #[arg(long, default_value = "/sys/fs/bpf/trellis")]
+    bpffs_root: PathBuf,
 }
 
 /// `--run-dir`, refused when the socket path in it would be too long.
@@ -118,24 +123,56 @@ async fn main() -> anyhow::Result<()> {
         })
     };
 
+    // First: a clash on the ops port shows at once, before the slower
+    // start-up (loading the policy programs) hides it.
+    let listener = ops::bind(args.metrics_addr).await?;
     let client = client(args.kubeconfig.as_deref()).await?;
     let metrics = Metrics::new();
     let health = Health::new(Duration::from_secs(120), "not reconciled yet");
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let (facts_tx, facts) = watch::channel(None);
-    let endpoints = Endpoints::open(
+    let endpoint_netns = Arc::new(endpoint_netns);
+    // Fail closed: without the policy datapath no pod is plugged in.
+    let (policy, engine): (Arc<dyn EndpointPolicy>, _) = match Engine::start(
+        client.clone(),
+        &args.node_name,
+        endpoint_netns.clone(),
+        args.host_netns.clone(),
+        &args.bpffs_root,
+    )
+    .await
+    {
+        Ok(engine) => (engine.clone(), Some(engine)),
+        Err(e) => {
+            let why = format!(
+                "the policy datapath could not be loaded (bpffs at {}): {e:#}",
+                args.bpffs_root.display()
+            );
+            tracing::error!("{why}; pods on this node cannot be started");
+            (Arc::new(Unavailable(why)), None)
+        }
+    };
+    let endpoints = Endpoints::open_with_policy(
         &args.state_dir,
-        Arc::new(endpoint_netns),
+        endpoint_netns,
         facts.clone(),
         metrics.clone(),
+        Some(policy),
     )
     .await
     .with_context(|| format!("opening the endpoint state in {}", args.state_dir.display()))?;
     let endpoints = Arc::new(endpoints);
+    let policy_report = match &engine {
+        Some(engine) => {
+            engine.adopt(endpoints.admissions().await).await;
+            tokio::spawn(engine.clone().run(shutdown.clone()));
+            Some(engine.report())
+        }
+        None => None,
+    };
     let cni_server = Server::bind(&args.run_dir).await?;
 
-    let listener = ops::bind(args.metrics_addr).await?;
     let server = tokio::spawn(ops::serve(
         listener,
         metrics.clone(),
@@ -158,6 +195,7 @@ async fn main() -> anyhow::Result<()> {
         resync: Duration::from_secs(args.resync_seconds),
         facts: Some(facts_tx),
         endpoints: Some(endpoints.ready_endpoints()),
+        policy: policy_report,
         ..Config::new(&args.node_name)
     };
     let mut reconciler = tokio::spawn(agent::run(

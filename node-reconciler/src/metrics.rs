@@ -52,6 +52,7 @@ label_enum!(
         Resync => "resync",
         Retry => "retry",
         Endpoints => "endpoints",
+        Policy => "policy",
     }
 );
 

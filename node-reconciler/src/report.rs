@@ -263,14 +263,18 @@ pub fn status(
     let generation = report.status.node_network_generation;
     NetworkStatusStatus {
         conditions: merge(previous_conditions, report.conditions, now, generation),
-        // Counters that other parts of the node own (endpoints, drops,
-        // policy) keep what was there until those parts report.
+        // What other parts of the node own (endpoints, drops, the policy
+        // enforced) keeps what was there until those parts report.
         endpoints: report.endpoints.map_or_else(
             || previous.map_or(0, |p| p.endpoints),
             |n| i32::try_from(n).unwrap_or(i32::MAX),
         ),
         drops: previous.map(|p| p.drops.clone()).unwrap_or_default(),
-        policy_hash: previous.and_then(|p| p.policy_hash.clone()),
+        policy_hash: report
+            .status
+            .policy_hash
+            .clone()
+            .or_else(|| previous.and_then(|p| p.policy_hash.clone())),
         ..report.status
     }
 }

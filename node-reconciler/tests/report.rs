@@ -345,3 +345,23 @@ fn a_node_without_a_block_is_not_ready_and_blockless_peers_are_no_peers() {
         "waiting for a block is not a fault"
     );
 }
+
+#[test]
+fn the_policy_hash_is_what_the_engine_last_reported_and_stays_until_it_reports() {
+    let t = time("2026-11-21T10:00:00Z");
+    let blank = || report("n", &[], None, &Outcome::ObserveFailed("x".into()));
+    let mut with = blank();
+    with.status.policy_hash = Some("v1-aaaa".into());
+    let first = status(None, with, &t);
+    assert_eq!(first.policy_hash.as_deref(), Some("v1-aaaa"));
+    // A report without one (no policy engine, or one not synced) keeps it.
+    let kept = status(Some(&first), blank(), &t);
+    assert_eq!(kept.policy_hash.as_deref(), Some("v1-aaaa"));
+    // A new one replaces it.
+    let mut newer = blank();
+    newer.status.policy_hash = Some("v1-bbbb".into());
+    assert_eq!(
+        status(Some(&kept), newer, &t).policy_hash.as_deref(),
+        Some("v1-bbbb")
+    );
+}

@@ -143,6 +143,8 @@ pub struct Wiring {
 /// The MACs the kernel gave the pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Wired {
+    /// Index of the host side in the node's namespace.
+    pub host_index: u32,
     pub host_mac: Mac,
     pub mac: Mac,
 }
@@ -207,7 +209,11 @@ pub async fn add(
     let host_ns = node_namespace(host);
     host.run(move |h| async move { configure_host(&h, &wiring, host_index, mac, &host_ns).await })
         .await??;
-    Ok(Wired { host_mac, mac })
+    Ok(Wired {
+        host_index,
+        host_mac,
+        mac,
+    })
 }
 
 /// "node namespace (current)" or "node namespace /run/netns/NAME".
@@ -644,6 +650,16 @@ async fn delete_link(h: &Handle, name: &str, ns: &str) -> Result<(), DatapathErr
         .await
         .or_else(gone)
         .map_err(failed(format!("delete link {name}"), ns, no_hint))
+}
+
+/// The index of the host veth `name` in the node's namespace, if it exists.
+pub async fn host_index(host: &NetnsHandle, name: &str) -> Result<Option<u32>, DatapathError> {
+    let ns = node_namespace(host);
+    let name = name.to_owned();
+    let found = host
+        .run(move |h| async move { find_link(&h, &name, &ns).await })
+        .await??;
+    Ok(found.map(|l| l.index))
 }
 
 async fn find_link(h: &Handle, name: &str, ns: &str) -> Result<Option<LinkView>, DatapathError> {

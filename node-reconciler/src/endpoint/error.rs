@@ -51,6 +51,11 @@ pub enum EndpointError {
         cause: Box<EndpointError>,
         rollback: Vec<String>,
     },
+    /// The endpoint's policy could not be put in force (or taken out); a
+    /// `transient` one (the cluster's view not synced yet, the apiserver
+    /// unreachable) is worth retrying.
+    #[error("policy: {reason}")]
+    Policy { reason: String, transient: bool },
     /// Something GC or recovery could not clean up.
     #[error("{0}")]
     Leftover(String),
@@ -85,6 +90,12 @@ impl EndpointError {
             | EndpointError::LinkClash { .. }
             | EndpointError::Leftover(_)
             | EndpointError::Task { .. } => code::INTERNAL,
+            EndpointError::Policy {
+                transient: true, ..
+            } => code::TRY_AGAIN_LATER,
+            EndpointError::Policy {
+                transient: false, ..
+            } => code::INTERNAL,
             EndpointError::RolledBack { cause, .. } => cause.code(),
             EndpointError::Several(errors) => match errors.as_slice() {
                 [one] => one.code(),

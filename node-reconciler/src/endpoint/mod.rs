@@ -29,7 +29,38 @@ pub mod store;
 pub use error::EndpointError;
 pub use service::Endpoints;
 
+use std::net::IpAddr;
+
+use futures::future::BoxFuture;
 use ipnet::IpNet;
+use trellis_cni::proto::{Attachment, PodRef};
+
+/// An endpoint about to be answered to the runtime, as its policy needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Admission {
+    pub attachment: Attachment,
+    /// The pod, from `CNI_ARGS` (`None` when the runtime did not say).
+    pub pod: Option<PodRef>,
+    /// The host side of its veth, in the node's namespace.
+    pub host_ifname: String,
+    pub host_index: u32,
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The policy side of pod endpoints ("no traffic before policy"): ADD
+/// answers only after [`admit`](EndpointPolicy::admit) succeeded, and every
+/// teardown (DEL, GC, a rolled-back or redone ADD, recovery) calls
+/// [`release`](EndpointPolicy::release) before the endpoint's addresses
+/// can go to another pod.
+pub trait EndpointPolicy: Send + Sync + std::fmt::Debug {
+    /// Puts the endpoint's identity and policy in the datapath and hooks the
+    /// programs onto its host veth. An error fails (and rolls back) the ADD.
+    fn admit<'a>(&'a self, endpoint: &'a Admission) -> BoxFuture<'a, Result<(), EndpointError>>;
+
+    /// Forgets the endpoint whose host veth is `host_ifname`: its map
+    /// entries and program links. Nothing there is fine.
+    fn release<'a>(&'a self, host_ifname: &'a str) -> BoxFuture<'a, Result<(), EndpointError>>;
+}
 
 /// What the reconcile loop tells the endpoint service after each reconcile.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

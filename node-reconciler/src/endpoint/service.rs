@@ -32,7 +32,6 @@ use tokio::sync::{OwnedMutexGuard, RwLock, watch};
 use tracing::Instrument;
 use trellis_cni::proto::{Attachment, Command, Endpoint, PodRef, Response};
 
-use super::NodeFacts;
 use super::check;
 use super::datapath::{self, Wiring};
 use super::error::EndpointError;
@@ -40,6 +39,7 @@ use super::ipam::Family;
 use super::naming;
 use super::record::{Phase, RECORD_VERSION, Record};
 use super::store::Store;
+use super::{Admission, EndpointPolicy, NodeFacts};
 use crate::metrics::Metrics;
 use crate::netns::NetnsHandle;
 
@@ -63,6 +63,8 @@ struct Core {
     host: Arc<NetnsHandle>,
     metrics: Metrics,
     ready: watch::Sender<usize>,
+    /// The endpoints' policy; `None`: none (tests of the plumbing alone).
+    policy: Option<Arc<dyn EndpointPolicy>>,
 }
 
 /// Attempts at finishing a DEL after its answer before leaving it to GC or
@@ -94,6 +96,18 @@ impl Endpoints {
         facts: watch::Receiver<Option<NodeFacts>>,
         metrics: Metrics,
     ) -> Result<Endpoints, EndpointError> {
+        Self::open_with_policy(state_dir, host, facts, metrics, None).await
+    }
+
+    /// [`open`](Self::open), with every ADD admitted by `policy` before it
+    /// answers and every teardown releasing the endpoint from it.
+    pub async fn open_with_policy(
+        state_dir: &Path,
+        host: Arc<NetnsHandle>,
+        facts: watch::Receiver<Option<NodeFacts>>,
+        metrics: Metrics,
+        policy: Option<Arc<dyn EndpointPolicy>>,
+    ) -> Result<Endpoints, EndpointError> {
         let dir = state_dir.to_path_buf();
         let store = tokio::task::spawn_blocking(move || Store::open(&dir))
             .await
@@ -104,6 +118,7 @@ impl Endpoints {
                 host,
                 metrics,
                 ready: watch::Sender::new(0),
+                policy,
             }),
             facts,
             locks: Arc::default(),
@@ -153,6 +168,37 @@ impl Endpoints {
         let mut pending = self.deleting.subscribe();
         // The sender lives as long as `self`.
         let _ = pending.wait_for(|n| *n == 0).await;
+    }
+
+    /// The `Ready` endpoints as their policy sees them (for a policy engine
+    /// taking over after a restart); those whose host veth is gone are left
+    /// out (GC or DEL finishes them).
+    pub async fn admissions(&self) -> Vec<Admission> {
+        let _whole = self.whole.read().await;
+        let records = match self.core.blocking(|s| s.records()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list the endpoint records");
+                return Vec::new();
+            }
+        };
+        let mut out = Vec::new();
+        for r in records.into_iter().filter(|r| r.phase == Phase::Ready) {
+            match datapath::host_index(&self.core.host, &r.host_ifname).await {
+                Ok(Some(host_index)) => out.push(Admission {
+                    attachment: r.attachment,
+                    pod: r.pod,
+                    host_ifname: r.host_ifname,
+                    host_index,
+                    addresses: r.addresses.iter().map(|n| n.addr()).collect(),
+                }),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(ifname = %r.host_ifname, error = %e, "cannot look up an endpoint's veth")
+                }
+            }
+        }
+        out
     }
 
     /// Serves one command.
@@ -250,6 +296,18 @@ impl Endpoints {
             Ok(w) => w,
             Err(e) => return Err(self.roll_back(&attachment, e.into()).await),
         };
+        if let Some(policy) = &self.core.policy {
+            let admission = Admission {
+                attachment: attachment.clone(),
+                pod: record.pod.clone(),
+                host_ifname: record.host_ifname.clone(),
+                host_index: wired.host_index,
+                addresses: record.addresses.iter().map(|n| n.addr()).collect(),
+            };
+            if let Err(e) = policy.admit(&admission).await {
+                return Err(self.roll_back(&attachment, e).await);
+            }
+        }
         record.phase = Phase::Ready;
         record.host_mac = Some(wired.host_mac);
         record.mac = Some(wired.mac);
@@ -544,6 +602,11 @@ impl Core {
         let holder = self.blocking(move |s| s.owner_of_link(&name)).await?;
         let foreign = holder.is_some_and(|h| h != *attachment);
         if !foreign {
+            // Out of the policy maps before the addresses can go to another
+            // pod (the IP cache names them).
+            if let Some(policy) = &self.policy {
+                policy.release(&host_ifname).await?;
+            }
             let errors = datapath::remove(&self.host, host_ifname, addresses).await;
             if !errors.is_empty() {
                 return Err(EndpointError::Several(

@@ -294,9 +294,40 @@ fn compiled_direction(dir: Direction) -> table::Direction {
     }
 }
 
+/// Compilations kept from one computation to the next, valid for one
+/// compiler input: a sync woken by something that does not change the input
+/// (a pod elsewhere with a known label set, a local pod with the labels of
+/// another) compiles nothing.
+#[derive(Debug, Default)]
+pub struct CompileCache {
+    /// What the caller says identifies the input the compilations are of.
+    key: Option<u64>,
+    compiled: HashMap<(SecurityLabels, NamedPorts), Arc<Compiled>>,
+    /// Compilations done since the cache was made.
+    pub compilations: u64,
+}
+
+impl CompileCache {
+    /// Keeps the compilations only if `key` identifies the same compiler
+    /// input (enforcement, policies, identities and their named ports) as
+    /// the one they were made from.
+    pub fn for_input(&mut self, key: u64) {
+        if self.key != Some(key) {
+            self.compiled.clear();
+            self.key = Some(key);
+        }
+    }
+}
+
 /// The policy maps for `world`, reusing the ids of `installed` for
 /// contents it already holds.
 pub fn desired(world: &World, installed: &PolicyIds) -> Desired {
+    desired_cached(world, installed, &mut CompileCache::default())
+}
+
+/// [`desired`], compiling only the label sets `cache` does not hold (the
+/// caller keeps the cache valid with [`CompileCache::for_input`]).
+pub fn desired_cached(world: &World, installed: &PolicyIds, cache: &mut CompileCache) -> Desired {
     let mut conflicts = Vec::new();
     let locals = unique_locals(world.locals, &mut conflicts);
 
@@ -314,7 +345,16 @@ pub fn desired(world: &World, installed: &PolicyIds) -> Desired {
         let (c, template) = groups
             .entry((&ep.labels, &ep.named_ports))
             .or_insert_with(|| {
-                let c = compile_endpoint(world.input, ep);
+                let key = (ep.labels.clone(), ep.named_ports.clone());
+                let c = match cache.compiled.get(&key) {
+                    Some(c) => Arc::clone(c),
+                    None => {
+                        cache.compilations += 1;
+                        let c = Arc::new(compile_endpoint(world.input, ep));
+                        cache.compiled.insert(key, Arc::clone(&c));
+                        c
+                    }
+                };
                 let mut entry = EndpointEntry::new(0);
                 for dir in Direction::ALL {
                     let t = c.policy.table(compiled_direction(dir));
@@ -322,7 +362,7 @@ pub fn desired(world: &World, installed: &PolicyIds) -> Desired {
                         entry = entry.isolate(dir, ids.id_of(t), t.plens());
                     }
                 }
-                (Arc::new(c), entry)
+                (c, entry)
             });
         compiled.insert(local.ifindex, Arc::clone(c));
         let entry = EndpointEntry {
@@ -332,6 +372,10 @@ pub fn desired(world: &World, installed: &PolicyIds) -> Desired {
         endpoints.insert(local.ifindex, entry);
     }
 
+    // Only what this node's endpoints use stays.
+    cache
+        .compiled
+        .retain(|(labels, ports), _| groups.contains_key(&(labels, ports)));
     let ipcache = ipcache(world, &locals, &mut conflicts);
     conflicts.sort();
     Desired {
@@ -510,6 +554,52 @@ mod tests {
     use trellis_policy::PolicyEnforcement;
     use trellis_policy::identity::CIDR_FIRST;
     use trellis_policy::ports::Protocol;
+
+    #[test]
+    fn the_cache_compiles_each_label_set_once_per_input() {
+        let input = mk_input(mk_policies(8080));
+        let locals = mk_locals();
+        let host = [ip("192.0.2.11")];
+        let remote = mk_remote();
+        let world = |locals, remote| World {
+            input: &input,
+            locals,
+            remote,
+            host: &host,
+        };
+        let mut cache = CompileCache::default();
+        cache.for_input(1);
+        let first = desired_cached(&world(&locals, &remote), &PolicyIds::new(), &mut cache);
+        // web (twice), db, tool: three label sets.
+        assert_eq!(cache.compilations, 3);
+        assert_eq!(
+            first,
+            desired(&world(&locals, &remote), &PolicyIds::new()),
+            "the cache changes nothing in the outcome"
+        );
+
+        // A pod elsewhere, and a local pod with known labels: nothing compiled.
+        let mut more_remote = remote.clone();
+        more_remote.push((ip("10.244.3.30"), TOOL));
+        let mut more_locals = locals.clone();
+        more_locals.push(mk_local(14, DB, "shop", "db", &["10.244.1.14"]));
+        cache.for_input(1);
+        let second = desired_cached(
+            &world(&more_locals, &more_remote),
+            &PolicyIds::new(),
+            &mut cache,
+        );
+        assert_eq!(cache.compilations, 3, "nothing recompiled");
+        assert_eq!(
+            second.endpoints[&14].egress_policy,
+            second.endpoints[&12].egress_policy
+        );
+
+        // Another input: everything compiled again.
+        cache.for_input(2);
+        desired_cached(&world(&locals, &remote), &PolicyIds::new(), &mut cache);
+        assert_eq!(cache.compilations, 6);
+    }
 
     #[test]
     fn equal_labels_share_a_compilation_and_equal_tables_an_id() {

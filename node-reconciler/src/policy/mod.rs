@@ -17,13 +17,22 @@
 //!                         sync::apply(maps, &mut installed, ops) ─▶ failures (the rest still ran)
 //! ```
 //!
+//! Around them: [`cluster`] holds the node's watches (NetworkPolicies,
+//! namespaces, identities, the nodes' endpoint shards, this node's pods) and
+//! [`engine`] ties everything to the pods' lifecycle: CNI ADD is answered
+//! only once the pod's identity and policy are in the maps and the programs
+//! are on its veth ("no traffic before policy"); every change of the caches
+//! syncs the maps again.
+//!
 //! [`desired`] is pure. [`sync`] holds the mirror of what the maps contain,
 //! the pure [`sync::plan`] and the executor [`sync::apply`], which writes
 //! through the small [`sync::PolicyMaps`] trait ([`crate::bpf::Datapath`]
 //! in production, a recording fake in unit tests) and keeps the mirror
 //! equal to the maps op by op.
 
+pub mod cluster;
 pub mod desired;
+pub mod engine;
 pub mod sync;
 #[cfg(test)]
 mod testing;

@@ -87,12 +87,14 @@ pub fn args(node: &str, host_netns: &Path, kubeconfig: &Path, metrics_port: u16)
     ]
 }
 
-/// The endpoint server's part of the agent's command line: its node's directories and the
+/// The endpoint server's part of the agent's command line: its node's directories (state,
+/// runtime, CNI configuration and binaries, the pin directory of its policy datapath) and the
 /// CNI plugin it installs.
 pub fn endpoint_args(dirs: &NodeDirs, cni_plugin: &Path) -> Vec<String> {
     let d = |p: &Path| p.display().to_string();
-    // TODO(policy datapath): pass `--bpffs-root <NodeDirs::bpffs>` once trellis-node has the flag.
     vec![
+        "--bpffs-root".into(),
+        d(&dirs.bpffs),
         "--state-dir".into(),
         d(&dirs.state),
         "--run-dir".into(),
@@ -199,6 +201,8 @@ mod tests {
         assert_eq!(
             endpoint_args(&dirs, Path::new("/t/trellis")),
             [
+                "--bpffs-root",
+                "/s/bpffs/trellis-node-1",
                 "--state-dir",
                 "/s/nodes/trellis-node-1/state",
                 "--run-dir",

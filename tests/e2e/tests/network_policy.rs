@@ -8,15 +8,17 @@
 //! objects. A failure prints both tables, upstream style, with every differing cell and why the
 //! oracle decided as it did.
 //!
-//! - `without_policies_every_pod_reaches_every_pod` runs today: nothing is enforced yet, and
-//!   with no policy Kubernetes allows everything. It also checks the harness's plumbing: each
-//!   kind of change reaches the apiserver and comes back to the oracle (without probing it).
+//! - `without_policies_every_pod_reaches_every_pod`: with no policy Kubernetes allows
+//!   everything. It also checks the harness's plumbing: each kind of change reaches the
+//!   apiserver and comes back to the oracle (without probing it).
 //! - `the_case_list_checks_out_against_the_oracle` needs no sandbox (nor root): every case
 //!   builds, names only objects of the world, and each of its steps changes the truth.
-//! - `datapath::*`: the case list, ignored until trellis-node enforces NetworkPolicy (on main
-//!   every connection is allowed, so they would fail by design). Run them with
-//!   `cargo test -p trellis-e2e --test network_policy -- --ignored`, or one with
-//!   `… -- --ignored datapath::deny_all_ingress`.
+//! - `datapath::*`: the case list, each case in a sandbox of its own; one with
+//!   `cargo test -p trellis-e2e --test network_policy -- --exact datapath::deny_all_ingress`.
+//!   A step that only applies or deletes policies is checked strictly once every node reports
+//!   it enforces them (PolicyReady with their policyHash): any differing cell fails at once. A
+//!   step that changes labels is probed until the tables match (no status says when a pod's
+//!   new identity reached the other nodes), for up to 30 s.
 //!
 //! Each sandboxed test has its own state dir, `/tmp/trellis-e2e-np-<case>`. Needs root.
 
@@ -214,14 +216,10 @@ macro_rules! cases {
     ($($name:ident),* $(,)?) => {
         const CASES: &[Case] = &[$(Case { name: stringify!($name), steps: $name }),*];
 
-        /// The cases on the sandbox. Ignored until trellis-node enforces NetworkPolicy: on main
-        /// nothing does, every connection is allowed, and each would fail at its first step.
-        /// Remove the `ignore` once the policy datapath is in (and `World::wait_policy_applied`
-        /// can confirm enforcement from `NetworkStatus`).
+        /// The cases on the sandbox, each in a sandbox of its own.
         mod datapath {
             $(
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                #[ignore = "needs the policy datapath"]
                 async fn $name() {
                     super::run(stringify!($name), super::$name).await;
                 }

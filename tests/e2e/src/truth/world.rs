@@ -39,7 +39,9 @@ use kube::{
     api::{DeleteParams, ListParams, Patch, PatchParams},
 };
 use serde_json::json;
-use trellis_api::v1alpha1::{NETWORKSTATUS_READY, NetworkStatus};
+use trellis_api::v1alpha1::{
+    NETWORKSTATUS_POLICY_READY, NETWORKSTATUS_READY, NetworkConfig, NetworkStatus, NodeEndpoints,
+};
 
 use super::{
     Addresses, Change, Grid, NAMESPACES, NODES, PORTS, Reachability, Snapshot, Step,
@@ -189,6 +191,7 @@ impl World {
                 reason: format!("the world's pods are not {:?}", pod_keys()),
             });
         }
+        wait_pods_published(&client, &pods).await;
         let mut servers = Vec::new();
         for pod in &pods {
             servers.push(
@@ -294,12 +297,12 @@ impl World {
     }
 
     /// Wait until `changes` can be expected in effect on every node, and say how sure that
-    /// is. Today that is only until the apiserver serves every change (which a watch, such as
-    /// the operator's, sees no earlier), hence [`Enforcement::Unconfirmed`].
-    //
-    // TODO(policy datapath): once NetworkStatus has `status.policyGeneration`, also wait until
-    // every node's NetworkStatus has PolicyReady=True with a `status.policyGeneration` that
-    // covers these writes, and return Enforcement::Confirmed.
+    /// is. First until the apiserver serves every change. A step that only applies or deletes
+    /// NetworkPolicies is then [`Enforcement::Confirmed`] once every node's NetworkStatus says
+    /// `PolicyReady=True` with the `policyHash` of the policies the apiserver serves (computed
+    /// here from the list, with the hash's published encoding): each node's maps hold them. A
+    /// label change moves a pod to another identity, which reaches other nodes through its
+    /// node's NodeEndpoints shard and no status says when: [`Enforcement::Unconfirmed`].
     pub async fn wait_policy_applied(&self, changes: &[Change]) -> Result<Enforcement> {
         for change in changes {
             wait_for(&format!("{change} to be served"), READY_TIMEOUT, || async {
@@ -307,7 +310,59 @@ impl World {
             })
             .await;
         }
-        Ok(Enforcement::Unconfirmed)
+        if changes
+            .iter()
+            .any(|c| !matches!(c, Change::Apply(_) | Change::Delete { .. }))
+        {
+            return Ok(Enforcement::Unconfirmed);
+        }
+        let want = self.policy_hash().await?;
+        let statuses: Api<NetworkStatus> = Api::all(self.client.clone());
+        let names: Vec<String> = (0..NODES).map(super::node_of).collect();
+        wait_for(
+            &format!("every node to enforce policy hash {want}"),
+            READY_TIMEOUT,
+            || async {
+                let list = statuses.list(&ListParams::default()).await.ok()?;
+                names
+                    .iter()
+                    .all(|name| {
+                        list.items.iter().any(|s| {
+                            s.name_any() == *name
+                                && s.status.as_ref().is_some_and(|st| {
+                                    st.policy_hash.as_deref() == Some(want.as_str())
+                                        && st.conditions.iter().any(|c| {
+                                            c.type_ == NETWORKSTATUS_POLICY_READY
+                                                && c.status == "True"
+                                        })
+                                })
+                        })
+                    })
+                    .then_some(())
+            },
+        )
+        .await;
+        Ok(Enforcement::Confirmed)
+    }
+
+    /// The policy hash of every NetworkPolicy the apiserver serves, under the cluster's
+    /// enforcement mode (see `trellis_policy::generation`).
+    async fn policy_hash(&self) -> Result<String> {
+        let policies = Api::<NetworkPolicy>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| Error::kube("list NetworkPolicies", e))?
+            .items;
+        let enforcement = Api::<NetworkConfig>::all(self.client.clone())
+            .get_opt("default")
+            .await
+            .map_err(|e| Error::kube("get NetworkConfig default", e))?
+            .map(|c| c.spec.policy_enforcement)
+            .unwrap_or_default();
+        Ok(trellis_policy::generation::policy_hash(
+            enforcement,
+            &policies,
+        ))
     }
 
     async fn is_served(&self, change: &Change) -> bool {
@@ -486,6 +541,30 @@ impl World {
 /// Every (from, to) of an `n` × `n` table.
 fn cells(n: usize) -> impl Iterator<Item = (usize, usize)> {
     (0..n).flat_map(move |from| (0..n).map(move |to| (from, to)))
+}
+
+/// Every pod in its node's NodeEndpoints shard, with an identity: from then on every node
+/// knows every pod's identity by address (before, a remote pod is outside the cluster).
+async fn wait_pods_published(client: &Client, pods: &[WorldPod]) {
+    let api: Api<NodeEndpoints> = Api::all(client.clone());
+    wait_for(
+        "every pod published in its node's NodeEndpoints",
+        READY_TIMEOUT,
+        || async {
+            let list = api.list(&ListParams::default()).await.ok()?;
+            pods.iter()
+                .all(|pod| {
+                    list.items.iter().any(|shard| {
+                        shard.spec.endpoints.iter().any(|e| {
+                            format!("{}/{}", e.namespace, e.name) == pod.key
+                                && e.addresses.iter().any(|a| a.parse() == Ok(pod.ip))
+                        })
+                    })
+                })
+                .then_some(())
+        },
+    )
+    .await;
 }
 
 /// Every node's NetworkStatus Ready with all its peers: the overlay is up and the agents

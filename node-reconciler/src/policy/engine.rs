@@ -1,0 +1,827 @@
+//! The policy engine: the node's endpoints, their identities, and the BPF
+//! maps that enforce their policy.
+//!
+//! ```text
+//!  CNI ADD ──admit──▶ resolve (labels → identity, created if new) ──▶ sync ──▶ attach ──▶ answer
+//!  teardown ─release─▶ forget ──▶ sync ──▶ detach
+//!  cluster caches changed / every RESYNC ──▶ resolve all ──▶ sync
+//!  sync:  snapshot of the caches + endpoints ─▶ desired (pure) ─▶ plan (pure) ─▶ apply (maps)
+//!  locals changed ──▶ NodeEndpoints shard (at most one write per SHARD_INTERVAL)
+//! ```
+//!
+//! Every sync computes from the whole state, never from the event that
+//! woke it, and writes only what differs from the mirror of the maps
+//! (read from the pinned maps at start). Nothing is removed from the maps
+//! before the caches hold their initial lists and the endpoints of the
+//! previous run are adopted, so a restart leaves enforcement as it was.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use futures::TryStreamExt;
+use futures::future::BoxFuture;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde_json::json;
+use tokio::sync::{Notify, watch};
+use trellis_api::v1alpha1::{
+    NodeEndpoints, NodeEndpointsSpec, PodEndpoint, PolicyEnforcement, SecurityIdentity,
+};
+use trellis_cni::proto::PodRef;
+use trellis_common::process::until_true;
+use trellis_policy::cidr::CidrTable;
+use trellis_policy::compile::{Input, LocalEndpoint};
+use trellis_policy::identity::{IdentityInfo, IdentityKind, NamedPorts, SecurityLabels, WORLD};
+
+use super::cluster::Cluster;
+use super::desired::{CompileCache, Desired, Local, World, desired_cached};
+use super::sync::{Installed, MapOp, apply, plan};
+use crate::agent::FIELD_MANAGER;
+use crate::bpf::Datapath;
+use crate::endpoint::{Admission, EndpointError, EndpointPolicy};
+use crate::netns::NetnsHandle;
+
+/// A full sync at least this often.
+const RESYNC: Duration = Duration::from_secs(10);
+/// How long an ADD waits for the engine's first sync after a start.
+const START_WAIT: Duration = Duration::from_secs(20);
+/// At most one `NodeEndpoints` write per interval.
+const SHARD_INTERVAL: Duration = Duration::from_secs(1);
+/// Ids probed before giving up on creating an identity.
+const IDENTITY_ATTEMPTS: usize = 16;
+
+/// Where the engine stands, for `NetworkStatus` (`PolicyReady`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PolicyReport {
+    /// Whether a sync has run since the start (until then the node's
+    /// status keeps saying what the previous run said: the pinned maps
+    /// still enforce it).
+    pub synced: bool,
+    /// The first sync after the start is done and the last one applied
+    /// everything.
+    pub ready: bool,
+    /// Why not, or a summary. (Not the number of endpoints: a report that
+    /// changes with every pod would rewrite the node's status for each.)
+    pub message: String,
+    /// What could not be enforced, one line each (policy and reason).
+    pub diagnostics: Vec<String>,
+    /// [`trellis_policy::generation::policy_hash`] of what is enforced.
+    pub hash: Option<String>,
+}
+
+/// One endpoint of this node.
+#[derive(Debug, Clone)]
+struct LocalState {
+    ifindex: u32,
+    addresses: Vec<IpAddr>,
+    pod: Option<PodRef>,
+    /// Identity, labels and named ports, once resolved.
+    resolved: Option<LocalEndpoint>,
+}
+
+struct State {
+    dp: Datapath,
+    installed: Installed,
+    /// Compiled tables, kept while the compiler's input stays the same.
+    cache: CompileCache,
+    /// By host veth name.
+    locals: BTreeMap<String, LocalState>,
+}
+
+/// The policy engine of one node.
+pub struct Engine {
+    node: String,
+    client: Client,
+    cluster: Cluster,
+    host: Arc<NetnsHandle>,
+    /// The node's namespace (`--host-netns`); `None`: ours.
+    host_netns: Option<PathBuf>,
+    state: Arc<Mutex<State>>,
+    started: watch::Sender<bool>,
+    shard: Arc<Notify>,
+    report: watch::Sender<PolicyReport>,
+}
+
+impl std::fmt::Debug for Engine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("node", &self.node)
+            .field("host_netns", &self.host_netns)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Engine {
+    /// Loads the programs (reusing the maps pinned under `bpffs_root`),
+    /// reads what the maps hold, and starts the cluster watches.
+    pub async fn start(
+        client: Client,
+        node: &str,
+        host: Arc<NetnsHandle>,
+        host_netns: Option<PathBuf>,
+        bpffs_root: &Path,
+    ) -> anyhow::Result<Arc<Engine>> {
+        let root = bpffs_root.to_path_buf();
+        let (dp, installed) = tokio::task::spawn_blocking(move || {
+            let dp = Datapath::load(Some(&root))?;
+            let installed = Installed::read(&dp)?;
+            Ok::<_, crate::bpf::BpfError>((dp, installed))
+        })
+        .await??;
+        tracing::info!(
+            pins = %dp.pin_dir().map(|p| p.display().to_string()).unwrap_or_default(),
+            "policy programs loaded"
+        );
+        let cluster = Cluster::watch(&client, node);
+        Ok(Arc::new(Engine {
+            node: node.to_owned(),
+            client,
+            cluster,
+            host,
+            host_netns,
+            state: Arc::new(Mutex::new(State {
+                dp,
+                installed,
+                cache: CompileCache::default(),
+                locals: BTreeMap::new(),
+            })),
+            started: watch::Sender::new(false),
+            shard: Arc::new(Notify::new()),
+            report: watch::Sender::new(PolicyReport {
+                ready: false,
+                message: "not synced yet".into(),
+                ..PolicyReport::default()
+            }),
+        }))
+    }
+
+    /// Where the engine stands, after every sync.
+    pub fn report(&self) -> watch::Receiver<PolicyReport> {
+        self.report.subscribe()
+    }
+
+    /// Takes over the endpoints a previous run left (their records are
+    /// `Ready`): they keep the map entries they have until the first sync,
+    /// and get this binary's programs at once (an atomic replacement).
+    pub async fn adopt(&self, endpoints: Vec<Admission>) {
+        for a in endpoints {
+            let ifname = a.host_ifname.clone();
+            let netns = self.host_netns.clone();
+            let state = self.state.clone();
+            {
+                let mut s = lock(&state);
+                s.locals.insert(
+                    a.host_ifname.clone(),
+                    LocalState {
+                        ifindex: a.host_index,
+                        addresses: a.addresses.clone(),
+                        pod: a.pod.clone(),
+                        resolved: None,
+                    },
+                );
+            }
+            let attached = tokio::task::spawn_blocking(move || {
+                lock(&state).dp.attach(netns.as_deref(), &ifname)
+            })
+            .await;
+            match attached {
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(ifname = %a.host_ifname, error = %e, "cannot hook the programs onto an adopted endpoint")
+                }
+                Err(e) => tracing::warn!(error = %e, "attach task failed"),
+            }
+        }
+    }
+
+    /// Runs the resync loop and the shard writer until `shutdown`.
+    pub async fn run(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        tokio::select! {
+            r = self.cluster.ready() => if r.is_err() { return; },
+            () = until_true(shutdown.clone()) => return,
+        }
+        tracing::info!("policy caches synced");
+        let shard = tokio::spawn(self.clone().write_shards(shutdown.clone()));
+        loop {
+            match self.resync().await {
+                Ok(()) => {
+                    self.started
+                        .send_if_modified(|s| !std::mem::replace(s, true));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "policy sync failed; retrying");
+                    self.report.send_modify(|r| {
+                        r.synced = true;
+                        r.ready = false;
+                        r.message = e.to_string();
+                    });
+                }
+            }
+            tokio::select! {
+                () = self.cluster.changed.notified() => {
+                    // Let a burst of events land in one sync.
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                () = tokio::time::sleep(RESYNC) => {}
+                () = until_true(shutdown.clone()) => break,
+            }
+        }
+        shard.abort();
+    }
+
+    /// Resolves every endpoint (labels may have changed) and syncs.
+    async fn resync(&self) -> Result<(), EndpointError> {
+        let locals: Vec<(String, Option<PodRef>)> = lock(&self.state)
+            .locals
+            .iter()
+            .map(|(k, v)| (k.clone(), v.pod.clone()))
+            .collect();
+        for (ifname, pod) in locals {
+            let resolved = self.resolve(pod.as_ref()).await?;
+            let mut s = lock(&self.state);
+            if let Some(l) = s.locals.get_mut(&ifname)
+                && l.pod == pod
+            {
+                if l.resolved.as_ref() != Some(&resolved) {
+                    self.shard.notify_one();
+                }
+                l.resolved = Some(resolved);
+            }
+        }
+        self.sync().await
+    }
+
+    /// Computes the desired maps from the caches and the endpoints, and
+    /// writes the difference.
+    async fn sync(&self) -> Result<(), EndpointError> {
+        let host = self.host_addresses().await?;
+        let snapshot = self.snapshot();
+        let state = self.state.clone();
+        let (report, errors) = tokio::task::spawn_blocking(move || {
+            let mut s = lock(&state);
+            let s = &mut *s;
+            let locals: Vec<Local> = s
+                .locals
+                .values()
+                .filter_map(|l| {
+                    Some(Local {
+                        ifindex: l.ifindex,
+                        addresses: l.addresses.clone(),
+                        endpoint: l.resolved.clone()?,
+                    })
+                })
+                .collect();
+            let unresolved = s.locals.len() - locals.len();
+            let input = snapshot.input(&locals);
+            s.cache.for_input(input_key(&snapshot.hash, &input));
+            let world = World {
+                input: &input,
+                locals: &locals,
+                remote: &snapshot.remote,
+                host: &host,
+            };
+            let want = desired_cached(&world, &s.installed.ids(), &mut s.cache);
+            let mut ops = plan(&want, &s.installed);
+            // An endpoint not resolved yet keeps what it has (adopted after
+            // a restart: enforcement stays as the previous run left it; its
+            // tables cannot go while its entry names them).
+            if unresolved > 0 {
+                let pending = s.locals.values().filter(|l| l.resolved.is_none());
+                let ifindexes: BTreeSet<u32> = pending.clone().map(|l| l.ifindex).collect();
+                let addresses: BTreeSet<IpAddr> =
+                    pending.flat_map(|l| l.addresses.iter().copied()).collect();
+                ops.retain(|op| match op {
+                    MapOp::RemoveEndpoint { ifindex } => !ifindexes.contains(ifindex),
+                    MapOp::RemoveIpCache { net } => !addresses.contains(&net.addr()),
+                    _ => true,
+                });
+            }
+            if !ops.is_empty() {
+                tracing::info!(ops = ops.len(), "writing policy maps");
+                for op in &ops {
+                    tracing::debug!(%op, "policy map op");
+                }
+            }
+            let failed = apply(&mut s.dp, &mut s.installed, &ops);
+            let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op}: {e}")).collect();
+            let mut report = report_of(&want, &errors);
+            report.hash = errors.is_empty().then(|| snapshot.hash.clone());
+            (report, errors)
+        })
+        .await
+        .map_err(|e| EndpointError::task("policy sync", &e))?;
+        self.report.send_if_modified(|r| {
+            let changed = *r != report;
+            *r = report;
+            changed
+        });
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(EndpointError::Policy {
+                reason: format!("writing the policy maps failed: {}", errors.join("; ")),
+                transient: true,
+            })
+        }
+    }
+
+    /// The values the compiler needs, taken from the caches.
+    fn snapshot(&self) -> Snapshot {
+        let enforcement = self
+            .cluster
+            .configs
+            .get(&ObjectRef::new("default"))
+            .map(|c| c.spec.policy_enforcement)
+            .unwrap_or_default();
+        let policies: Vec<_> = self
+            .cluster
+            .policies
+            .state()
+            .iter()
+            .map(|p| (**p).clone())
+            .collect();
+        let mut named: BTreeMap<u32, NamedPorts> = BTreeMap::new();
+        let mut remote = Vec::new();
+        for shard in self.cluster.shards.state() {
+            let own = shard.name_any() == self.node;
+            for ep in &shard.spec.endpoints {
+                let Ok(id) = u32::try_from(ep.identity) else {
+                    continue;
+                };
+                named
+                    .entry(id)
+                    .or_default()
+                    .extend(&NamedPorts::from_api(&ep.named_ports));
+                if own {
+                    continue;
+                }
+                for a in &ep.addresses {
+                    if let Ok(ip) = a.parse::<IpAddr>() {
+                        remote.push((ip, id));
+                    }
+                }
+            }
+        }
+        let mut identities: Vec<IdentityInfo> = self
+            .cluster
+            .identities
+            .state()
+            .iter()
+            .filter_map(|i| IdentityInfo::try_from(&**i).ok())
+            .collect();
+        // In a fixed order: the compile cache's key hashes them.
+        identities.sort();
+        let hash = trellis_policy::generation::policy_hash(enforcement, &policies);
+        Snapshot {
+            hash,
+            enforcement,
+            policies,
+            identities,
+            named,
+            remote,
+        }
+    }
+
+    /// Every address of the node's namespace: traffic from them is `HOST`.
+    async fn host_addresses(&self) -> Result<Vec<IpAddr>, EndpointError> {
+        let found = self
+            .host
+            .run(|h| async move {
+                let mut out = Vec::new();
+                let mut dump = h.address().get().execute();
+                while let Some(msg) = dump.try_next().await.map_err(|e| e.to_string())? {
+                    for attr in msg.attributes {
+                        if let netlink_packet_route::address::AddressAttribute::Address(ip) = attr {
+                            out.push(ip);
+                        }
+                    }
+                }
+                Ok::<_, String>(out)
+            })
+            .await
+            .map_err(|e| EndpointError::Policy {
+                reason: format!("listing the node's addresses: {e}"),
+                transient: true,
+            })?
+            .map_err(|e| EndpointError::Policy {
+                reason: format!("listing the node's addresses: {e}"),
+                transient: true,
+            })?;
+        let mut found: Vec<IpAddr> = found.into_iter().filter(|ip| !ip.is_loopback()).collect();
+        found.sort();
+        found.dedup();
+        Ok(found)
+    }
+
+    /// The pod's identity, labels and named ports: from the caches, else
+    /// from the apiserver; the identity is created when its label set is new.
+    async fn resolve(&self, pod: Option<&PodRef>) -> Result<LocalEndpoint, EndpointError> {
+        let (namespace, pod_obj) = match pod {
+            Some(p) => {
+                let obj = match self.cluster.pod(&p.namespace, &p.name) {
+                    Some(o) => Some((*o).clone()),
+                    None => Api::<Pod>::namespaced(self.client.clone(), &p.namespace)
+                        .get_opt(&p.name)
+                        .await
+                        .map_err(|e| {
+                            transient(format!("reading pod {}/{}: {e}", p.namespace, p.name))
+                        })?,
+                };
+                // A pod of the same name but another UID is not this one.
+                let obj = obj.filter(|o| match (&p.uid, &o.metadata.uid) {
+                    (Some(want), Some(have)) => want == have,
+                    _ => true,
+                });
+                (p.namespace.clone(), obj)
+            }
+            None => {
+                // No pod named (a runtime outside Kubernetes, `cnitool`): no
+                // policy can select it and no peer can name it, so it is like
+                // any address outside the cluster to everyone else.
+                return Ok(LocalEndpoint {
+                    identity: WORLD,
+                    labels: SecurityLabels::default(),
+                    named_ports: NamedPorts::new(),
+                });
+            }
+        };
+        let ns_obj: Option<Namespace> = if namespace.is_empty() {
+            None
+        } else {
+            match self.cluster.namespaces.get(&ObjectRef::new(&namespace)) {
+                Some(n) => Some((*n).clone()),
+                None => Api::<Namespace>::all(self.client.clone())
+                    .get_opt(&namespace)
+                    .await
+                    .map_err(|e| transient(format!("reading namespace {namespace}: {e}")))?,
+            }
+        };
+        if let (Some(pod), Some(ns)) = (&pod_obj, &ns_obj) {
+            let (labels, named_ports) = trellis_policy::objects::pod_labels_and_ports(pod, ns)
+                .map_err(|e| EndpointError::Policy {
+                    reason: format!("the pod's labels: {e}"),
+                    transient: false,
+                })?;
+            let identity = self.identity_of(&labels).await?;
+            return Ok(LocalEndpoint {
+                identity,
+                labels,
+                named_ports,
+            });
+        }
+        // No Pod object (a runtime that named none, or a pod deleted while
+        // its sandbox lives on): the namespace's labels and no pod labels.
+        let namespace_labels = ns_obj.map(|n| n.labels().clone()).unwrap_or_default();
+        let (pod_labels, named_ports) = (BTreeMap::new(), NamedPorts::new());
+        let labels = SecurityLabels::new(namespace, namespace_labels, pod_labels);
+        let identity = self.identity_of(&labels).await?;
+        Ok(LocalEndpoint {
+            identity,
+            labels,
+            named_ports,
+        })
+    }
+
+    /// The identity of `labels`: the one the cluster has, else a new one
+    /// (design 0005: deterministic id, probing past ids that hold another
+    /// label set; a racing node creating the same one is fine).
+    async fn identity_of(&self, labels: &SecurityLabels) -> Result<u32, EndpointError> {
+        let api = Api::<SecurityIdentity>::all(self.client.clone());
+        // Ids found taken by another label set that the cache has not shown yet.
+        let mut seen: BTreeMap<u32, SecurityLabels> = BTreeMap::new();
+        for _ in 0..IDENTITY_ATTEMPTS {
+            let cached: BTreeMap<u32, SecurityLabels> = self
+                .cluster
+                .identities
+                .state()
+                .iter()
+                .filter_map(|i| trellis_policy::objects::identity_of(i).ok())
+                .collect();
+            let id = trellis_policy::identity::allocate(labels, |id| {
+                seen.get(&id).or_else(|| cached.get(&id))
+            })
+            .map_err(|e| EndpointError::Policy {
+                reason: e.to_string(),
+                transient: false,
+            })?;
+            if cached.get(&id) == Some(labels) || seen.get(&id) == Some(labels) {
+                return Ok(id);
+            }
+            let object = trellis_policy::objects::security_identity(id, labels).map_err(|e| {
+                EndpointError::Policy {
+                    reason: format!("the pod's labels cannot make an identity: {e}"),
+                    transient: false,
+                }
+            })?;
+            match api.create(&PostParams::default(), &object).await {
+                Ok(_) => {
+                    tracing::info!(id, %labels, "security identity created");
+                    return Ok(id);
+                }
+                Err(kube::Error::Api(s)) if s.code == 409 => {
+                    let existing = api
+                        .get(&id.to_string())
+                        .await
+                        .map_err(|e| transient(format!("reading security identity {id}: {e}")))?;
+                    match trellis_policy::objects::identity_of(&existing) {
+                        Ok((_, found)) => {
+                            if &found == labels {
+                                return Ok(id);
+                            }
+                            seen.insert(id, found);
+                        }
+                        Err(e) => {
+                            return Err(EndpointError::Policy {
+                                reason: format!("security identity {id} is malformed: {e}"),
+                                transient: false,
+                            });
+                        }
+                    }
+                }
+                Err(e) => return Err(transient(format!("creating security identity {id}: {e}"))),
+            }
+        }
+        Err(transient(format!(
+            "no free security identity for {labels} after {IDENTITY_ATTEMPTS} attempts"
+        )))
+    }
+
+    /// Writes this node's `NodeEndpoints` when its endpoints changed, at
+    /// most once per [`SHARD_INTERVAL`].
+    async fn write_shards(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        let api = Api::<NodeEndpoints>::all(self.client.clone());
+        let owner = match Api::<Node>::all(self.client.clone())
+            .get_opt(&self.node)
+            .await
+        {
+            Ok(Some(n)) => n.metadata.uid.map(|uid| OwnerReference {
+                api_version: Node::api_version(&()).into_owned(),
+                kind: Node::kind(&()).into_owned(),
+                name: self.node.clone(),
+                uid,
+                ..OwnerReference::default()
+            }),
+            _ => None,
+        };
+        let mut last: Option<NodeEndpointsSpec> = None;
+        loop {
+            let spec = self.shard_spec();
+            if last.as_ref() != Some(&spec) {
+                let mut metadata = json!({"name": self.node});
+                if let Some(owner) = &owner {
+                    metadata["ownerReferences"] = json!([owner]);
+                }
+                let body = json!({
+                    "apiVersion": NodeEndpoints::api_version(&()),
+                    "kind": NodeEndpoints::kind(&()),
+                    "metadata": metadata,
+                    "spec": spec,
+                });
+                match api
+                    .patch(
+                        &self.node,
+                        &PatchParams::apply(FIELD_MANAGER).force(),
+                        &Patch::Apply(&body),
+                    )
+                    .await
+                {
+                    Ok(_) => {
+                        tracing::debug!(endpoints = spec.endpoints.len(), "NodeEndpoints written");
+                        last = Some(spec);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot write NodeEndpoints; will retry"),
+                }
+            }
+            let wait = if last.is_some() {
+                SHARD_INTERVAL
+            } else {
+                RESYNC
+            };
+            tokio::select! {
+                () = self.shard.notified() => {}
+                () = tokio::time::sleep(RESYNC) => {}
+                () = until_true(shutdown.clone()) => return,
+            }
+            // Coalesce: what changes in the next interval goes in one write.
+            tokio::time::sleep(wait.min(SHARD_INTERVAL)).await;
+        }
+    }
+
+    fn shard_spec(&self) -> NodeEndpointsSpec {
+        let s = lock(&self.state);
+        let mut endpoints: Vec<PodEndpoint> = s
+            .locals
+            .values()
+            .filter_map(|l| {
+                let r = l.resolved.as_ref()?;
+                // Only pods: an endpoint without one has no identity to share.
+                let pod = l.pod.as_ref()?;
+                if IdentityKind::of(r.identity) != IdentityKind::Pod {
+                    return None;
+                }
+                let pod = Some(pod);
+                Some(PodEndpoint {
+                    namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
+                    name: pod.map(|p| p.name.clone()).unwrap_or_default(),
+                    addresses: l.addresses.iter().map(ToString::to_string).collect(),
+                    identity: i32::try_from(r.identity).ok()?,
+                    named_ports: r.named_ports.to_api(),
+                })
+            })
+            .collect();
+        endpoints.sort_by(|a, b| {
+            (&a.namespace, &a.name, &a.addresses).cmp(&(&b.namespace, &b.name, &b.addresses))
+        });
+        NodeEndpointsSpec { endpoints }
+    }
+
+    async fn wait_started(&self) -> Result<(), EndpointError> {
+        let mut started = self.started.subscribe();
+        match tokio::time::timeout(START_WAIT, started.wait_for(|s| *s)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(transient(
+                "the node's policy is not synced with the cluster yet (NetworkPolicies, namespaces, identities)"
+                    .into(),
+            )),
+        }
+    }
+}
+
+impl EndpointPolicy for Engine {
+    fn admit<'a>(&'a self, a: &'a Admission) -> BoxFuture<'a, Result<(), EndpointError>> {
+        Box::pin(async move {
+            self.wait_started().await?;
+            let resolved = self.resolve(a.pod.as_ref()).await?;
+            lock(&self.state).locals.insert(
+                a.host_ifname.clone(),
+                LocalState {
+                    ifindex: a.host_index,
+                    addresses: a.addresses.clone(),
+                    pod: a.pod.clone(),
+                    resolved: Some(resolved),
+                },
+            );
+            self.sync().await?;
+            let state = self.state.clone();
+            let netns = self.host_netns.clone();
+            let ifname = a.host_ifname.clone();
+            tokio::task::spawn_blocking(move || lock(&state).dp.attach(netns.as_deref(), &ifname))
+                .await
+                .map_err(|e| EndpointError::task("attaching the policy programs", &e))?
+                .map_err(|e| EndpointError::Policy {
+                    reason: format!("hooking the policy programs onto {}: {e}", a.host_ifname),
+                    transient: false,
+                })?;
+            self.shard.notify_one();
+            Ok(())
+        })
+    }
+
+    fn release<'a>(&'a self, host_ifname: &'a str) -> BoxFuture<'a, Result<(), EndpointError>> {
+        Box::pin(async move {
+            let known = lock(&self.state).locals.remove(host_ifname).is_some();
+            if known {
+                self.shard.notify_one();
+                // Before the first sync the maps stay as they are; the first
+                // sync removes what no endpoint wants.
+                if *self.started.borrow() {
+                    self.sync().await?;
+                }
+            }
+            let state = self.state.clone();
+            let netns = self.host_netns.clone();
+            let ifname = host_ifname.to_owned();
+            tokio::task::spawn_blocking(move || lock(&state).dp.detach(netns.as_deref(), &ifname))
+                .await
+                .map_err(|e| EndpointError::task("detaching the policy programs", &e))?
+                .map_err(|e| EndpointError::Policy {
+                    reason: format!("unhooking the policy programs from {host_ifname}: {e}"),
+                    transient: true,
+                })
+        })
+    }
+}
+
+/// The caches' contents a sync compiles against.
+struct Snapshot {
+    /// What the node enforces once this snapshot is applied.
+    hash: String,
+    enforcement: PolicyEnforcement,
+    policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
+    identities: Vec<IdentityInfo>,
+    /// Named ports per identity, from every shard.
+    named: BTreeMap<u32, NamedPorts>,
+    /// Other nodes' pod addresses.
+    remote: Vec<(IpAddr, u32)>,
+}
+
+impl Snapshot {
+    /// The compiler's input; the local endpoints' named ports count for
+    /// their identities even before the shard carries them.
+    fn input(&self, locals: &[Local]) -> Input {
+        let mut named = self.named.clone();
+        for l in locals {
+            named
+                .entry(l.endpoint.identity)
+                .or_default()
+                .extend(&l.endpoint.named_ports);
+        }
+        let identities = self
+            .identities
+            .iter()
+            .map(|i| {
+                let mut i = i.clone();
+                if let Some(p) = named.get(&i.id) {
+                    i.named_ports.extend(p);
+                }
+                i
+            })
+            .collect();
+        Input {
+            enforcement: self.enforcement,
+            cidrs: CidrTable::from_policies(&self.policies),
+            policies: self.policies.clone(),
+            identities,
+        }
+    }
+}
+
+fn report_of(want: &Desired, errors: &[String]) -> PolicyReport {
+    let diagnostics: BTreeSet<String> = want
+        .compiled
+        .values()
+        .flat_map(|c| c.diagnostics.iter().map(ToString::to_string))
+        .chain(want.conflicts.iter().map(ToString::to_string))
+        .collect();
+    let diagnostics: Vec<String> = diagnostics.into_iter().collect();
+    let (ready, message) = if errors.is_empty() {
+        (
+            true,
+            if diagnostics.is_empty() {
+                "the maps hold the policy of every pod on the node".to_owned()
+            } else {
+                format!(
+                    "the maps hold the policy of every pod on the node; {} problem(s) cannot be enforced",
+                    diagnostics.len()
+                )
+            },
+        )
+    } else {
+        (false, errors.join("; "))
+    };
+    PolicyReport {
+        synced: true,
+        ready,
+        message,
+        diagnostics,
+        hash: None,
+    }
+}
+
+/// What identifies a compiler input: the policies and the mode (their hash)
+/// and every identity with its named ports. (CIDR identities follow from the
+/// policies.)
+fn input_key(policy_hash: &str, input: &Input) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    policy_hash.hash(&mut h);
+    input.identities.hash(&mut h);
+    h.finish()
+}
+
+fn transient(reason: String) -> EndpointError {
+    EndpointError::Policy {
+        reason,
+        transient: true,
+    }
+}
+
+fn lock(state: &Mutex<State>) -> std::sync::MutexGuard<'_, State> {
+    state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The policy of a node whose datapath could not be loaded: every ADD is
+/// refused with the reason (fail closed), teardown has nothing to undo.
+#[derive(Debug)]
+pub struct Unavailable(pub String);
+
+impl EndpointPolicy for Unavailable {
+    fn admit<'a>(&'a self, _: &'a Admission) -> BoxFuture<'a, Result<(), EndpointError>> {
+        Box::pin(async move {
+            Err(EndpointError::Policy {
+                reason: self.0.clone(),
+                transient: false,
+            })
+        })
+    }
+
+    fn release<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), EndpointError>> {
+        Box::pin(async { Ok(()) })
+    }
+}
