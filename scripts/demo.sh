@@ -11,6 +11,9 @@
 # container runtime does), show them with `kubectl get pods -o wide` and the
 # endpoints each node reports, and send traffic between pods on different
 # nodes: ping both ways, and HTTPS (curl to openssl s_server) over TCP.
+# Finally the policy scenario of the docs: `default-deny-ingress` makes every
+# request to the backend time out, then `allow-frontend-to-backend` lets only
+# the frontend in, on TCP 8080.
 #
 #   scripts/demo.sh            # leaves the sandbox running; stop it with:
 #   cargo run -q -p trellis-e2e --bin trellis-sandbox -- down
@@ -144,9 +147,8 @@ done
 # network namespace for its sandbox, CNI ADD with the node's installed
 # conflist (trellis, then portmap) run in the node's namespace, and the Pod's
 # status (Running, podIP) as a kubelet writes it. They go into namespace
-# trellis-pods, where no NetworkPolicy applies: the sample policies in
-# trellis-demo isolate pods for ingress once policy is enforced (the eBPF
-# policy datapath is being built, docs/roadmap.md).
+# trellis-pods, where no NetworkPolicy applies until the policy scenario at
+# the end applies the two sample policies there.
 pod_ns=trellis-pods
 pods=(frontend backend client)
 if ((${#names[@]} < ${#pods[@]})); then
@@ -211,23 +213,23 @@ done
 
 # TCP: backend serves HTTPS on :8080 with openssl s_server (a self-signed
 # certificate for its pod IP, so curl checks it reached that address); frontend
-# and client, on two other nodes, fetch a page with curl. The server ends after
-# those two connections (and after 30 s whatever happens).
+# and client, on two other nodes, fetch a page with curl. The server runs
+# until the policy scenario below is over (at most 180 s).
 backend_ip=$(pod_ip backend)
 backend_node=$(node_of_pod backend)
 www=$(mktemp -d -t trellis-demo-www-XXXXXX)
 server=
 cleanup_www() {
-  rm -rf "$www"
   if [[ -n $server ]]; then kill "$server" 2>/dev/null || true; fi
+  rm -rf "$www"
 }
 trap cleanup_www EXIT
 echo "hello from backend on $backend_node" >"$www/hello.txt"
 openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 1 \
   -subj "/CN=backend.$pod_ns" -addext "subjectAltName=IP:$backend_ip" \
   -keyout "$www/key.pem" -out "$www/cert.pem" >/dev/null 2>&1
-(cd "$www" && exec timeout 30 "$repo/$sandbox" pod exec backend -n "$pod_ns" -- \
-  openssl s_server -quiet -WWW -accept 8080 -naccept 2 -cert cert.pem -key key.pem) \
+(cd "$www" && exec timeout 180 "$repo/$sandbox" pod exec backend -n "$pod_ns" -- \
+  openssl s_server -quiet -WWW -accept 8080 -cert cert.pem -key key.pem) \
   >"$www/server.log" 2>&1 &
 server=$!
 listening=
@@ -243,17 +245,57 @@ if [[ -z $listening ]]; then
   cat "$www/server.log" >&2
   exit 1
 fi
+# One HTTPS request from pod $1 to the backend, 2 s at most; prints the page.
+fetch() {
+  "$sandbox" pod exec "$1" -n "$pod_ns" -- \
+    curl -sS --max-time 2 --cacert "$www/cert.pem" "https://$backend_ip:8080/hello.txt" 2>&1
+}
 echo
 echo "== TCP between pods on different nodes: backend ($backend_node) serves HTTPS on :8080, curl from the others"
 for from in frontend client; do
-  if ! page=$("$sandbox" pod exec "$from" -n "$pod_ns" -- \
-    curl -sS --max-time 5 --cacert "$www/cert.pem" "https://$backend_ip:8080/hello.txt"); then
-    echo "error: pod $from cannot fetch https://$backend_ip:8080/ from pod backend" >&2
+  if ! page=$(fetch "$from"); then
+    echo "error: pod $from cannot fetch https://$backend_ip:8080/ from pod backend: $page" >&2
     exit 1
   fi
   echo "   $from ($(node_of_pod "$from")) → backend ($backend_ip:8080): \"$page\""
 done
-wait "$server" || true
+
+# NetworkPolicy, enforced by the eBPF programs on each pod's veth. The policy
+# reaches every node through the apiserver; each node reports the policy it
+# enforces (NetworkStatus PolicyReady and status.policyHash), and the demo
+# waits on the traffic itself: up to $timeout s for the expected outcome.
+# until_outcome POD ok|blocked: waits until a fetch from POD succeeds (ok) or
+# times out (blocked); prints what the last fetch said.
+until_outcome() {
+  local from=$1 want=$2 deadline=$((SECONDS + timeout)) out
+  while :; do
+    if out=$(fetch "$from"); then
+      [[ $want == ok ]] && { echo "\"$out\""; return 0; }
+    else
+      [[ $want == blocked ]] && { echo "no answer: ${out##*: }"; return 0; }
+    fi
+    if ((SECONDS >= deadline)); then
+      echo "error: after ${timeout}s, $from → backend is still not $want (last: $out)" >&2
+      return 1
+    fi
+  done
+}
+echo
+echo "== NetworkPolicy: kubectl apply -n $pod_ns -f default-deny-ingress (every pod isolated for ingress)"
+k apply -n "$pod_ns" -f config/samples/networking.k8s.io_v1_networkpolicy_default-deny-ingress.yaml | sed 's/^/   /'
+for from in frontend client; do
+  echo "   $from → backend:8080: $(until_outcome "$from" blocked)"
+done
+echo
+echo "== NetworkPolicy: kubectl apply -n $pod_ns -f allow-frontend-to-backend (TCP 8080 from app=frontend only)"
+k apply -n "$pod_ns" -f config/samples/networking.k8s.io_v1_networkpolicy_allow-frontend-to-backend.yaml | sed 's/^/   /'
+echo "   frontend → backend:8080: $(until_outcome frontend ok)"
+echo "   client → backend:8080: $(until_outcome client blocked)"
+echo
+echo "== kubectl get networkstatuses -o custom-columns=…   (the policy each node enforces)"
+k get networkstatuses -o custom-columns='NODE:.metadata.name,POLICY:.status.conditions[?(@.type=="PolicyReady")].status,REASON:.status.conditions[?(@.type=="PolicyReady")].reason,HASH:.status.policyHash'
+kill "$server" 2>/dev/null || true
+wait "$server" 2>/dev/null || true
 server=
 
 echo
@@ -264,7 +306,8 @@ echo
 echo "The sandbox is still running. Use it with:"
 echo "  export KUBECONFIG=$kubeconfig; kubectl get trellis"
 echo "  kubectl get pods -n $pod_ns -o wide; kubectl get networkstatuses -o wide"
-echo "  $sandbox pod exec client -n $pod_ns -- ping -c 1 $backend_ip"
+echo "  $sandbox pod exec client -n $pod_ns -- ping -c 1 -W 1 $backend_ip   # no reply: default-deny-ingress"
+echo "  kubectl delete networkpolicy -n $pod_ns --all                      # and it replies again"
 echo "  $sandbox pod add web --node ${names[0]} -n $pod_ns   # CNI ADD with the node's conflist"
 echo "  $sandbox pod del web -n $pod_ns                      # CNI DEL"
 echo "  $sandbox node add trellis-node-4        # a block from the operator, then every peer routes to it"
