@@ -40,7 +40,8 @@ use kube::{
 };
 use serde_json::json;
 use trellis_api::v1alpha1::{
-    NETWORKSTATUS_POLICY_READY, NETWORKSTATUS_READY, NetworkConfig, NetworkStatus, NodeEndpoints,
+    NETWORKSTATUS_POLICY_READY, NETWORKSTATUS_READY, NetworkConfig, NetworkStatus,
+    NetworkStatusStatus, NodeEndpoints,
 };
 
 use super::{
@@ -317,28 +318,12 @@ impl World {
             return Ok(Enforcement::Unconfirmed);
         }
         let want = self.policy_hash().await?;
-        let statuses: Api<NetworkStatus> = Api::all(self.client.clone());
-        let names: Vec<String> = (0..NODES).map(super::node_of).collect();
-        wait_for(
+        wait_every_node(
+            &self.client,
             &format!("every node to enforce policy hash {want}"),
-            READY_TIMEOUT,
-            || async {
-                let list = statuses.list(&ListParams::default()).await.ok()?;
-                names
-                    .iter()
-                    .all(|name| {
-                        list.items.iter().any(|s| {
-                            s.name_any() == *name
-                                && s.status.as_ref().is_some_and(|st| {
-                                    st.policy_hash.as_deref() == Some(want.as_str())
-                                        && st.conditions.iter().any(|c| {
-                                            c.type_ == NETWORKSTATUS_POLICY_READY
-                                                && c.status == "True"
-                                        })
-                                })
-                        })
-                    })
-                    .then_some(())
+            |st| {
+                st.policy_hash.as_deref() == Some(want.as_str())
+                    && has_condition(st, NETWORKSTATUS_POLICY_READY)
             },
         )
         .await;
@@ -570,29 +555,41 @@ async fn wait_pods_published(client: &Client, pods: &[WorldPod]) {
 /// Every node's NetworkStatus Ready with all its peers: the overlay is up and the agents
 /// serve pods.
 async fn wait_nodes_ready(client: &Client) {
-    let api: Api<NetworkStatus> = Api::all(client.clone());
     let peers = i32::try_from(NODES - 1).unwrap_or(i32::MAX);
-    let names: Vec<String> = (0..NODES).map(super::node_of).collect();
-    wait_for(
+    wait_every_node(
+        client,
         &format!("every node Ready with {peers} peers"),
-        READY_TIMEOUT,
-        || async {
-            let list = api.list(&ListParams::default()).await.ok()?;
-            names
-                .iter()
-                .all(|name| {
-                    list.items.iter().any(|s| {
-                        s.name_any() == *name
-                            && s.status.as_ref().is_some_and(|st| {
-                                st.peers == peers
-                                    && st.conditions.iter().any(|c| {
-                                        c.type_ == NETWORKSTATUS_READY && c.status == "True"
-                                    })
-                            })
-                    })
-                })
-                .then_some(())
-        },
+        |st| st.peers == peers && has_condition(st, NETWORKSTATUS_READY),
     )
     .await;
+}
+
+/// Until the NetworkStatus of every node of the world satisfies `holds`.
+async fn wait_every_node(
+    client: &Client,
+    what: &str,
+    holds: impl Fn(&NetworkStatusStatus) -> bool,
+) {
+    let api: Api<NetworkStatus> = Api::all(client.clone());
+    let names: Vec<String> = (0..NODES).map(super::node_of).collect();
+    wait_for(what, READY_TIMEOUT, || async {
+        let list = api.list(&ListParams::default()).await.ok()?;
+        names
+            .iter()
+            .all(|name| {
+                list.items
+                    .iter()
+                    .any(|s| s.name_any() == *name && s.status.as_ref().is_some_and(&holds))
+            })
+            .then_some(())
+    })
+    .await;
+}
+
+/// Whether the status has condition `type_` True.
+fn has_condition(status: &NetworkStatusStatus, type_: &str) -> bool {
+    status
+        .conditions
+        .iter()
+        .any(|c| c.type_ == type_ && c.status == "True")
 }
