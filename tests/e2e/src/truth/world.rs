@@ -152,7 +152,7 @@ impl World {
         let client = cp.client();
         let pools = samples::ippools(samples::IPPOOL_SAMPLE)?;
         samples::apply_ippools(&client, &pools, FIELD_MANAGER).await?;
-        wait_nodes_ready(&client).await;
+        wait_nodes_ready(&client, NODES).await;
 
         let ns_api: Api<Namespace> = Api::all(client.clone());
         let apply = PatchParams::apply(FIELD_MANAGER).force();
@@ -320,6 +320,7 @@ impl World {
         let want = self.policy_hash().await?;
         wait_every_node(
             &self.client,
+            NODES,
             &format!("every node to enforce policy hash {want}"),
             |st| {
                 st.policy_hash.as_deref() == Some(want.as_str())
@@ -552,26 +553,30 @@ async fn wait_pods_published(client: &Client, pods: &[WorldPod]) {
     .await;
 }
 
-/// Every node's NetworkStatus Ready with all its peers: the overlay is up and the agents
-/// serve pods.
-async fn wait_nodes_ready(client: &Client) {
-    let peers = i32::try_from(NODES - 1).unwrap_or(i32::MAX);
+/// The NetworkStatus of each of the sandbox's `nodes` numbered nodes Ready with all its
+/// `nodes - 1` peers: the overlay is up and the agents serve pods.
+pub async fn wait_nodes_ready(client: &Client, nodes: usize) {
+    let peers = i32::try_from(nodes.saturating_sub(1)).unwrap_or(i32::MAX);
     wait_every_node(
         client,
+        nodes,
         &format!("every node Ready with {peers} peers"),
         |st| st.peers == peers && has_condition(st, NETWORKSTATUS_READY),
     )
     .await;
 }
 
-/// Until the NetworkStatus of every node of the world satisfies `holds`.
+/// Until the NetworkStatus of each of the sandbox's `nodes` numbered nodes satisfies `holds`.
 async fn wait_every_node(
     client: &Client,
+    nodes: usize,
     what: &str,
     holds: impl Fn(&NetworkStatusStatus) -> bool,
 ) {
     let api: Api<NetworkStatus> = Api::all(client.clone());
-    let names: Vec<String> = (0..NODES).map(super::node_of).collect();
+    let names: Vec<String> = (1..=nodes)
+        .map(|i| format!("{}{i}", crate::nodes::NODE_PREFIX))
+        .collect();
     wait_for(what, READY_TIMEOUT, || async {
         let list = api.list(&ListParams::default()).await.ok()?;
         names
