@@ -555,6 +555,14 @@ impl Engine {
     /// Writes this node's `NodeEndpoints` when its endpoints changed, at
     /// most once per [`SHARD_INTERVAL`].
     async fn write_shards(self: Arc<Self>, shutdown: watch::Receiver<bool>) {
+        // Not before the first sync has resolved the endpoints a restart
+        // adopted: a shard without them would make them strangers to the
+        // other nodes for a while.
+        let mut started = self.started.subscribe();
+        tokio::select! {
+            r = started.wait_for(|s| *s) => if r.is_err() { return; },
+            () = until_true(shutdown.clone()) => return,
+        }
         let api = Api::<NodeEndpoints>::all(self.client.clone());
         let owner = match Api::<Node>::all(self.client.clone())
             .get_opt(&self.node)
