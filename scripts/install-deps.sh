@@ -46,6 +46,7 @@ declare -A need=(
   [openssl]=openssl    # the demo's HTTPS server between pods
   [clang]=clang        # node-reconciler/build.rs compiles the eBPF policy programs
   [tc]=iproute2        # the BPF tests check clsact filters
+  [iperf3]=iperf3      # scripts/bench-policy.sh: pod-to-pod TCP throughput
 )
 # ... and when a file is missing.
 declare -A need_files=(

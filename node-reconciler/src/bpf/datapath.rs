@@ -370,6 +370,16 @@ impl Datapath {
             .map_err(map_failed(MAP_CT, "set", key.to_string()))
     }
 
+    /// Removes one connection entry (absent is fine): for tests and tools,
+    /// such as a benchmark that makes the same packet a new connection again.
+    pub fn remove_conntrack(&mut self, key: &CtKey) -> Result<(), BpfError> {
+        absent_ok(self.ct.remove(&key.encode())).map_err(map_failed(
+            MAP_CT,
+            "remove",
+            key.to_string(),
+        ))
+    }
+
     /// Every connection entry, expired or not.
     pub fn conntrack_entries(&self) -> Result<Vec<(CtKey, CtEntry)>, BpfError> {
         let mut out = Vec::new();

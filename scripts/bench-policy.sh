@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# The policy datapath's benchmarks (docs/design/0004-policy-datapath.md), each
+# measured against a baseline in the same run, so the ratios hold on any machine:
+#
+#   scripts/bench-policy.sh datapath [RUNS]           per-packet cost, 10 vs 65,536 entries
+#   scripts/bench-policy.sh traffic [ROUNDS] [SECS]   pod-to-pod TCP throughput and 1-byte
+#                                                     request/response, with vs without the programs
+#   scripts/bench-policy.sh realize [CHANGES]         NetworkPolicy change → enforced on 3 nodes
+#   scripts/bench-policy.sh [all]                     the three, with their defaults
+#
+# datapath (default 9 runs): `cargo bench -p trellis-node --bench policy_datapath`. Per
+#   prefix-length mask (exact ports only; every length plus any-protocol), three unpinned
+#   loads of the programs in a network namespace of its own (trellis-bench-dp), each with
+#   100,000 IP cache entries: (a) a table of 10 entries, (a') the same again (the control),
+#   (b) 65,536 entries. BPF_PROG_TEST_RUN on a frame denied after the full lookup, an allowed
+#   first packet (its connection entry removed between runs) and an established one; every
+#   measurement on the three back to back, medians, ratio (b)/(a) (target <= 1.10) next to
+#   the control's (a')/(a).
+# traffic (default 7 rounds of 5 s): a fresh 2-node sandbox, a client pod on one node and a
+#   server pod on the other, NetworkPolicies giving the server's ingress table >= 1,000
+#   entries (1,000 ipBlock /32s) plus the client's ports; iperf3 (one stream) and a 1-byte
+#   ping-pong on one connection, alternating (ABBA) between the programs as trellis-node
+#   attached them and the same pods with both programs detached from both host veths;
+#   medians, ratio with / without (target >= 0.95).
+# realize (default 30 changes): a fresh 3-node sandbox with a pod per node; a NetworkPolicy
+#   isolating every pod is created and deleted in turn; each change is timed until every
+#   node's NetworkStatus reports PolicyReady=True with the policyHash of the new set of
+#   policies, against this process's own watch of the NetworkPolicy (the floor), and until a
+#   probe between two pods sees the datapath change. p50 and p99.
+#
+# Needs root. Release builds, in $CARGO_TARGET_DIR if set. Every sandbox and namespace is
+# removed at the end, also when a part fails or is interrupted (trap). Absolute numbers
+# depend on the machine and what else runs on it; the script prints the load before each
+# part: compare ratios, and re-run on a quiet machine for numbers to keep.
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$repo"
+target=${CARGO_TARGET_DIR:-$repo/target}
+part=${1:-all}
+
+[[ $(id -u) == 0 ]] || { echo "bench-policy: needs root (network namespaces, BPF)" >&2; exit 1; }
+bash scripts/install-deps.sh >/dev/null
+
+machine() {
+  echo "== $1: $(nproc) CPUs, $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg), $(date -u +%Y-%m-%dT%H:%MZ), $(git -C "$repo" describe --always --dirty 2>/dev/null || echo unknown)"
+}
+
+datapath() {
+  local runs=${1:-9}
+  machine "datapath: per-packet cost, $runs runs"
+  cargo bench -q -p trellis-node --bench policy_datapath -- --runs "$runs"
+}
+
+scratch=""
+build_sandbox() {
+  # The sandbox's programs are built in one invocation (see tests/e2e/src/binaries.rs).
+  cargo build -q --release -p trellis-operator -p trellis-node -p trellis-cni --bins
+  cargo build -q --release -p trellis-e2e --bin trellis-bench-policy --bin trellis-sandbox
+  export TRELLIS_OPERATOR="$target/release/trellis-operator"
+  export TRELLIS_NODE="$target/release/trellis-node"
+  export TRELLIS_CNI="$target/release/trellis"
+  scratch=$(mktemp -d -t trellis-bench-policy-XXXXXX)
+}
+cleanup() {
+  if [[ -n $scratch ]]; then
+    # The bench stops its sandbox itself; this covers one that was killed (it deletes the
+    # recorded namespaces: the nodes' and the pods').
+    "$target/release/trellis-sandbox" --state-dir "$scratch/sandbox" down >/dev/null 2>&1 || true
+    rm -rf "$scratch"
+  fi
+}
+trap cleanup EXIT
+
+traffic() {
+  local rounds=${1:-7} seconds=${2:-5}
+  [[ -n $scratch ]] || build_sandbox
+  machine "traffic: $rounds rounds of $seconds s"
+  "$target/release/trellis-bench-policy" traffic --rounds "$rounds" --seconds "$seconds" \
+    --state-dir "$scratch/sandbox"
+}
+
+realize() {
+  local changes=${1:-30}
+  [[ -n $scratch ]] || build_sandbox
+  machine "realize: $changes changes on 3 nodes"
+  "$target/release/trellis-bench-policy" realize --changes "$changes" --nodes 3 \
+    --state-dir "$scratch/sandbox"
+}
+
+case $part in
+  datapath) datapath "${@:2}" ;;
+  traffic) traffic "${@:2}" ;;
+  realize) realize "${@:2}" ;;
+  all)
+    datapath
+    traffic
+    realize
+    ;;
+  *)
+    echo "usage: scripts/bench-policy.sh [datapath [RUNS] | traffic [ROUNDS] [SECS] | realize [CHANGES] | all]" >&2
+    exit 2
+    ;;
+esac

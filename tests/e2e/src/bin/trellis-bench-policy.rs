@@ -1,0 +1,1241 @@
+//! `trellis-bench-policy`: what NetworkPolicy enforcement costs traffic between pods on two
+//! nodes, and how long a policy change takes to be enforced on every node, each against a
+//! baseline measured in the same run and sandbox.
+//!
+//! ```text
+//! traffic   fresh sandbox, 2 nodes (etcd, kube-apiserver, CRDs, trellis-operator, a
+//!           trellis-node per node; release builds) + IPPool default-ipv4
+//!   pods    trellis-bench/server on trellis-node-2, trellis-bench/client on trellis-node-1
+//!   policy  bench-blocks: server ingress from N ipBlock /32s (198.18.0.0/15) on TCP 9000
+//!           bench-client: server ingress from app=bench-client on TCP 5201, 5202
+//!           → the server's ingress table holds >= N entries (read back from the node's maps)
+//!   servers iperf3 -s in the server's namespace (ip netns exec); a 1-byte echo server
+//!           (a thread of this process inside the server's namespace)
+//!   rounds  R times, the two states in ABBA order:
+//!             with     the programs on both pods' host veths, in trellis-node's pinned TCX
+//!                      links (this process's load of the same object, with the node's maps,
+//!                      swapped in once at the start, as a trellis-node restart does)
+//!             without  both programs detached from both veths (Datapath::detach on that
+//!                      load: the links are unpinned and released), same pods, same path
+//!           each: iperf3 -c (one TCP stream, S s, first second omitted), then request/
+//!           response (1 byte each way on one TCP_NODELAY connection, S s); before each, a
+//!           check that the state is what it says (a SYN to the server's closed port 5203
+//!           is dropped with, refused without), after each the node's counters moved (with)
+//!           or not (without)
+//!   report  medians per state, ratio with / without (target >= 0.95)
+//!
+//! realize   fresh sandbox, 3 nodes + IPPool default-ipv4; pods trellis-bench/p1..p3, one per
+//!           node; p2 serves TCP 80 (a thread of this process in its namespace)
+//!   watches NetworkStatus (every node), NetworkPolicy (trellis-bench); each event stamped
+//!           with Instant::now() on arrival
+//!   changes C times, alternating: create NetworkPolicy bench-realize (every pod of the
+//!           namespace isolated for ingress, only app=bench-client on TCP 80) / delete it
+//!           t0 just before the request; expected hash = policy_hash(mode, the policies then)
+//!   timed   realized: the last node's NetworkStatus with PolicyReady=True and that hash
+//!           watch floor: this process's own NetworkPolicy watch delivers the change
+//!           probe: p1 → p2:80 changes: after a create the first SYN dropped (attempts
+//!           every ~2 ms, 20 ms timeout, a drop confirmed by a second attempt); after a
+//!           delete the first connection (attempts every 5 ms: each dropped one times out)
+//!   report  p50/p99 of each; ratio realized / watch floor
+//! ```
+//!
+//! `scripts/bench-policy.sh` runs both; the last line of each is `RESULT key=value ...`.
+
+use std::{
+    collections::BTreeMap,
+    io::{ErrorKind, Read as _, Write as _},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{ExitCode, Stdio},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+use clap::{Args, Parser, Subcommand};
+use futures::StreamExt as _;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use kube::{
+    Api, Client, ResourceExt as _,
+    api::{DeleteParams, PostParams},
+    runtime::{WatchStreamExt as _, watcher},
+};
+use serde_json::json;
+use tokio::sync::watch;
+use trellis_api::v1alpha1::{
+    NETWORKSTATUS_POLICY_READY, NetworkConfig, NetworkStatus, PolicyEnforcement,
+};
+use trellis_e2e::{
+    ControlPlane, Pod, PodSpec, StartOptions, datapath, operator, samples,
+    support::{Stats, quantile},
+};
+use trellis_node::bpf::Datapath;
+
+#[derive(Parser)]
+#[command(
+    name = "trellis-bench-policy",
+    about = "NetworkPolicy enforcement on the sandbox: traffic with and without the programs, \
+             and policy change → enforced on every node"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Pod-to-pod throughput and request/response rate across two nodes, with the programs
+    /// and a table of >= ENTRIES entries, against the same path with the programs detached.
+    Traffic(TrafficArgs),
+    /// Time from a NetworkPolicy create/delete to every node reporting it enforced.
+    Realize(RealizeArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// Sandbox state directory (ended and wiped at start, removed at the end).
+    #[arg(long, default_value_os_t = std::env::temp_dir().join("trellis-bench-policy"))]
+    state_dir: PathBuf,
+    /// Seconds to wait for the network, pods and policy to be ready.
+    #[arg(long, default_value_t = 120)]
+    timeout: u64,
+    /// Keep the state directory (logs) after stopping.
+    #[arg(long)]
+    keep_state: bool,
+}
+
+#[derive(Args)]
+struct TrafficArgs {
+    /// Rounds; each measures both states (ABBA order).
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=100))]
+    rounds: u32,
+    /// Seconds per measurement (iperf3 runs one more, omitted).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
+    seconds: u64,
+    /// ipBlock /32s in the server's policy: entries in its ingress table (plus the client's).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=60000))]
+    entries: u32,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args)]
+struct RealizeArgs {
+    /// Policy changes (creates and deletes alternating).
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(2..=1000))]
+    changes: u32,
+    /// Nodes in the sandbox (one pod each).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(2..=20))]
+    nodes: u8,
+    /// Do not probe the datapath (only the NetworkStatus reports).
+    #[arg(long)]
+    no_probe: bool,
+    #[command(flatten)]
+    common: Common,
+}
+
+const POOL: &str = "default-ipv4";
+const FIELD_MANAGER: &str = "trellis-bench";
+const NS: &str = "trellis-bench";
+const IPERF_PORT: u16 = 5201;
+const RR_PORT: u16 = 5202;
+/// A port nothing listens on and no policy allows: the state check.
+const CLOSED_PORT: u16 = 5203;
+const BLOCKS_PORT: u16 = 9000;
+const PROBE_PORT: u16 = 80;
+/// A SYN not answered in this long was dropped (pods are on one machine: a round trip is
+/// well under a millisecond, but a busy machine can delay one by a few).
+const DROPPED_AFTER: Duration = Duration::from_millis(20);
+/// While waiting for the first connection after a delete, each attempt gives up this soon:
+/// the probe's resolution. A slow answer taken for a drop only delays the result by one
+/// attempt.
+const RETRY_AFTER: Duration = Duration::from_millis(5);
+
+/// Attempts between probes that connected, so a probe does not flood the pod.
+const PROBE_PAUSE: Duration = Duration::from_millis(2);
+const CLIENT_NODE: &str = "trellis-node-1";
+const SERVER_NODE: &str = "trellis-node-2";
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    trellis_e2e::support::init_logging("warn,kube_client=off");
+    let cli = Cli::parse();
+    trellis_e2e::support::run_until_interrupted(async {
+        match &cli.command {
+            Command::Traffic(args) => {
+                let cp = start(&args.common, 2).await?;
+                let result = traffic(&cp, args).await;
+                finish(cp, &args.common, result)
+            }
+            Command::Realize(args) => {
+                let cp = start(&args.common, usize::from(args.nodes)).await?;
+                let result = realize(&cp, args).await;
+                finish(cp, &args.common, result)
+            }
+        }
+    })
+    .await
+}
+
+/// A fresh sandbox with `nodes` nodes and the default IPv4 pool.
+async fn start(common: &Common, nodes: usize) -> anyhow::Result<ControlPlane> {
+    let opts = StartOptions {
+        remove_state_on_stop: !common.keep_state,
+        ..StartOptions::new(&common.state_dir)
+            .with_cluster(nodes)
+            .context("sandbox options")?
+    };
+    let started = Instant::now();
+    let cp = ControlPlane::start(opts)
+        .await
+        .with_context(|| format!("starting a sandbox in {}", common.state_dir.display()))?;
+    eprintln!(
+        "sandbox with {nodes} nodes up in {:.1}s ({} build)",
+        started.elapsed().as_secs_f64(),
+        if operator::release_build() {
+            "release"
+        } else {
+            "debug"
+        }
+    );
+    let pool = samples::ippools(samples::IPPOOL_SAMPLE)?
+        .into_iter()
+        .find(|p| p.name_any() == POOL)
+        .with_context(|| format!("no IPPool {POOL} in {}", samples::IPPOOL_SAMPLE))?;
+    samples::apply_ippools(&cp.client(), &[pool], FIELD_MANAGER).await?;
+    Ok(cp)
+}
+
+/// Stops the sandbox (also after a failed body: agents, operator, apiserver, etcd and every
+/// recorded namespace), then reports the body's error first.
+fn finish(mut cp: ControlPlane, common: &Common, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    let logs = cp.sandbox().logs_dir();
+    let stopped = cp.stop();
+    if common.keep_state {
+        eprintln!("logs kept in {}", logs.display());
+    }
+    result?;
+    stopped.context("stopping the sandbox")?;
+    Ok(())
+}
+
+/// A pod in namespace [`NS`] labelled `app=<app>`, plugged in on `node`.
+async fn add_pod(
+    cp: &ControlPlane,
+    name: &str,
+    node: &str,
+    app: &str,
+    timeout: Duration,
+) -> anyhow::Result<(Pod, IpAddr)> {
+    let pods = cp.pods().with_network_ready_timeout(timeout);
+    let spec = PodSpec::new(name, node)
+        .in_namespace(NS)
+        .with_label("app", app);
+    let pod = pods
+        .add(&spec)
+        .await
+        .with_context(|| format!("adding pod {NS}/{name} on {node}"))?;
+    let ip = pod
+        .ip()
+        .with_context(|| format!("pod {NS}/{name} has no address"))?;
+    Ok((pod, ip))
+}
+
+fn policy(name: &str, spec: serde_json::Value) -> anyhow::Result<NetworkPolicy> {
+    serde_json::from_value(json!({
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {"namespace": NS, "name": name},
+        "spec": spec,
+    }))
+    .with_context(|| format!("NetworkPolicy {NS}/{name}"))
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Watches: every event stamped on arrival, kept, and waited on.
+
+/// Events of one watch, each with the moment it reached this process.
+struct Log<E> {
+    events: Arc<Mutex<Vec<(Instant, E)>>>,
+    tick: watch::Receiver<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl<E: Send + 'static> Log<E> {
+    /// Watches `api` in its own task; `keep` turns an event into what is kept, if anything.
+    fn watch<K>(api: Api<K>, keep: fn(watcher::Event<K>) -> Option<E>) -> Log<E>
+    where
+        K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+    {
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let (tx, tick) = watch::channel(0u64);
+        let kept = events.clone();
+        let task = tokio::spawn(async move {
+            let mut stream =
+                std::pin::pin!(watcher(api, watcher::Config::default()).default_backoff());
+            while let Some(event) = stream.next().await {
+                let at = Instant::now();
+                match event {
+                    Ok(event) => {
+                        if let Some(e) = keep(event) {
+                            lock(&kept).push((at, e));
+                            tx.send_modify(|n| *n += 1);
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "watch error; the watcher retries"),
+                }
+            }
+        });
+        Log { events, tick, task }
+    }
+
+    /// Waits until `done` finds what it looks for in the events so far.
+    async fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut done: impl FnMut(&[(Instant, E)]) -> Option<T>,
+    ) -> anyhow::Result<T> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut tick = self.tick.clone();
+        loop {
+            if let Some(found) = done(&lock(&self.events)) {
+                return Ok(found);
+            }
+            match tokio::time::timeout_at(deadline, tick.changed()).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => bail!("the watch ended while waiting for {what}"),
+                Err(_) => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+    }
+}
+
+impl<E> Drop for Log<E> {
+    fn drop(&mut self) {
+        // Before the sandbox stops, or it would retry against a stopped apiserver.
+        self.task.abort();
+    }
+}
+
+/// A node's NetworkStatus as one event showed it.
+struct Reported {
+    node: String,
+    hash: Option<String>,
+    policy_ready: bool,
+}
+
+fn reported(event: watcher::Event<NetworkStatus>) -> Option<Reported> {
+    let (watcher::Event::Apply(s) | watcher::Event::InitApply(s)) = event else {
+        return None;
+    };
+    let status = s.status.as_ref();
+    Some(Reported {
+        node: s.name_any(),
+        hash: status.and_then(|st| st.policy_hash.clone()),
+        policy_ready: status.is_some_and(|st| {
+            st.conditions
+                .iter()
+                .any(|c| c.type_ == NETWORKSTATUS_POLICY_READY && c.status == "True")
+        }),
+    })
+}
+
+/// A NetworkPolicy event: its uid, and whether it was deleted.
+fn policy_event(event: watcher::Event<NetworkPolicy>) -> Option<(String, bool)> {
+    match event {
+        watcher::Event::Apply(p) | watcher::Event::InitApply(p) => Some((p.uid()?, false)),
+        watcher::Event::Delete(p) => Some((p.uid()?, true)),
+        _ => None,
+    }
+}
+
+/// The first moment after `since` each of `nodes` reported PolicyReady=True with `hash`;
+/// waits until all have.
+async fn realized(
+    log: &Log<Reported>,
+    nodes: &[String],
+    hash: &str,
+    since: Instant,
+    timeout: Duration,
+) -> anyhow::Result<BTreeMap<String, Instant>> {
+    log.wait(
+        &format!("every node to report PolicyReady=True with policyHash {hash}"),
+        timeout,
+        |events| {
+            let mut first = BTreeMap::new();
+            for (at, r) in events.iter().filter(|(at, _)| *at >= since) {
+                if r.policy_ready && r.hash.as_deref() == Some(hash) && nodes.contains(&r.node) {
+                    first.entry(r.node.clone()).or_insert(*at);
+                }
+            }
+            (first.len() == nodes.len()).then_some(first)
+        },
+    )
+    .await
+    .with_context(|| {
+        let last: Vec<String> = nodes
+            .iter()
+            .map(|n| {
+                let events = lock(&log.events);
+                let r = events.iter().rev().find(|(_, r)| &r.node == n);
+                match r {
+                    Some((_, r)) => format!(
+                        "{n}: {} PolicyReady={}",
+                        r.hash.as_deref().unwrap_or("no hash"),
+                        r.policy_ready
+                    ),
+                    None => format!("{n}: no NetworkStatus seen"),
+                }
+            })
+            .collect();
+        format!("last reported: {}", last.join("; "))
+    })
+}
+
+/// The hash every node reports once it enforces the NetworkPolicies the apiserver serves
+/// now (all namespaces; the mode from NetworkConfig `default`).
+async fn expected_hash(client: &Client) -> anyhow::Result<String> {
+    let mode = Api::<NetworkConfig>::all(client.clone())
+        .get_opt("default")
+        .await
+        .context("reading NetworkConfig default")?
+        .map(|c| c.spec.policy_enforcement)
+        .unwrap_or(PolicyEnforcement::Default);
+    let policies = Api::<NetworkPolicy>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .context("listing NetworkPolicies")?
+        .items;
+    Ok(trellis_policy::generation::policy_hash(mode, &policies))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sockets inside pods' namespaces: threads of this process that entered them.
+
+/// Runs `f` on a new thread inside the network namespace at `netns` (sockets it makes live
+/// there); the thread's handle.
+fn in_netns<T: Send + 'static>(
+    netns: &Path,
+    f: impl FnOnce() -> anyhow::Result<T> + Send + 'static,
+) -> std::thread::JoinHandle<anyhow::Result<T>> {
+    let path = netns.to_path_buf();
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path)
+            .with_context(|| format!("opening network namespace {}", path.display()))?;
+        nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+            .with_context(|| format!("entering network namespace {}", path.display()))?;
+        f()
+    })
+}
+
+/// Waits for a thread of [`in_netns`] without blocking the runtime.
+async fn join<T: Send + 'static>(
+    thread: std::thread::JoinHandle<anyhow::Result<T>>,
+) -> anyhow::Result<T> {
+    tokio::task::spawn_blocking(move || thread.join())
+        .await
+        .context("joining a thread")?
+        .map_err(|_| anyhow::anyhow!("a thread in a pod's namespace panicked"))?
+}
+
+/// A TCP server inside a pod's namespace: echoes every byte back (`echo`), or accepts and
+/// closes. Ends when dropped.
+struct Server {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Server {
+    fn start(netns: &Path, port: u16, echo: bool) -> anyhow::Result<Server> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let flag = stop.clone();
+        let thread = in_netns(netns, move || {
+            let listener = TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, port));
+            let listener = match listener {
+                Ok(l) => {
+                    let _ = bound_tx.send(Ok(()));
+                    l
+                }
+                Err(e) => {
+                    let _ = bound_tx.send(Err(e));
+                    return Ok(());
+                }
+            };
+            // Polled, so that the thread sees `stop`; the kernel completes handshakes in
+            // the meantime, so nobody waits for the poll.
+            listener.set_nonblocking(true)?;
+            while !flag.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) if echo => {
+                        std::thread::spawn(move || echo_bytes(stream));
+                    }
+                    Ok(_) => {}
+                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                    Err(e) => return Err(e).context("accepting"),
+                }
+            }
+            Ok(())
+        });
+        match bound_rx.recv() {
+            Ok(Ok(())) => Ok(Server {
+                stop,
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => Err(e).with_context(|| format!("listening on TCP {port}")),
+            Err(_) => match thread.join() {
+                Ok(Err(e)) => Err(e),
+                _ => bail!("the server thread for TCP {port} ended"),
+            },
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn echo_bytes(mut stream: TcpStream) {
+    let _ = stream.set_nonblocking(false);
+    let _ = stream.set_nodelay(true);
+    let mut b = [0u8; 1];
+    while matches!(stream.read(&mut b), Ok(1)) {
+        if stream.write_all(&b).is_err() {
+            break;
+        }
+    }
+}
+
+/// What a connection attempt met.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reach {
+    Connected,
+    /// RST: the SYN reached the pod, nothing listens.
+    Refused,
+    /// No answer within the timeout: dropped on the way.
+    Dropped,
+}
+
+fn attempt(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Reach> {
+    match TcpStream::connect_timeout(&addr, timeout) {
+        Ok(_) => Ok(Reach::Connected),
+        Err(e) if e.kind() == ErrorKind::ConnectionRefused => Ok(Reach::Refused),
+        Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+            Ok(Reach::Dropped)
+        }
+        Err(e) => Err(e).with_context(|| format!("connecting to {addr}")),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// traffic
+
+/// Both programs on one pod's host veth, through a pinned load of its node (the node's own
+/// maps and link pins).
+struct Hook {
+    pod: String,
+    dp: Datapath,
+    netns: PathBuf,
+    ifname: String,
+    ifindex: u32,
+}
+
+impl Hook {
+    async fn new(cp: &ControlPlane, node: &str, pod: &str, ip: IpAddr) -> anyhow::Result<Hook> {
+        let nodes = cp.nodes();
+        let netns_name = nodes.netns(node)?;
+        let route = datapath::ip_json(&netns_name, &["route", "get", &ip.to_string()]).await?;
+        let ifname = route[0]["dev"]
+            .as_str()
+            .with_context(|| format!("no route to {ip} in {netns_name}: {route}"))?
+            .to_owned();
+        let link = datapath::ip_json(&netns_name, &["link", "show", "dev", &ifname]).await?;
+        let ifindex = link[0]["ifindex"]
+            .as_u64()
+            .and_then(|i| u32::try_from(i).ok())
+            .with_context(|| format!("no ifindex for {ifname}: {link}"))?;
+        let root = nodes.node_dirs(node).bpffs;
+        let dp = tokio::task::block_in_place(|| Datapath::load(Some(&root)))
+            .with_context(|| format!("loading the programs on {node}'s pins {}", root.display()))?;
+        Ok(Hook {
+            pod: pod.to_owned(),
+            dp,
+            netns: nodes.netns_path(node)?,
+            ifname,
+            ifindex,
+        })
+    }
+
+    /// Attaches or detaches both programs, and waits until the hooks say so: a TCX link
+    /// whose last pin is removed is released by a kernel worker a moment later.
+    fn set(&mut self, attached: bool) -> anyhow::Result<()> {
+        let what = if attached { "attaching" } else { "detaching" };
+        let context = || format!("{what} the programs on {} ({})", self.ifname, self.pod);
+        tokio::task::block_in_place(|| {
+            if attached {
+                self.dp.attach(Some(&self.netns), &self.ifname).map(drop)
+            } else {
+                self.dp.detach(Some(&self.netns), &self.ifname)
+            }
+        })
+        .with_context(context)?;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let on = tokio::task::block_in_place(|| {
+                self.dp.tcx_attached(Some(&self.netns), &self.ifname)
+            })
+            .with_context(context)?;
+            if on == [attached; 2] {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{}: the hooks still say {on:?} after 5 s", context());
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Packets the node's programs counted, every reason and direction.
+    fn packets(&self) -> anyhow::Result<u64> {
+        let counters = self.dp.counters()?;
+        Ok(counters.nonzero().iter().map(|(_, _, n)| n).sum())
+    }
+}
+
+/// The iperf3 server in the server pod (a child of this process, killed when dropped).
+struct Iperf(tokio::process::Child);
+
+impl Iperf {
+    async fn start(netns: &str, timeout: Duration) -> anyhow::Result<Iperf> {
+        let child = tokio::process::Command::new("ip")
+            .args(["netns", "exec", netns, "iperf3", "-s", "-p"])
+            .arg(IPERF_PORT.to_string())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting iperf3 -s (scripts/install-deps.sh installs iperf3)")?;
+        let mut server = Iperf(child);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let out =
+                datapath::netns_exec(netns, &["ss", "-Hltn", &format!("sport = :{IPERF_PORT}")])
+                    .await?;
+            if !String::from_utf8_lossy(&out.stdout).trim().is_empty() {
+                return Ok(server);
+            }
+            if let Some(status) = server.0.try_wait()? {
+                bail!("iperf3 -s ended: {status}");
+            }
+            if Instant::now() > deadline {
+                bail!("iperf3 -s does not listen on {IPERF_PORT} after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.0.kill().await;
+    }
+}
+
+/// One TCP stream for `seconds` (plus one omitted): received Gbit/s and retransmits.
+async fn iperf(client_netns: &str, server: IpAddr, seconds: u64) -> anyhow::Result<(f64, u64)> {
+    let out = datapath::netns_exec(
+        client_netns,
+        &[
+            "iperf3",
+            "-c",
+            &server.to_string(),
+            "-p",
+            &IPERF_PORT.to_string(),
+            "-t",
+            &seconds.to_string(),
+            "-O",
+            "1",
+            "-J",
+        ],
+    )
+    .await?;
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "iperf3 -c: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    })?;
+    if let Some(e) = report["error"].as_str() {
+        bail!("iperf3 -c: {e}");
+    }
+    let bps = report["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .with_context(|| format!("iperf3 -c reported no throughput: {report}"))?;
+    let retransmits = report["end"]["sum_sent"]["retransmits"]
+        .as_u64()
+        .unwrap_or_default();
+    Ok((bps / 1e9, retransmits))
+}
+
+/// Request/response: one byte each way on one TCP_NODELAY connection for `seconds`;
+/// transactions per second.
+fn request_response(addr: SocketAddr, seconds: u64) -> anyhow::Result<f64> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+        .with_context(|| format!("connecting to {addr}"))?;
+    s.set_nodelay(true)?;
+    let mut b = [1u8; 1];
+    // A short warm-up: the connection's first packets go through policy, the rest are
+    // established.
+    for _ in 0..100 {
+        s.write_all(&b)?;
+        s.read_exact(&mut b)?;
+    }
+    let length = Duration::from_secs(seconds);
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed() < length {
+        s.write_all(&b)?;
+        s.read_exact(&mut b)?;
+        n += 1;
+    }
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// What one state measured in one round.
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    gbps: f64,
+    retransmits: u64,
+    rr: f64,
+    packets: u64,
+}
+
+async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.common.timeout);
+    let kube = cp.client();
+    let statuses = Log::watch(Api::<NetworkStatus>::all(kube.clone()), reported);
+    let (client, _) = add_pod(cp, "client", CLIENT_NODE, "bench-client", timeout).await?;
+    let (server, server_ip) = add_pod(cp, "server", SERVER_NODE, "bench-server", timeout).await?;
+    eprintln!("pods: {NS}/client on {CLIENT_NODE}, {NS}/server on {SERVER_NODE} ({server_ip})");
+
+    let blocks: Vec<serde_json::Value> = (0..args.entries)
+        .map(|k| json!({"ipBlock": {"cidr": format!("198.{}.{}.{}/32", 18 + k / 65536, (k / 256) % 256, k % 256)}}))
+        .collect();
+    let server_selector = json!({"matchLabels": {"app": "bench-server"}});
+    let policies = [
+        policy(
+            "bench-blocks",
+            json!({
+                "podSelector": server_selector.clone(),
+                "policyTypes": ["Ingress"],
+                "ingress": [{"from": blocks, "ports": [{"protocol": "TCP", "port": BLOCKS_PORT}]}],
+            }),
+        )?,
+        policy(
+            "bench-client",
+            json!({
+                "podSelector": server_selector,
+                "policyTypes": ["Ingress"],
+                "ingress": [{
+                    "from": [{"podSelector": {"matchLabels": {"app": "bench-client"}}}],
+                    "ports": [
+                        {"protocol": "TCP", "port": IPERF_PORT},
+                        {"protocol": "TCP", "port": RR_PORT},
+                    ],
+                }],
+            }),
+        )?,
+    ];
+    let applied = Instant::now();
+    let api = Api::<NetworkPolicy>::namespaced(kube.clone(), NS);
+    for p in &policies {
+        api.create(
+            &PostParams {
+                field_manager: Some(FIELD_MANAGER.into()),
+                ..PostParams::default()
+            },
+            p,
+        )
+        .await
+        .with_context(|| format!("creating NetworkPolicy {}", p.name_any()))?;
+    }
+    let hash = expected_hash(&kube).await?;
+    let nodes = [CLIENT_NODE.to_owned(), SERVER_NODE.to_owned()];
+    realized(&statuses, &nodes, &hash, applied, timeout).await?;
+    eprintln!(
+        "policies enforced on both nodes {:.2}s after the creates ({hash})",
+        applied.elapsed().as_secs_f64()
+    );
+    drop(statuses);
+
+    let client_ip = client.ip().context("client address")?;
+    let mut hooks = [
+        Hook::new(cp, CLIENT_NODE, "client", client_ip).await?,
+        Hook::new(cp, SERVER_NODE, "server", server_ip).await?,
+    ];
+    let entries = table_entries(&hooks[1])?;
+    if entries < args.entries as usize {
+        bail!(
+            "the server's ingress table has {entries} entries, fewer than the {} asked for",
+            args.entries
+        );
+    }
+    eprintln!(
+        "server's ingress table: {entries} entries; host veths {} ({CLIENT_NODE}), {} ({SERVER_NODE})",
+        hooks[0].ifname, hooks[1].ifname
+    );
+
+    // This process's own load of the same programs takes over the pinned links (one
+    // BPF_LINK_UPDATE each, as a trellis-node restart does), so that `Hook::set` can tell
+    // from the hooks when its programs are on or off.
+    for h in &mut hooks {
+        h.set(true)?;
+    }
+    let _echo = Server::start(&server.netns_path(), RR_PORT, true)?;
+    let iperf_server = Iperf::start(&server.netns, timeout).await?;
+    let client_netns = client.netns_path();
+    let mut with = Vec::new();
+    let mut without = Vec::new();
+    for round in 0..args.rounds {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for attached in order {
+            for h in &mut hooks {
+                h.set(attached)?;
+            }
+            check_state(&client_netns, server_ip, attached).await?;
+            let before: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
+            let (gbps, retransmits) = iperf(&client.netns, server_ip, args.seconds).await?;
+            let seconds = args.seconds;
+            let rr = join(in_netns(&client_netns, move || {
+                request_response(SocketAddr::new(server_ip, RR_PORT), seconds)
+            }))
+            .await?;
+            let after: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
+            let packets = after - before;
+            // With the programs every packet is counted; without, none may be.
+            if (attached && packets < 1000) || (!attached && packets != 0) {
+                bail!(
+                    "round {}: the programs counted {packets} packets {} them: the state is not \
+                     what it should be",
+                    round + 1,
+                    if attached { "with" } else { "without" }
+                );
+            }
+            let sample = Sample {
+                gbps,
+                retransmits,
+                rr,
+                packets,
+            };
+            eprintln!(
+                "round {} {:<16} {gbps:6.2} Gbit/s ({retransmits} retransmits), {rr:8.0} \
+                 transactions/s, {packets} packets counted",
+                round + 1,
+                if attached {
+                    "with programs"
+                } else {
+                    "without programs"
+                },
+            );
+            (if attached { &mut with } else { &mut without }).push(sample);
+        }
+    }
+    // Leave the pods as trellis-node had them.
+    for h in &mut hooks {
+        h.set(true)?;
+    }
+    iperf_server.stop().await;
+    report_traffic(args, entries, &with, &without);
+    Ok(())
+}
+
+/// Entries of the table the endpoint `hook` names for its ingress.
+fn table_entries(hook: &Hook) -> anyhow::Result<usize> {
+    let (_, entry) = hook
+        .dp
+        .endpoints()?
+        .into_iter()
+        .find(|(i, _)| *i == hook.ifindex)
+        .with_context(|| format!("no endpoint entry for {}", hook.ifname))?;
+    if !entry.is_isolated(trellis_node::bpf::abi::Direction::Ingress) {
+        bail!("{} is not isolated for ingress", hook.pod);
+    }
+    Ok(hook
+        .dp
+        .policy_entries()?
+        .iter()
+        .filter(|(k, _)| k.policy == entry.ingress_policy)
+        .count())
+}
+
+/// A SYN to the server's closed port is dropped with the programs (policy allows only the
+/// benchmark's ports) and refused without them.
+async fn check_state(client_netns: &Path, server: IpAddr, attached: bool) -> anyhow::Result<()> {
+    let addr = SocketAddr::new(server, CLOSED_PORT);
+    let reach = join(in_netns(client_netns, move || {
+        attempt(addr, Duration::from_millis(300))
+    }))
+    .await?;
+    let want = if attached {
+        Reach::Dropped
+    } else {
+        Reach::Refused
+    };
+    if reach != want {
+        bail!(
+            "a SYN to {addr} was {reach:?} {} the programs, expected {want:?}",
+            if attached { "with" } else { "without" }
+        );
+    }
+    Ok(())
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        f64::NAN
+    } else if n % 2 == 1 {
+        s[n / 2]
+    } else {
+        (s[n / 2 - 1] + s[n / 2]) / 2.0
+    }
+}
+
+fn joined(v: impl IntoIterator<Item = f64>, precision: usize) -> String {
+    v.into_iter()
+        .map(|x| format!("{x:.precision$}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: &[Sample]) {
+    let gbps = |s: &[Sample]| s.iter().map(|x| x.gbps).collect::<Vec<_>>();
+    let rr = |s: &[Sample]| s.iter().map(|x| x.rr).collect::<Vec<_>>();
+    let (wg, og) = (median(&gbps(with)), median(&gbps(without)));
+    let (wr, or) = (median(&rr(with)), median(&rr(without)));
+    // Ratios of the two states within each round.
+    let per_round = |f: fn(&Sample) -> f64| -> (f64, f64) {
+        let r: Vec<f64> = with.iter().zip(without).map(|(a, b)| f(a) / f(b)).collect();
+        (
+            r.iter().copied().fold(f64::INFINITY, f64::min),
+            r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        )
+    };
+    let (tlo, thi) = per_round(|s| s.gbps);
+    let (rlo, rhi) = per_round(|s| s.rr);
+    println!();
+    println!(
+        "Pod to pod across nodes ({CLIENT_NODE} → {SERVER_NODE}), {} rounds of {} s each, \
+         medians; the server's ingress table: {entries} entries",
+        args.rounds, args.seconds
+    );
+    println!(
+        "| state | TCP throughput (iperf3, 1 stream) | per round | request/response (1 byte) | per round |"
+    );
+    println!("|---|---|---|---|---|");
+    println!(
+        "| with the programs, {entries} entries | {wg:.2} Gbit/s | {} | {wr:.0} /s | {} |",
+        joined(gbps(with), 2),
+        joined(rr(with), 0)
+    );
+    println!(
+        "| without the programs | {og:.2} Gbit/s | {} | {or:.0} /s | {} |",
+        joined(gbps(without), 2),
+        joined(rr(without), 0)
+    );
+    println!(
+        "| ratio with / without | {:.3}x | {tlo:.2}–{thi:.2} | {:.3}x | {rlo:.2}–{rhi:.2} |",
+        wg / og,
+        wr / or
+    );
+    let retrans = |s: &[Sample]| s.iter().map(|x| x.retransmits).sum::<u64>();
+    println!(
+        "retransmits: {} with, {} without; packets the programs counted per round with them: {}",
+        retrans(with),
+        retrans(without),
+        with.iter()
+            .map(|s| s.packets.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    println!(
+        "RESULT bench=traffic rounds={} seconds={} entries={entries} with_gbps={wg:.3} \
+         without_gbps={og:.3} gbps_ratio={:.3} with_rr={wr:.0} without_rr={or:.0} rr_ratio={:.3} \
+         with_gbps_runs={} without_gbps_runs={} with_rr_runs={} without_rr_runs={}",
+        args.rounds,
+        args.seconds,
+        wg / og,
+        wr / or,
+        joined(gbps(with), 3),
+        joined(gbps(without), 3),
+        joined(rr(with), 0),
+        joined(rr(without), 0),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// realize
+
+/// One policy change, in milliseconds from just before its request.
+#[derive(Debug, Clone)]
+struct Change {
+    create: bool,
+    /// The request returned.
+    write: f64,
+    /// This process's own NetworkPolicy watch delivered it: the floor for any watcher.
+    seen: f64,
+    /// The first and the last node reporting it enforced.
+    first: f64,
+    last: f64,
+    last_node: String,
+    /// The probe saw the datapath change.
+    probe: Option<f64>,
+}
+
+fn ms(from: Instant, to: Instant) -> f64 {
+    to.saturating_duration_since(from).as_secs_f64() * 1e3
+}
+
+async fn realize(cp: &ControlPlane, args: &RealizeArgs) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.common.timeout);
+    let kube = cp.client();
+    let begin = Instant::now();
+    let statuses = Log::watch(Api::<NetworkStatus>::all(kube.clone()), reported);
+    let seen = Log::watch(
+        Api::<NetworkPolicy>::namespaced(kube.clone(), NS),
+        policy_event,
+    );
+    let nodes: Vec<String> = (1..=args.nodes)
+        .map(|i| format!("trellis-node-{i}"))
+        .collect();
+    let mut pods = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        pods.push(add_pod(cp, &format!("p{}", i + 1), node, "bench-pod", timeout).await?);
+    }
+    let (probe_from, _) = &pods[0];
+    let (probe_to, probe_ip) = &pods[1];
+    let probe_addr = SocketAddr::new(*probe_ip, PROBE_PORT);
+    let _listener = Server::start(&probe_to.netns_path(), PROBE_PORT, false)?;
+    let probe_netns = probe_from.netns_path();
+
+    let hash = expected_hash(&kube).await?;
+    realized(&statuses, &nodes, &hash, begin, timeout).await?;
+    let reach = join(in_netns(&probe_netns, move || {
+        attempt(probe_addr, Duration::from_secs(1))
+    }))
+    .await?;
+    if reach != Reach::Connected {
+        bail!("p1 → p2:{PROBE_PORT} is {reach:?} before any policy");
+    }
+    eprintln!(
+        "{} nodes report PolicyReady with {hash}; p1 → p2:{PROBE_PORT} connects",
+        nodes.len()
+    );
+
+    let api = Api::<NetworkPolicy>::namespaced(kube.clone(), NS);
+    let isolate = policy(
+        "bench-realize",
+        json!({
+            "podSelector": {},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {"app": "bench-client"}}}],
+                "ports": [{"protocol": "TCP", "port": PROBE_PORT}],
+            }],
+        }),
+    )?;
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    let mut changes = Vec::new();
+    let mut uid = String::new();
+    for i in 0..args.changes {
+        let create = i % 2 == 0;
+        let deadline = Instant::now() + timeout;
+        let t0 = Instant::now();
+        let probe = (!args.no_probe).then(|| {
+            in_netns(&probe_netns, move || {
+                probe_until(probe_addr, create, deadline)
+            })
+        });
+        if create {
+            let made = api
+                .create(&params, &isolate)
+                .await
+                .context("creating NetworkPolicy bench-realize")?;
+            uid = made.uid().context("the created policy has no uid")?;
+        } else {
+            api.delete("bench-realize", &DeleteParams::default())
+                .await
+                .context("deleting NetworkPolicy bench-realize")?;
+        }
+        let returned = Instant::now();
+        let hash = expected_hash(&kube).await?;
+        let per_node = realized(&statuses, &nodes, &hash, t0, timeout).await?;
+        let watched = seen
+            .wait("the NetworkPolicy watch", timeout, |events| {
+                events
+                    .iter()
+                    .find(|(at, (u, deleted))| *at >= t0 && *u == uid && *deleted != create)
+                    .map(|(at, _)| *at)
+            })
+            .await?;
+        let probed = match probe {
+            Some(p) => Some(join(p).await?),
+            None => None,
+        };
+        let (last_node, last) = per_node
+            .iter()
+            .max_by_key(|(_, at)| **at)
+            .map(|(n, at)| (n.clone(), *at))
+            .context("no node")?;
+        let first = per_node.values().min().copied().context("no node")?;
+        let change = Change {
+            create,
+            write: ms(t0, returned),
+            seen: ms(t0, watched),
+            first: ms(t0, first),
+            last: ms(t0, last),
+            last_node,
+            probe: probed.map(|p| ms(t0, p)),
+        };
+        eprintln!(
+            "{:>3} {:<6} write {:6.1} ms  watch {:6.1} ms  first node {:6.1} ms  all nodes {:6.1} \
+             ms (last {})  probe {}",
+            i + 1,
+            if create { "create" } else { "delete" },
+            change.write,
+            change.seen,
+            change.first,
+            change.last,
+            change.last_node,
+            change
+                .probe
+                .map_or_else(|| "-".to_owned(), |p| format!("{p:6.1} ms")),
+        );
+        changes.push(change);
+        // Changes one after another, not on top of each other: the next starts once the
+        // nodes' writes of this one are in (a short pause, not timed).
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    report_realize(args, &changes);
+    Ok(())
+}
+
+/// Connects to `addr` again and again until the datapath's answer changes: for a create,
+/// the first SYN dropped (confirmed by a second attempt, so a slow answer on a busy machine
+/// is not taken for a drop); for a delete, the first connection. When the attempt that saw
+/// the change started.
+fn probe_until(addr: SocketAddr, create: bool, deadline: Instant) -> anyhow::Result<Instant> {
+    loop {
+        let t = Instant::now();
+        if t > deadline {
+            bail!("the probe saw no change before the deadline");
+        }
+        let timeout = if create { DROPPED_AFTER } else { RETRY_AFTER };
+        match (create, attempt(addr, timeout)?) {
+            (true, Reach::Dropped) => {
+                if attempt(addr, Duration::from_millis(200))? == Reach::Dropped {
+                    return Ok(t);
+                }
+            }
+            (false, Reach::Connected) => return Ok(t),
+            (_, Reach::Connected) => std::thread::sleep(PROBE_PAUSE),
+            (_, Reach::Dropped) => {}
+            (_, Reach::Refused) => bail!("{addr} refused the probe: nothing listens"),
+        }
+    }
+}
+
+fn report_realize(args: &RealizeArgs, changes: &[Change]) {
+    println!();
+    println!(
+        "NetworkPolicy created/deleted → every one of {} nodes reports PolicyReady=True with the \
+         new policyHash; {} changes, milliseconds from just before the request",
+        args.nodes,
+        changes.len()
+    );
+    println!(
+        "| changes | n | all nodes p50 | p99 | max | first node p50 | watch floor p50 | p99 | \
+         probe p50 | p99 | ratio all nodes / floor p50 | p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut result = format!(
+        "RESULT bench=realize nodes={} changes={}",
+        args.nodes,
+        changes.len()
+    );
+    for (label, filter) in [
+        ("create", Some(true)),
+        ("delete", Some(false)),
+        ("all", None),
+    ] {
+        let set: Vec<&Change> = changes
+            .iter()
+            .filter(|c| filter.is_none_or(|f| c.create == f))
+            .collect();
+        let stats = |f: fn(&Change) -> f64| Stats::of(set.iter().map(|c| f(c)).collect());
+        let last = stats(|c| c.last);
+        let first = stats(|c| c.first);
+        let seen = stats(|c| c.seen);
+        let probes: Vec<f64> = set.iter().filter_map(|c| c.probe).collect();
+        let probe = Stats::of(probes.clone());
+        let probe_text = |v: f64| {
+            if probes.is_empty() {
+                "-".to_owned()
+            } else {
+                format!("{v:.1} ms")
+            }
+        };
+        println!(
+            "| {label} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | \
+             {} | {} | {:.1}x | {:.1}x |",
+            set.len(),
+            last.p50,
+            last.p99,
+            last.max,
+            first.p50,
+            seen.p50,
+            seen.p99,
+            probe_text(probe.p50),
+            probe_text(probe.p99),
+            last.p50 / seen.p50,
+            last.p99 / seen.p99,
+        );
+        result.push_str(&format!(
+            " {label}_p50={:.1} {label}_p99={:.1} {label}_floor_p50={:.1} {label}_floor_p99={:.1} \
+             {label}_probe_p50={:.1} {label}_probe_p99={:.1}",
+            last.p50, last.p99, seen.p50, seen.p99, probe.p50, probe.p99
+        ));
+    }
+    let mut writes: Vec<f64> = changes.iter().map(|c| c.write).collect();
+    writes.sort_by(f64::total_cmp);
+    println!(
+        "the request itself (create/delete returned): p50 {:.1} ms, p99 {:.1} ms",
+        quantile(&writes, 0.5),
+        quantile(&writes, 0.99)
+    );
+    println!("{result}");
+}
