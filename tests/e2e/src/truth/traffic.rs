@@ -182,14 +182,39 @@ pub async fn probe(
     })
 }
 
+/// The first source port [`fresh_local`] hands out, and how many it cycles through.
+const PROBE_PORTS_FIRST: u16 = 20_000;
+const PROBE_PORTS: u16 = 40_000;
+
+/// A local address with a source port no earlier probe of this process used (until 40,000
+/// probes later). A connection is identified by its addresses and ports: a probe that reused
+/// an earlier probe's would be that connection again, which the datapath lets through as
+/// established whatever the policy says now (Kubernetes leaves existing connections to the
+/// implementation), and the table would show it as allowed.
+fn fresh_local(target: SocketAddr) -> SocketAddr {
+    static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PROBE_PORTS;
+    let port = PROBE_PORTS_FIRST + n;
+    match target {
+        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
+        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), port),
+    }
+}
+
 async fn probe_tcp(
     netns: Option<&Path>,
     target: SocketAddr,
     timeout: Duration,
 ) -> io::Result<Observed> {
-    let socket = in_netns(netns, move || match target {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+    let local = fresh_local(target);
+    let socket = in_netns(netns, move || {
+        let s = match target {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4(),
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6(),
+        }?;
+        s.set_reuseaddr(true)?;
+        s.bind(local)?;
+        Ok(s)
     })?;
     let mut conn = within(timeout, socket.connect(target)).await?;
     let mut answer = Vec::new();
@@ -212,10 +237,7 @@ async fn probe_udp(
     target: SocketAddr,
     timeout: Duration,
 ) -> io::Result<Observed> {
-    let local = match target {
-        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), 0),
-        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), 0),
-    };
+    let local = fresh_local(target);
     let socket = in_netns(netns, move || {
         let s = std::net::UdpSocket::bind(local)?;
         s.set_nonblocking(true)?;
