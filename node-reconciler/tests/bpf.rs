@@ -1257,7 +1257,12 @@ fn real_traffic(test: &str, mode: AttachMode, hook: Hook) {
 
 #[test]
 fn real_traffic_through_tcx() {
-    real_traffic("tcx", AttachMode::Auto, Hook::Tcx);
+    real_traffic("tcx", AttachMode::Tcx, Hook::Tcx);
+}
+
+#[test]
+fn real_traffic_through_the_default_hook_clsact() {
+    real_traffic("auto", AttachMode::Auto, Hook::Clsact);
 }
 
 #[test]
@@ -1286,7 +1291,9 @@ fn pinned_maps_and_tcx_links_survive_a_restart_and_follow_the_device() {
         let mut dp = Datapath::load(Some(&fs.path)).expect("load pinned");
         assert_eq!(dp.pin_dir(), Some(fs.path.join("v1").as_path()));
         pair.write_policy(&mut dp);
-        let a = dp.attach(Some(&ns), &ifname).expect("attach");
+        let a = dp
+            .attach_with(Some(&ns), &ifname, AttachMode::Tcx)
+            .expect("attach");
         assert_eq!(
             (a.hook, a.from_pod, a.to_pod),
             (Hook::Tcx, LinkChange::Created, LinkChange::Created)
@@ -1321,10 +1328,11 @@ fn pinned_maps_and_tcx_links_survive_a_restart_and_follow_the_device() {
             dp.tcx_attached(Some(&ns), &ifname).expect("query"),
             [false, false]
         );
+        // The default hook keeps an interface that is on TCX there.
         let a = dp.attach(Some(&ns), &ifname).expect("attach again");
         assert_eq!(
-            (a.from_pod, a.to_pod),
-            (LinkChange::Replaced, LinkChange::Replaced)
+            (a.hook, a.from_pod, a.to_pod),
+            (Hook::Tcx, LinkChange::Replaced, LinkChange::Replaced)
         );
         assert_eq!(
             dp.tcx_attached(Some(&ns), &ifname).expect("query"),

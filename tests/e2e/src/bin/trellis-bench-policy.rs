@@ -582,18 +582,25 @@ impl Hook {
     }
 
     /// Attaches or detaches both programs, and waits until the hooks say so: a TCX link
-    /// whose last pin is removed is released by a kernel worker a moment later.
+    /// whose last pin is removed is released by a kernel worker a moment later (a clsact
+    /// filter comes and goes with its netlink request).
     fn set(&mut self, attached: bool) -> anyhow::Result<()> {
         let what = if attached { "attaching" } else { "detaching" };
         let context = || format!("{what} the programs on {} ({})", self.ifname, self.pod);
-        tokio::task::block_in_place(|| {
+        let on_clsact = tokio::task::block_in_place(|| {
             if attached {
-                self.dp.attach(Some(&self.netns), &self.ifname).map(drop)
+                let a = self.dp.attach(Some(&self.netns), &self.ifname)?;
+                Ok(a.hook == trellis_node::bpf::Hook::Clsact)
             } else {
-                self.dp.detach(Some(&self.netns), &self.ifname)
+                self.dp
+                    .detach(Some(&self.netns), &self.ifname)
+                    .map(|()| false)
             }
         })
         .with_context(context)?;
+        if on_clsact {
+            return Ok(());
+        }
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
             let on = tokio::task::block_in_place(|| {
