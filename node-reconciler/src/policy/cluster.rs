@@ -121,16 +121,6 @@ impl Cluster {
         Ok(())
     }
 
-    /// Whether every cache holds its initial list.
-    pub fn is_ready(&self) -> bool {
-        // A store is ready once its initial list is in; `ready()` is the
-        // waiting form of the same.
-        let ready = |f: futures::future::BoxFuture<'_, _>| {
-            futures::FutureExt::now_or_never(f).is_some_and(|r: Result<(), _>| r.is_ok())
-        };
-        ready(Box::pin(self.ready()))
-    }
-
     /// A pod of this node, by namespace and name.
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
         self.pods.get(&ObjectRef::new(name).within(namespace))
