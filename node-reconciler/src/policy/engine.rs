@@ -633,10 +633,9 @@ impl Engine {
                 if IdentityKind::of(r.identity) != IdentityKind::Pod {
                     return None;
                 }
-                let pod = Some(pod);
                 Some(PodEndpoint {
-                    namespace: pod.map(|p| p.namespace.clone()).unwrap_or_default(),
-                    name: pod.map(|p| p.name.clone()).unwrap_or_default(),
+                    namespace: pod.namespace.clone(),
+                    name: pod.name.clone(),
                     addresses: l.addresses.iter().map(ToString::to_string).collect(),
                     identity: i32::try_from(r.identity).ok()?,
                     named_ports: r.named_ports.to_api(),
