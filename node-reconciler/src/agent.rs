@@ -62,6 +62,26 @@ use crate::wake::{self, Interest};
 /// Field manager of every write `trellis-node` makes.
 pub const FIELD_MANAGER: &str = "trellis-node";
 
+/// The owner reference to the Node `node`, for the objects this process
+/// writes about its node (`NetworkStatus`, `NodeEndpoints`), so that the
+/// garbage collector removes them with the Node. `None` when the Node does
+/// not exist (or has no uid yet).
+pub async fn owner_of_node(
+    client: &Client,
+    node: &str,
+) -> Result<Option<OwnerReference>, kube::Error> {
+    let found = Api::<Node>::all(client.clone()).get_opt(node).await?;
+    Ok(found
+        .and_then(|n| n.metadata.uid)
+        .map(|uid| OwnerReference {
+            api_version: Node::api_version(&()).into_owned(),
+            kind: Node::kind(&()).into_owned(),
+            name: node.to_owned(),
+            uid,
+            ..OwnerReference::default()
+        }))
+}
+
 /// Settings of the loop.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -700,16 +720,8 @@ impl Reporter {
                 (false, None)
             }
         };
-        // Owned by the Node, so the garbage collector removes it with the Node.
-        let owner = match Api::<Node>::all(client).get_opt(node).await {
-            Ok(Some(n)) => n.metadata.uid.map(|uid| OwnerReference {
-                api_version: Node::api_version(&()).into_owned(),
-                kind: Node::kind(&()).into_owned(),
-                name: node.to_owned(),
-                uid,
-                ..OwnerReference::default()
-            }),
-            Ok(None) => None,
+        let owner = match owner_of_node(&client, node).await {
+            Ok(owner) => owner,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot read this node's Node; its NetworkStatus gets no owner");
                 None

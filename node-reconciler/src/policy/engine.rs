@@ -23,8 +23,7 @@ use std::time::Duration;
 
 use futures::TryStreamExt;
 use futures::future::BoxFuture;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
@@ -42,7 +41,7 @@ use trellis_policy::identity::{IdentityInfo, IdentityKind, NamedPorts, SecurityL
 use super::cluster::Cluster;
 use super::desired::{CompileCache, Desired, Local, World, desired_cached};
 use super::sync::{Installed, MapOp, apply, plan};
-use crate::agent::FIELD_MANAGER;
+use crate::agent::{FIELD_MANAGER, owner_of_node};
 use crate::bpf::Datapath;
 use crate::endpoint::{Admission, EndpointError, EndpointPolicy};
 use crate::netns::NetnsHandle;
@@ -564,18 +563,12 @@ impl Engine {
             () = until_true(shutdown.clone()) => return,
         }
         let api = Api::<NodeEndpoints>::all(self.client.clone());
-        let owner = match Api::<Node>::all(self.client.clone())
-            .get_opt(&self.node)
-            .await
-        {
-            Ok(Some(n)) => n.metadata.uid.map(|uid| OwnerReference {
-                api_version: Node::api_version(&()).into_owned(),
-                kind: Node::kind(&()).into_owned(),
-                name: self.node.clone(),
-                uid,
-                ..OwnerReference::default()
-            }),
-            _ => None,
+        let owner = match owner_of_node(&self.client, &self.node).await {
+            Ok(owner) => owner,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read this node's Node; its NodeEndpoints gets no owner");
+                None
+            }
         };
         let mut last: Option<NodeEndpointsSpec> = None;
         loop {
@@ -606,18 +599,13 @@ impl Engine {
                     Err(e) => tracing::warn!(error = %e, "cannot write NodeEndpoints; will retry"),
                 }
             }
-            let wait = if last.is_some() {
-                SHARD_INTERVAL
-            } else {
-                RESYNC
-            };
             tokio::select! {
                 () = self.shard.notified() => {}
                 () = tokio::time::sleep(RESYNC) => {}
                 () = until_true(shutdown.clone()) => return,
             }
             // Coalesce: what changes in the next interval goes in one write.
-            tokio::time::sleep(wait.min(SHARD_INTERVAL)).await;
+            tokio::time::sleep(SHARD_INTERVAL).await;
         }
     }
 
