@@ -301,12 +301,6 @@ impl Engine {
                     _ => true,
                 });
             }
-            if !ops.is_empty() {
-                tracing::info!(ops = ops.len(), "writing policy maps");
-                for op in &ops {
-                    tracing::debug!(%op, "policy map op");
-                }
-            }
             let failed = apply(&mut s.dp, &mut s.installed, &ops);
             let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op}: {e}")).collect();
             let mut report = report_of(&want, &errors);

@@ -293,6 +293,12 @@ fn a_failed_table_write_leaves_endpoints_on_their_complete_table() {
         "{}",
         failures[3].1
     );
+    // Every op failed: the log line says so.
+    assert_eq!(ops.len(), 4, "{ops:#?}");
+    assert_eq!(
+        summary(&ops, &failures).as_deref(),
+        Some("nothing applied; 4 failed")
+    );
     // The endpoints still use the old, complete table; the mirror says
     // exactly what the maps hold, the half-written table included.
     assert_eq!(maps.endpoints[&10], before.endpoints[&10]);
@@ -429,6 +435,43 @@ fn an_endpoint_is_not_pointed_at_a_table_the_mirror_lacks() {
         "{failures:?}"
     );
     assert!(maps.endpoints.is_empty() && mirror.endpoints.is_empty());
+}
+
+#[test]
+fn an_apply_is_summed_up_in_one_line_and_nothing_to_do_in_none() {
+    let set = |ip: &str| MapOp::SetIpCache {
+        net: net(ip),
+        entry: IpCacheEntry {
+            identity: 300,
+            cidr_identity: 2,
+        },
+    };
+    let remove = |ip: &str| MapOp::RemoveIpCache { net: net(ip) };
+    let ops = [
+        set("10.0.0.1/32"),
+        set("10.0.0.2/32"),
+        MapOp::RemoveEndpoint { ifindex: 7 },
+        remove("10.0.0.3/32"),
+    ];
+    assert_eq!(summary(&[], &[]), None);
+    assert_eq!(
+        summary(&ops, &[]).as_deref(),
+        Some("2 set_ipcache, 1 remove_endpoint, 1 remove_ipcache")
+    );
+    let failed = |op: &MapOp| {
+        (
+            op.clone(),
+            refused("trellis_ipcache", "set", "k".into(), Errno::E2BIG),
+        )
+    };
+    assert_eq!(
+        summary(&ops, &[failed(&ops[1]), failed(&ops[3])]).as_deref(),
+        Some("1 set_ipcache, 1 remove_endpoint; 2 failed")
+    );
+    assert_eq!(
+        summary(&ops[..1], &[failed(&ops[0])]).as_deref(),
+        Some("nothing applied; 1 failed")
+    );
 }
 
 #[test]
