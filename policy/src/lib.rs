@@ -31,6 +31,8 @@
 //!   provenance of every entry, and [`Diagnostic`]s for what cannot be
 //!   enforced (which then matches nothing: never wider than written).
 //! - [`selector`]: label selectors, from our CRDs and from Kubernetes.
+//! - `fnv`: the one 64-bit FNV-1a behind every persisted hash (identity
+//!   numbers, [`generation::policy_hash`]).
 //!
 //! Decisions worth knowing (see each module):
 //! - `ipBlock` matches pod addresses too, through CIDR identities.
@@ -43,6 +45,7 @@
 pub mod cidr;
 pub mod compile;
 pub mod diagnostic;
+mod fnv;
 pub mod generation;
 pub mod identity;
 pub mod objects;
