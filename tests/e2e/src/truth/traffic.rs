@@ -23,7 +23,7 @@
 
 use std::{
     fmt, io,
-    net::{IpAddr, Ipv4Addr, SocketAddr},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::{Path, PathBuf},
     time::Duration,
 };
@@ -121,7 +121,8 @@ impl Servers {
 pub async fn serve(netns: Option<&Path>, name: &str, ports: &[u16]) -> io::Result<Servers> {
     let mut tasks = JoinSet::new();
     for &port in ports {
-        let any = SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port);
+        // IPv4 only: the world's pods have IPv4 addresses.
+        let any = unspecified(false, port);
         let tcp = in_netns(netns, move || {
             let l = std::net::TcpListener::bind(any)?;
             l.set_nonblocking(true)?;
@@ -194,11 +195,18 @@ const PROBE_PORTS: u16 = 40_000;
 fn fresh_local(target: SocketAddr) -> SocketAddr {
     static NEXT: std::sync::atomic::AtomicU16 = std::sync::atomic::AtomicU16::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % PROBE_PORTS;
-    let port = PROBE_PORTS_FIRST + n;
-    match target {
-        SocketAddr::V4(_) => SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port),
-        SocketAddr::V6(_) => SocketAddr::new(IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED), port),
-    }
+    unspecified(target.is_ipv6(), PROBE_PORTS_FIRST + n)
+}
+
+/// `0.0.0.0:port`, or `[::]:port` when `ipv6`: a socket bound to it takes every address of its
+/// namespace, or lets the kernel pick the source address of what it sends.
+fn unspecified(ipv6: bool, port: u16) -> SocketAddr {
+    let any = if ipv6 {
+        IpAddr::V6(Ipv6Addr::UNSPECIFIED)
+    } else {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
+    };
+    SocketAddr::new(any, port)
 }
 
 async fn probe_tcp(
