@@ -12,9 +12,12 @@
 //!
 //! Nobody watches every Pod (design 0005): remote pods come from the
 //! nodes' `NodeEndpoints` shards; only this node's pods are watched, for
-//! their labels and container ports.
+//! their labels and container ports. The NetworkPolicy cache also counts
+//! its changes ([`Revision`]), so the engine can tell in O(1) that the
+//! policies are the ones it compiled last time.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -30,6 +33,8 @@ use trellis_api::v1alpha1::{NetworkConfig, NodeEndpoints, SecurityIdentity};
 #[derive(Clone)]
 pub struct Cluster {
     pub policies: Store<NetworkPolicy>,
+    /// Changes of `policies` so far.
+    pub policies_revision: Revision,
     pub namespaces: Store<Namespace>,
     pub identities: Store<SecurityIdentity>,
     pub shards: Store<NodeEndpoints>,
@@ -44,6 +49,23 @@ pub struct Cluster {
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster").finish_non_exhaustive()
+    }
+}
+
+/// How many events a cache has taken. Bumped after the store took each one,
+/// so what a reader finds in the store after reading revision `n` includes
+/// every change up to `n`: equal revisions, equal contents.
+#[derive(Debug, Clone, Default)]
+pub struct Revision(Arc<AtomicU64>);
+
+impl Revision {
+    /// Read it before the store.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+
+    fn bump(&self) {
+        self.0.fetch_add(1, Ordering::Release);
     }
 }
 
@@ -62,37 +84,37 @@ impl Cluster {
     pub fn watch(client: &Client, node: &str) -> Cluster {
         let changed = Arc::new(Notify::new());
         let mut tasks = Vec::new();
-        let policies = cache(
+        let (policies, policies_revision) = cache(
             Api::<NetworkPolicy>::all(client.clone()),
             watcher::Config::default(),
             &changed,
             &mut tasks,
         );
-        let namespaces = cache(
+        let (namespaces, _) = cache(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
             &changed,
             &mut tasks,
         );
-        let identities = cache(
+        let (identities, _) = cache(
             Api::<SecurityIdentity>::all(client.clone()),
             watcher::Config::default(),
             &changed,
             &mut tasks,
         );
-        let shards = cache(
+        let (shards, _) = cache(
             Api::<NodeEndpoints>::all(client.clone()),
             watcher::Config::default(),
             &changed,
             &mut tasks,
         );
-        let pods = cache(
+        let (pods, _) = cache(
             Api::<Pod>::all(client.clone()),
             watcher::Config::default().fields(&format!("spec.nodeName={node}")),
             &changed,
             &mut tasks,
         );
-        let configs = cache(
+        let (configs, _) = cache(
             Api::<NetworkConfig>::all(client.clone()),
             watcher::Config::default(),
             &changed,
@@ -100,6 +122,7 @@ impl Cluster {
         );
         Cluster {
             policies,
+            policies_revision,
             namespaces,
             identities,
             shards,
@@ -127,14 +150,15 @@ impl Cluster {
     }
 }
 
-/// A reflector of `api` whose every event notifies `changed`. Managed
-/// fields are dropped before they reach the store (nobody here reads them).
+/// A reflector of `api` whose every event bumps its revision and notifies
+/// `changed`. Managed fields are dropped before they reach the store
+/// (nobody here reads them).
 fn cache<K>(
     api: Api<K>,
     cfg: watcher::Config,
     changed: &Arc<Notify>,
     tasks: &mut Vec<tokio::task::JoinHandle<()>>,
-) -> Store<K>
+) -> (Store<K>, Revision)
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
@@ -146,16 +170,22 @@ where
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer);
     let changed = changed.clone();
+    let revision = Revision::default();
+    let bumped = revision.clone();
     tasks.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
             match event {
-                Ok(_) => changed.notify_one(),
+                // `reflect` has applied the event to the store by now.
+                Ok(_) => {
+                    bumped.bump();
+                    changed.notify_one();
+                }
                 Err(e) => {
                     tracing::warn!(kind, error = %e, "watch error; retrying with backoff")
                 }
             }
         }
     }));
-    store
+    (store, revision)
 }

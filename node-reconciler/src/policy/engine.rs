@@ -24,8 +24,9 @@ use std::time::Duration;
 use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::api::{Patch, PatchParams, PostParams};
-use kube::runtime::reflector::ObjectRef;
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
@@ -87,6 +88,8 @@ struct LocalState {
 struct State {
     dp: Datapath,
     installed: Installed,
+    /// What the last sync compiled against.
+    input: CompilerInput,
     /// Compiled tables, kept while the compiler's input stays the same.
     cache: CompileCache,
     /// By host veth name.
@@ -147,6 +150,7 @@ impl Engine {
             state: Arc::new(Mutex::new(State {
                 dp,
                 installed,
+                input: CompilerInput::default(),
                 cache: CompileCache::default(),
                 locals: BTreeMap::new(),
             })),
@@ -277,10 +281,18 @@ impl Engine {
                 })
                 .collect();
             let unresolved = s.locals.len() - locals.len();
-            let input = snapshot.input(&locals);
-            s.cache.for_input(input_key(&snapshot.hash, &input));
+            s.input.refresh(snapshot.policies_of, || {
+                snapshot
+                    .policies
+                    .state()
+                    .iter()
+                    .map(|p| (**p).clone())
+                    .collect()
+            });
+            s.input.input.identities = snapshot.identities(&locals);
+            s.cache.for_input(input_key(&s.input.hash, &s.input.input));
             let world = World {
-                input: &input,
+                input: &s.input.input,
                 locals: &locals,
                 remote: &snapshot.remote,
                 host: &host,
@@ -304,7 +316,7 @@ impl Engine {
             let failed = apply(&mut s.dp, &mut s.installed, &ops);
             let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op}: {e}")).collect();
             let mut report = report_of(&want, &errors);
-            report.hash = errors.is_empty().then(|| snapshot.hash.clone());
+            report.hash = errors.is_empty().then(|| s.input.hash.clone());
             (report, errors)
         })
         .await
@@ -324,21 +336,17 @@ impl Engine {
         }
     }
 
-    /// The values the compiler needs, taken from the caches.
+    /// The values the compiler needs, taken from the caches (the policies
+    /// only if they changed since the last sync: see [`CompilerInput`]).
     fn snapshot(&self) -> Snapshot {
+        // Before the policies are read (in the sync, if at all).
+        let revision = self.cluster.policies_revision.get();
         let enforcement = self
             .cluster
             .configs
             .get(&ObjectRef::new("default"))
             .map(|c| c.spec.policy_enforcement)
             .unwrap_or_default();
-        let policies: Vec<_> = self
-            .cluster
-            .policies
-            .state()
-            .iter()
-            .map(|p| (**p).clone())
-            .collect();
         let mut named: BTreeMap<u32, NamedPorts> = BTreeMap::new();
         let mut remote = Vec::new();
         for shard in self.cluster.shards.state() {
@@ -370,11 +378,9 @@ impl Engine {
             .collect();
         // In a fixed order: the compile cache's key hashes them.
         identities.sort();
-        let hash = trellis_policy::generation::policy_hash(enforcement, &policies);
         Snapshot {
-            hash,
-            enforcement,
-            policies,
+            policies_of: (revision, enforcement),
+            policies: self.cluster.policies.clone(),
             identities,
             named,
             remote,
@@ -699,10 +705,11 @@ impl EndpointPolicy for Engine {
 
 /// The caches' contents a sync compiles against.
 struct Snapshot {
-    /// What the node enforces once this snapshot is applied.
-    hash: String,
-    enforcement: PolicyEnforcement,
-    policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
+    /// Which policies and mode: the policies cache's revision (read before
+    /// the cache) and the mode.
+    policies_of: (u64, PolicyEnforcement),
+    /// The policies cache, read only when `policies_of` changed.
+    policies: Store<NetworkPolicy>,
     identities: Vec<IdentityInfo>,
     /// Named ports per identity, from every shard.
     named: BTreeMap<u32, NamedPorts>,
@@ -711,9 +718,9 @@ struct Snapshot {
 }
 
 impl Snapshot {
-    /// The compiler's input; the local endpoints' named ports count for
-    /// their identities even before the shard carries them.
-    fn input(&self, locals: &[Local]) -> Input {
+    /// The compiler's identities; the local endpoints' named ports count
+    /// for their identities even before the shard carries them.
+    fn identities(&self, locals: &[Local]) -> Vec<IdentityInfo> {
         let mut named = self.named.clone();
         for l in locals {
             named
@@ -721,8 +728,7 @@ impl Snapshot {
                 .or_default()
                 .extend(&l.endpoint.named_ports);
         }
-        let identities = self
-            .identities
+        self.identities
             .iter()
             .map(|i| {
                 let mut i = i.clone();
@@ -731,13 +737,44 @@ impl Snapshot {
                 }
                 i
             })
-            .collect();
-        Input {
-            enforcement: self.enforcement,
-            cidrs: CidrTable::from_policies(&self.policies),
-            policies: self.policies.clone(),
-            identities,
+            .collect()
+    }
+}
+
+/// The compiler's input as the last sync left it. The policies, the mode
+/// and the CIDR table built from them are taken again only when the
+/// policies cache's revision or the mode changed, so a sync for a pod (every
+/// ADD and DEL) with the policies as they were neither copies them nor
+/// rebuilds the table nor hashes them; the identities are set by every sync.
+#[derive(Debug, Default)]
+struct CompilerInput {
+    /// Which policies and mode `input` holds (see [`Snapshot::policies_of`]);
+    /// `None` before the first sync.
+    of: Option<(u64, PolicyEnforcement)>,
+    /// [`trellis_policy::generation::policy_hash`] of them: what the node
+    /// enforces once they are in the maps.
+    hash: String,
+    input: Input,
+}
+
+impl CompilerInput {
+    /// Takes the `policies` and the mode `of` says unless they are the ones
+    /// it holds.
+    fn refresh(
+        &mut self,
+        of: (u64, PolicyEnforcement),
+        policies: impl FnOnce() -> Vec<NetworkPolicy>,
+    ) {
+        if self.of == Some(of) {
+            return;
         }
+        let (_, enforcement) = of;
+        let policies = policies();
+        self.hash = trellis_policy::generation::policy_hash(enforcement, &policies);
+        self.input.cidrs = CidrTable::from_policies(&policies);
+        self.input.policies = policies;
+        self.input.enforcement = enforcement;
+        self.of = Some(of);
     }
 }
 
@@ -812,5 +849,54 @@ impl EndpointPolicy for Unavailable {
 
     fn release<'a>(&'a self, _: &'a str) -> BoxFuture<'a, Result<(), EndpointError>> {
         Box::pin(async { Ok(()) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::testing::mk_policies;
+
+    #[test]
+    fn the_policies_are_taken_again_only_when_their_revision_or_the_mode_changed() {
+        let mut input = CompilerInput::default();
+        let reads = std::cell::Cell::new(0);
+        let read = |policies: Vec<NetworkPolicy>| {
+            let reads = &reads;
+            move || {
+                reads.set(reads.get() + 1);
+                policies
+            }
+        };
+        input.refresh((1, PolicyEnforcement::Default), read(mk_policies(8080)));
+        assert_eq!(reads.get(), 1);
+        let first = (input.hash.clone(), input.input.cidrs.clone());
+        assert_eq!(
+            first.0,
+            trellis_policy::generation::policy_hash(PolicyEnforcement::Default, &mk_policies(8080))
+        );
+        assert_eq!(first.1, CidrTable::from_policies(&mk_policies(8080)));
+        assert_eq!(input.input.policies.len(), 2);
+
+        // The same revision and mode: the policies are not read at all.
+        input.refresh((1, PolicyEnforcement::Default), read(Vec::new()));
+        assert_eq!(reads.get(), 1);
+        assert_eq!((input.hash.clone(), input.input.cidrs.clone()), first);
+        assert_eq!(input.input.policies.len(), 2);
+
+        // Another mode: taken again.
+        input.refresh((1, PolicyEnforcement::Always), read(mk_policies(8080)));
+        assert_eq!(reads.get(), 2);
+        assert_eq!(input.input.enforcement, PolicyEnforcement::Always);
+        assert_ne!(input.hash, first.0);
+        // Another revision: taken again, whatever changed.
+        input.refresh((2, PolicyEnforcement::Always), read(Vec::new()));
+        assert_eq!(reads.get(), 3);
+        assert!(input.input.policies.is_empty());
+        assert!(input.input.cidrs.is_empty());
+        assert_eq!(
+            input.hash,
+            trellis_policy::generation::policy_hash(PolicyEnforcement::Always, &[])
+        );
     }
 }
