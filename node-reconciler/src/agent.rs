@@ -21,7 +21,9 @@
 //! the kernel state as it is.
 //!
 //! After each reconcile the loop publishes the node's facts (blocks, pod
-//! MTU, whether it converged) for the endpoint service, and the status
+//! MTU, whether it converged) for the endpoint service, after each
+//! observation the node's own addresses for the policy engine (which gives
+//! them identity `HOST`, without a dump of its own per pod), and the status
 //! carries the endpoint service's count of Ready endpoints. A changed count
 //! alone rewrites only that field of the last status, without a reconcile,
 //! at once after a quiet second and otherwise at most once a second, so a
@@ -96,6 +98,10 @@ pub struct Config {
     /// Where the node's facts go after each reconcile (the endpoint
     /// service reads them); `None` publishes nothing.
     pub facts: Option<watch::Sender<Option<NodeFacts>>>,
+    /// Where the node's own addresses go after each observation that
+    /// changed them (the policy engine reads them: see
+    /// [`Snapshot::addresses`]); `None` publishes nothing.
+    pub host_addresses: Option<watch::Sender<Option<Vec<IpAddr>>>>,
     /// The endpoint service's count of Ready endpoints, for
     /// `status.endpoints`; `None` leaves that field as it is.
     pub endpoints: Option<watch::Receiver<usize>>,
@@ -112,6 +118,7 @@ impl Config {
             min_backoff: Duration::from_millis(200),
             max_backoff: Duration::from_secs(30),
             facts: None,
+            host_addresses: None,
             endpoints: None,
             policy: None,
         }
@@ -173,6 +180,7 @@ pub async fn run(
                 let node_ns = Kernel {
                     netns: &netns,
                     interest: &interest,
+                    addresses: cfg.host_addresses.as_ref(),
                 };
                 reconcile(
                     &store,
@@ -556,10 +564,12 @@ async fn reconcile(
 }
 
 /// The node's namespace as a reconcile uses it: where it observes and
-/// applies, and what it tells the notification filter to watch.
+/// applies, what it tells the notification filter to watch, and where the
+/// node's addresses go.
 struct Kernel<'a> {
     netns: &'a NetnsHandle,
     interest: &'a watch::Sender<Option<Interest>>,
+    addresses: Option<&'a watch::Sender<Option<Vec<IpAddr>>>>,
 }
 
 enum Failure {
@@ -683,8 +693,8 @@ fn note_interest(
     });
 }
 
-/// Observes the node's namespace, and tells the notification filter what
-/// the observation found.
+/// Observes the node's namespace, tells the notification filter what the
+/// observation found, and publishes the node's addresses.
 async fn observe_in(node_ns: &Kernel<'_>, underlay: IpAddr) -> Result<Snapshot, Failure> {
     let snapshot = node_ns
         .netns
@@ -693,7 +703,23 @@ async fn observe_in(node_ns: &Kernel<'_>, underlay: IpAddr) -> Result<Snapshot, 
         .map_err(|e| Failure::Observe(e.to_string()))?
         .map_err(Failure::Observe)?;
     note_interest(node_ns.interest, &snapshot, underlay);
+    publish_addresses(node_ns.addresses, &snapshot.addresses);
     Ok(snapshot)
+}
+
+/// Publishes the node's addresses when they changed.
+fn publish_addresses(tx: Option<&watch::Sender<Option<Vec<IpAddr>>>>, addresses: &[IpAddr]) {
+    let Some(tx) = tx else {
+        return;
+    };
+    tx.send_if_modified(|now| {
+        if now.as_deref() == Some(addresses) {
+            return false;
+        }
+        tracing::debug!(?addresses, "the node's addresses, for policy");
+        *now = Some(addresses.to_vec());
+        true
+    });
 }
 
 /// Writes the node's `NetworkStatus` when it differs from what was last
@@ -1020,5 +1046,24 @@ mod tests {
         assert!(rx.borrow().as_ref().is_some_and(|f| f.blocks.is_empty()));
         // Without a sender, nothing happens.
         publish_facts(&Config::new("node-1"), blocks, Some(1), true);
+    }
+
+    #[test]
+    fn the_node_addresses_are_published_when_they_change() {
+        let (tx, mut rx) = watch::channel(None);
+        let ip = |s: &str| s.parse::<IpAddr>().expect("an address");
+        let first = [ip("192.0.2.11"), ip("fe80::1")];
+        publish_addresses(Some(&tx), &first);
+        assert!(rx.has_changed().expect("sender alive"));
+        assert_eq!(rx.borrow_and_update().as_deref(), Some(&first[..]));
+        publish_addresses(Some(&tx), &first);
+        assert!(
+            !rx.has_changed().expect("sender alive"),
+            "the same addresses: no wake-up"
+        );
+        publish_addresses(Some(&tx), &first[..1]);
+        assert_eq!(rx.borrow_and_update().as_deref(), Some(&first[..1]));
+        // Without a sender, nothing happens.
+        publish_addresses(None, &first);
     }
 }

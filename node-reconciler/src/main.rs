@@ -132,6 +132,8 @@ async fn main() -> anyhow::Result<()> {
     let (shutdown_tx, shutdown) = watch::channel(false);
 
     let (facts_tx, facts) = watch::channel(None);
+    // The node's addresses, from the reconcile loop to the policy engine.
+    let (host_addresses_tx, host_addresses) = watch::channel(None);
     let endpoint_netns = Arc::new(endpoint_netns);
     // Fail closed: without the policy datapath no pod is plugged in.
     let (policy, engine): (Arc<dyn EndpointPolicy>, _) = match Engine::start(
@@ -139,6 +141,7 @@ async fn main() -> anyhow::Result<()> {
         &args.node_name,
         endpoint_netns.clone(),
         args.host_netns.clone(),
+        host_addresses,
         &args.bpffs_root,
     )
     .await
@@ -194,6 +197,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = Config {
         resync: Duration::from_secs(args.resync_seconds),
         facts: Some(facts_tx),
+        host_addresses: Some(host_addresses_tx),
         endpoints: Some(endpoints.ready_endpoints()),
         policy: policy_report,
         ..Config::new(&args.node_name)

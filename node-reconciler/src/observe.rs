@@ -4,14 +4,16 @@
 //! ```text
 //!  RTM_GETLINK  ─▶ our device (by name) + the underlay link (by address) ─┐
 //!  RTM_GETADDR  ─▶ VTEP addresses on our device, networks on the underlay ─┤
-//!  RTM_GETROUTE ─▶ main table, protocol RTPROT_TRELLIS only ───────────────┼─▶ Snapshot { observed, host }
+//!                  and every address of the node (for the policy engine) ──┤
+//!  RTM_GETROUTE ─▶ main table, protocol RTPROT_TRELLIS only ───────────────┼─▶ Snapshot { observed, host, addresses }
 //!  RTM_GETNEIGH ─▶ permanent entries on our device (IPv4, IPv6) ───────────┤
 //!  RTM_GETNEIGH (bridge) ─▶ FDB entries on our device ─────────────────────┘
 //! ```
 //!
 //! Everything is filtered here, by the ownership marks of [`crate::model`]:
 //! another link, a route of another protocol or table, an entry on another
-//! device never reaches `plan`, so nothing foreign is ever deleted.
+//! device never reaches `plan`, so nothing foreign is ever deleted. (The
+//! node's addresses are facts, not state to converge: nothing plans them.)
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
@@ -42,6 +44,10 @@ use crate::model::{
 pub struct Snapshot {
     pub observed: Observed,
     pub host: Host,
+    /// Every address of the node's namespace but loopback, sorted, once
+    /// each: the node's own, which the policy engine gives identity `HOST`
+    /// (the reconcile loop publishes them, so that a pod's ADD needs no dump).
+    pub addresses: Vec<IpAddr>,
 }
 
 /// A dump that failed (the observation is then unusable: planning from a
@@ -118,7 +124,29 @@ pub async fn observe(handle: &Handle, underlay_address: IpAddr) -> Result<Snapsh
             underlay,
             underlay_networks,
         },
+        addresses: node_addresses(&addresses),
     })
+}
+
+/// The node's own addresses alone (see [`Snapshot::addresses`]), for the
+/// policy engine until the reconcile loop has observed once.
+pub async fn dump_node_addresses(handle: &Handle) -> Result<Vec<IpAddr>, ObserveError> {
+    Ok(node_addresses(&dump_addresses(handle).await?))
+}
+
+/// Every `IFA_ADDRESS` of the dump but loopback, sorted, once each.
+fn node_addresses(addresses: &[AddressMessage]) -> Vec<IpAddr> {
+    let mut out: Vec<IpAddr> = addresses
+        .iter()
+        .flat_map(|m| &m.attributes)
+        .filter_map(|a| match a {
+            AddressAttribute::Address(ip) if !ip.is_loopback() => Some(*ip),
+            _ => None,
+        })
+        .collect();
+    out.sort();
+    out.dedup();
+    out
 }
 
 async fn dump_links(handle: &Handle) -> Result<Vec<LinkMessage>, ObserveError> {

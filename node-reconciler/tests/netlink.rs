@@ -10,6 +10,7 @@
 // Test-only helpers: a panic here is the failure report.
 #![allow(clippy::unwrap_used)]
 
+use std::net::IpAddr;
 use std::path::Path;
 
 use serde_json::Value;
@@ -18,7 +19,7 @@ use trellis_node::apply::apply;
 use trellis_node::desired::desired;
 use trellis_node::model::{Device, Fdb, Mac, Neighbour, Route, VXLAN_DEVICE};
 use trellis_node::netns::{NetnsError, NetnsHandle, Notifications};
-use trellis_node::observe::{Snapshot, observe};
+use trellis_node::observe::{Snapshot, dump_node_addresses, observe};
 use trellis_node::plan::{Op, plan};
 
 mod fixtures;
@@ -344,6 +345,31 @@ fn a_fresh_node_is_programmed_and_then_plans_nothing() {
     assert_eq!(seen.routes, [vxlan_route(2)]);
     assert_eq!(seen.neighbours, [vxlan_neighbour(2)]);
     assert_eq!(seen.fdb, [vxlan_fdb(2)]);
+
+    // The node's addresses (the policy engine's `HOST`): every one `ip`
+    // lists, the link-local ones included, but loopback.
+    let mut listed: Vec<IpAddr> = pair
+        .node(1)
+        .json(&["ip", "-j", "addr", "show"])
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|link| link["addr_info"].as_array().cloned().unwrap_or_default())
+        .filter_map(|a| a["local"].as_str()?.parse().ok())
+        .filter(|ip: &IpAddr| !ip.is_loopback())
+        .collect();
+    listed.sort();
+    listed.dedup();
+    assert!(
+        listed.contains(&underlay(1)) && listed.contains(&"10.244.1.0".parse().unwrap()),
+        "{listed:?}"
+    );
+    assert_eq!(snapshot(&h, 1).addresses, listed);
+    let dumped = h
+        .run_blocking(|handle| async move { dump_node_addresses(&handle).await })
+        .expect("namespace thread")
+        .expect("dump the addresses");
+    assert_eq!(dumped, listed);
 
     // Converged: the next pass plans nothing and so writes nothing.
     assert_eq!(plan_only(&h, 1, &[2]), []);

@@ -6,6 +6,8 @@
 //!  teardown ─release─▶ forget ──▶ sync ──▶ detach
 //!  cluster caches changed / every RESYNC ──▶ resolve all ──▶ sync
 //!  sync:  snapshot of the caches + endpoints ─▶ desired (pure) ─▶ plan (pure) ─▶ apply (maps)
+//!         + the node's addresses, as the reconcile loop observed them
+//!  the node's addresses changed ──▶ sync
 //!  locals changed ──▶ NodeEndpoints shard (at most one write per SHARD_INTERVAL)
 //! ```
 //!
@@ -21,7 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use futures::TryStreamExt;
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -102,6 +103,9 @@ pub struct Engine {
     client: Client,
     cluster: Cluster,
     host: Arc<NetnsHandle>,
+    /// The node's addresses as the reconcile loop last observed them
+    /// (`None` until it has).
+    host_addresses: watch::Receiver<Option<Vec<IpAddr>>>,
     /// The node's namespace (`--host-netns`); `None`: ours.
     host_netns: Option<PathBuf>,
     state: Arc<Mutex<State>>,
@@ -122,11 +126,14 @@ impl std::fmt::Debug for Engine {
 impl Engine {
     /// Loads the programs (reusing the maps pinned under `bpffs_root`),
     /// reads what the maps hold, and starts the cluster watches.
+    /// `host_addresses` are the node's addresses as the reconcile loop
+    /// observes them (`agent::Config::host_addresses`).
     pub async fn start(
         client: Client,
         node: &str,
         host: Arc<NetnsHandle>,
         host_netns: Option<PathBuf>,
+        host_addresses: watch::Receiver<Option<Vec<IpAddr>>>,
         bpffs_root: &Path,
     ) -> anyhow::Result<Arc<Engine>> {
         let root = bpffs_root.to_path_buf();
@@ -146,6 +153,7 @@ impl Engine {
             client,
             cluster,
             host,
+            host_addresses,
             host_netns,
             state: Arc::new(Mutex::new(State {
                 dp,
@@ -211,6 +219,7 @@ impl Engine {
         }
         tracing::info!("policy caches synced");
         let shard = tokio::spawn(self.clone().write_shards(shutdown.clone()));
+        let mut host_addresses = self.host_addresses.clone();
         loop {
             match self.resync().await {
                 Ok(()) => {
@@ -231,6 +240,9 @@ impl Engine {
                     // Let a burst of events land in one sync.
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
+                // The reconcile loop saw the node's addresses change. (Once
+                // its sender is gone, the branch is off.)
+                Ok(()) = host_addresses.changed() => {}
                 () = tokio::time::sleep(RESYNC) => {}
                 () = until_true(shutdown.clone()) => break,
             }
@@ -387,35 +399,28 @@ impl Engine {
         }
     }
 
-    /// Every address of the node's namespace: traffic from them is `HOST`.
+    /// The node's own addresses (traffic from them is `HOST`): as the
+    /// reconcile loop last observed them, so a sync (every ADD and DEL) reads
+    /// no netlink dump; until it has observed once (a start, a node without
+    /// its `NodeNetwork` yet), from a dump of our own.
     async fn host_addresses(&self) -> Result<Vec<IpAddr>, EndpointError> {
-        let found = self
-            .host
+        let observed = self.host_addresses.borrow().clone();
+        if let Some(observed) = observed {
+            return Ok(observed);
+        }
+        let failed = |e: String| EndpointError::Policy {
+            reason: format!("listing the node's addresses: {e}"),
+            transient: true,
+        };
+        self.host
             .run(|h| async move {
-                let mut out = Vec::new();
-                let mut dump = h.address().get().execute();
-                while let Some(msg) = dump.try_next().await.map_err(|e| e.to_string())? {
-                    for attr in msg.attributes {
-                        if let netlink_packet_route::address::AddressAttribute::Address(ip) = attr {
-                            out.push(ip);
-                        }
-                    }
-                }
-                Ok::<_, String>(out)
+                crate::observe::dump_node_addresses(&h)
+                    .await
+                    .map_err(|e| e.to_string())
             })
             .await
-            .map_err(|e| EndpointError::Policy {
-                reason: format!("listing the node's addresses: {e}"),
-                transient: true,
-            })?
-            .map_err(|e| EndpointError::Policy {
-                reason: format!("listing the node's addresses: {e}"),
-                transient: true,
-            })?;
-        let mut found: Vec<IpAddr> = found.into_iter().filter(|ip| !ip.is_loopback()).collect();
-        found.sort();
-        found.dedup();
-        Ok(found)
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(failed)
     }
 
     /// The pod's identity, labels and named ports: from the caches, else
