@@ -27,10 +27,11 @@ use trellis_node::bpf::abi::{Direction, PROTO_ICMP, PROTO_ICMPV6, Reason};
 use trellis_node::bpf::{Datapath, Program};
 use trellis_node::policy::desired::{Desired, Local, World, desired};
 use trellis_node::policy::sync::{Installed, MapOp, apply, plan};
-use trellis_policy::identity::{IdentityInfo, NamedPorts, SecurityLabels};
+use trellis_node::policy::testing::{mk_identity, mk_input_with, mk_local, mk_policy};
+use trellis_policy::Input;
+use trellis_policy::identity::{IdentityInfo, NamedPorts};
 use trellis_policy::ports::Protocol;
 use trellis_policy::table::{self, Decision, lookup};
-use trellis_policy::{CidrTable, Input, LocalEndpoint, PolicyEnforcement};
 
 const WEB: u32 = 1000;
 const DB: u32 = 1001;
@@ -112,18 +113,8 @@ impl Probe {
 }
 
 // ─── the world ──────────────────────────────────────────────────────────────
-
-fn ns_labels(ns: &str) -> std::collections::BTreeMap<String, String> {
-    [("kubernetes.io/metadata.name".to_owned(), ns.to_owned())].into()
-}
-
-fn security_labels(ns: &str, app: &str) -> SecurityLabels {
-    SecurityLabels::new(
-        ns,
-        ns_labels(ns),
-        [("app".to_owned(), app.to_owned())].into(),
-    )
-}
+// Built with the unit tests' builders (`trellis_node::policy::testing`): pods
+// labelled `app`, namespaces labelled with their name.
 
 fn named_ports(app: &str) -> NamedPorts {
     match app {
@@ -141,15 +132,10 @@ fn identities() -> Vec<IdentityInfo> {
     ]
     .into_iter()
     .map(|(id, ns, app)| IdentityInfo {
-        id,
-        labels: security_labels(ns, app),
         named_ports: named_ports(app),
+        ..mk_identity(id, ns, app)
     })
     .collect()
-}
-
-fn mk_policy(v: serde_json::Value) -> NetworkPolicy {
-    serde_json::from_value(v).expect("a NetworkPolicy")
 }
 
 /// The first world's policies, all in `shop`:
@@ -250,24 +236,13 @@ fn policies_v2() -> Vec<NetworkPolicy> {
 }
 
 fn input(policies: Vec<NetworkPolicy>) -> Input {
-    Input {
-        enforcement: PolicyEnforcement::Default,
-        cidrs: CidrTable::from_policies(&policies),
-        policies,
-        identities: identities(),
-    }
+    mk_input_with(policies, identities())
 }
 
 fn local(ifindex: u32, identity: u32, ns: &str, app: &str, addrs: [&str; 2]) -> Local {
-    Local {
-        ifindex,
-        addresses: addrs.iter().map(|a| ip(a)).collect(),
-        endpoint: LocalEndpoint {
-            identity,
-            labels: security_labels(ns, app),
-            named_ports: named_ports(app),
-        },
-    }
+    let mut local = mk_local(ifindex, identity, ns, app, &addrs);
+    local.endpoint.named_ports = named_ports(app);
+    local
 }
 
 fn remote(with_new_pod: bool) -> Vec<(IpAddr, u32)> {

@@ -34,5 +34,12 @@ pub mod cluster;
 pub mod desired;
 pub mod engine;
 pub mod sync;
-#[cfg(test)]
-mod testing;
+/// Test support, not an API: the builders of the unit tests of `desired`
+/// and `sync`, which the integration tests (`tests/policy_maps.rs`) build
+/// their worlds with too. Public, and hidden from the docs, because an
+/// integration test sees the crate only as any user does; a cargo feature
+/// instead would need this crate as its own dev-dependency, or leave
+/// `cargo test -p trellis-node` silently skipping the tests that need it.
+/// (As `trellis_common::ops::testing` does.)
+#[doc(hidden)]
+pub mod testing;

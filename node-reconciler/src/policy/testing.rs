@@ -1,6 +1,8 @@
-//! Builders for the unit tests of `desired` and `sync`.
+//! Builders for the tests of `desired` and `sync` (the unit tests, and
+//! `tests/policy_maps.rs`, which adds its own world on a real datapath).
+//! They panic on input that is not what they build: for tests only.
 //!
-//! The world: namespace `shop` with pods `web` (identity 300) and `db`
+//! The unit tests' world: namespace `shop` with pods `web` (identity 300) and `db`
 //! (301), namespace `ops` with `tool` (302). Local endpoints on ifindex 10
 //! and 11 (web), 12 (db), 13 (tool); remote pods 10.244.2.20 (tool) and
 //! 10.1.0.7 (db); the node is 192.0.2.11.
@@ -93,16 +95,27 @@ pub fn mk_policies(web_port: u16) -> Vec<NetworkPolicy> {
     ]
 }
 
+/// The compiler's input: `policies`, their CIDR identities, and the
+/// world's identities.
 pub fn mk_input(policies: Vec<NetworkPolicy>) -> Input {
-    Input {
-        enforcement: PolicyEnforcement::Default,
-        cidrs: CidrTable::from_policies(&policies),
+    mk_input_with(
         policies,
-        identities: vec![
+        vec![
             mk_identity(WEB, "shop", "web"),
             mk_identity(DB, "shop", "db"),
             mk_identity(TOOL, "ops", "tool"),
         ],
+    )
+}
+
+/// The compiler's input: `policies`, their CIDR identities, and
+/// `identities`, in the default enforcement mode.
+pub fn mk_input_with(policies: Vec<NetworkPolicy>, identities: Vec<IdentityInfo>) -> Input {
+    Input {
+        enforcement: PolicyEnforcement::Default,
+        cidrs: CidrTable::from_policies(&policies),
+        policies,
+        identities,
     }
 }
 
