@@ -24,6 +24,8 @@
 //!            ─► cni_runtime: the node's conflist, CNI ADD as a container runtime runs it
 //!            ─► Pod status (Running, podIPs) as a kubelet writes it
 //!
+//!  cluster::start_cluster, add_pods ─► a cluster with pods: where the policy tests and
+//!                  benchmarks start
 //!  truth::World ─► namespaces x y z × pods a b c serving TCP/UDP 80, 81 ─► NetworkPolicy
 //!                  truth tables: probes vs an independent oracle (crate::truth)
 //! ```
@@ -39,6 +41,7 @@ pub mod agent;
 pub mod binaries;
 pub mod bpffs;
 pub mod certs;
+pub mod cluster;
 pub mod cni_runtime;
 pub mod controlplane;
 pub mod crds;

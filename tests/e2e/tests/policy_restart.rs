@@ -63,7 +63,8 @@ use tokio::{
 };
 use trellis_api::v1alpha1::{NETWORKSTATUS_POLICY_READY, NetworkStatus, NodeEndpoints};
 use trellis_e2e::{
-    ControlPlane, Nodes, PodSpec, StartOptions, agent,
+    Nodes, StartOptions, agent,
+    cluster::{add_pods, app_pod, start_cluster},
     process::Outcome,
     samples,
     truth::{
@@ -619,16 +620,12 @@ fn done(echoes: &[(&str, watch::Receiver<Echoes>)]) -> Vec<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn denied_port_stays_closed_across_node_agent_crashes() {
     let t0 = Instant::now();
-    let opts = StartOptions::for_test(TEST)
-        .with_cluster(2)
-        .expect("cluster options");
-    let cp = ControlPlane::start(opts).await.expect("the sandbox starts");
+    let pools = samples::ippools(samples::IPPOOL_SAMPLE).expect("IPPool sample");
+    let cp = start_cluster(StartOptions::for_test(TEST), 2, &pools, FIELD_MANAGER)
+        .await
+        .expect("the sandbox starts with its IPPools");
     let client = cp.client();
     let nodes = cp.nodes();
-    let pools = samples::ippools(samples::IPPOOL_SAMPLE).expect("IPPool sample");
-    samples::apply_ippools(&client, &pools, FIELD_MANAGER)
-        .await
-        .expect("apply the IPPools");
     wait_nodes_ready(&client, 2).await;
     Api::<Namespace>::all(client.clone())
         .patch(
@@ -639,28 +636,20 @@ async fn denied_port_stays_closed_across_node_agent_crashes() {
         .await
         .expect("apply the namespace");
 
-    let pods = cp.pods();
-    let spec = |name: &str, node: &str, app: &str| {
-        PodSpec::new(name, node)
-            .in_namespace(NAMESPACE)
-            .with_label("app", app)
-    };
     let specs = [
-        spec("server", NODE_A, "server"),
-        spec("client-b", NODE_B, "client"),
-        spec("client-a", NODE_A, "client"),
+        app_pod(NAMESPACE, "server", NODE_A, "server"),
+        app_pod(NAMESPACE, "client-b", NODE_B, "client"),
+        app_pod(NAMESPACE, "client-a", NODE_A, "client"),
     ];
-    let (server, client_b, client_a) = tokio::join!(
-        pods.add(&specs[0]),
-        pods.add(&specs[1]),
-        pods.add(&specs[2])
-    );
-    let (server, client_b, client_a) = (
-        server.expect("add the server pod"),
-        client_b.expect("add client-b"),
-        client_a.expect("add client-a"),
-    );
-    let server_ip = server.ip().expect("the server's address");
+    let [
+        (server, server_ip),
+        (client_b, client_b_ip),
+        (client_a, client_a_ip),
+    ]: [_; 3] = add_pods(&cp.pods(), &specs)
+        .await
+        .expect("add the server and the clients")
+        .try_into()
+        .expect("three pods");
     let (server_ns, b_ns, a_ns): (PathBuf, PathBuf, PathBuf) = (
         server.netns_path(),
         client_b.netns_path(),
@@ -672,15 +661,17 @@ async fn denied_port_stays_closed_across_node_agent_crashes() {
         ("client-b", TAG_REMOTE, &b_ns),
         ("client-a", TAG_LOCAL, &a_ns),
     ];
-    let ip = |p: &trellis_e2e::Pod| p.ip().expect("an address").to_string();
     // The test's own tasks, aborted when it ends (before the sandbox goes).
     let mut background = JoinSet::new();
     let gaps = watch_shards(
         &mut background,
         &client,
         BTreeMap::from([
-            (NODE_A.to_string(), vec![ip(&server), ip(&client_a)]),
-            (NODE_B.to_string(), vec![ip(&client_b)]),
+            (
+                NODE_A.to_string(),
+                vec![server_ip.to_string(), client_a_ip.to_string()],
+            ),
+            (NODE_B.to_string(), vec![client_b_ip.to_string()]),
         ]),
         t0,
     );

@@ -69,7 +69,9 @@ use trellis_api::v1alpha1::{
     NETWORKSTATUS_POLICY_READY, NetworkConfig, NetworkStatus, PolicyEnforcement,
 };
 use trellis_e2e::{
-    ControlPlane, Pod, PodSpec, StartOptions, datapath, operator, samples,
+    ControlPlane, Pod, StartOptions,
+    cluster::{add_pods, app_pod, start_cluster},
+    datapath, operator, samples,
     support::{Stats, quantile},
 };
 use trellis_node::bpf::Datapath;
@@ -185,11 +187,13 @@ async fn start(common: &Common, nodes: usize) -> anyhow::Result<ControlPlane> {
     let opts = StartOptions {
         remove_state_on_stop: !common.keep_state,
         ..StartOptions::new(&common.state_dir)
-            .with_cluster(nodes)
-            .context("sandbox options")?
     };
+    let pool = samples::ippools(samples::IPPOOL_SAMPLE)?
+        .into_iter()
+        .find(|p| p.name_any() == POOL)
+        .with_context(|| format!("no IPPool {POOL} in {}", samples::IPPOOL_SAMPLE))?;
     let started = Instant::now();
-    let cp = ControlPlane::start(opts)
+    let cp = start_cluster(opts, nodes, &[pool], FIELD_MANAGER)
         .await
         .with_context(|| format!("starting a sandbox in {}", common.state_dir.display()))?;
     eprintln!(
@@ -201,11 +205,6 @@ async fn start(common: &Common, nodes: usize) -> anyhow::Result<ControlPlane> {
             "debug"
         }
     );
-    let pool = samples::ippools(samples::IPPOOL_SAMPLE)?
-        .into_iter()
-        .find(|p| p.name_any() == POOL)
-        .with_context(|| format!("no IPPool {POOL} in {}", samples::IPPOOL_SAMPLE))?;
-    samples::apply_ippools(&cp.client(), &[pool], FIELD_MANAGER).await?;
     Ok(cp)
 }
 
@@ -222,26 +221,21 @@ fn finish(mut cp: ControlPlane, common: &Common, result: anyhow::Result<()>) -> 
     Ok(())
 }
 
-/// A pod in namespace [`NS`] labelled `app=<app>`, plugged in on `node`.
-async fn add_pod(
+/// Pods in namespace [`NS`], each `(name, node, app)` labelled `app=<app>` and plugged in on
+/// its node, all at once; with their addresses, in order.
+async fn add_app_pods(
     cp: &ControlPlane,
-    name: &str,
-    node: &str,
-    app: &str,
+    pods: &[(&str, &str, &str)],
     timeout: Duration,
-) -> anyhow::Result<(Pod, IpAddr)> {
-    let pods = cp.pods().with_network_ready_timeout(timeout);
-    let spec = PodSpec::new(name, node)
-        .in_namespace(NS)
-        .with_label("app", app);
-    let pod = pods
-        .add(&spec)
+) -> anyhow::Result<Vec<(Pod, IpAddr)>> {
+    let specs: Vec<_> = pods
+        .iter()
+        .map(|(name, node, app)| app_pod(NS, name, node, app))
+        .collect();
+    let names: Vec<String> = specs.iter().map(|s| s.key().to_string()).collect();
+    add_pods(&cp.pods().with_network_ready_timeout(timeout), &specs)
         .await
-        .with_context(|| format!("adding pod {NS}/{name} on {node}"))?;
-    let ip = pod
-        .ip()
-        .with_context(|| format!("pod {NS}/{name} has no address"))?;
-    Ok((pod, ip))
+        .with_context(|| format!("adding pods {}", names.join(", ")))
 }
 
 fn policy(name: &str, spec: serde_json::Value) -> anyhow::Result<NetworkPolicy> {
@@ -736,8 +730,17 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.common.timeout);
     let kube = cp.client();
     let statuses = Log::watch(Api::<NetworkStatus>::all(kube.clone()), reported);
-    let (client, _) = add_pod(cp, "client", CLIENT_NODE, "bench-client", timeout).await?;
-    let (server, server_ip) = add_pod(cp, "server", SERVER_NODE, "bench-server", timeout).await?;
+    let [(client, client_ip), (server, server_ip)]: [_; 2] = add_app_pods(
+        cp,
+        &[
+            ("client", CLIENT_NODE, "bench-client"),
+            ("server", SERVER_NODE, "bench-server"),
+        ],
+        timeout,
+    )
+    .await?
+    .try_into()
+    .map_err(|pods: Vec<_>| anyhow::anyhow!("{} pods added instead of 2", pods.len()))?;
     eprintln!("pods: {NS}/client on {CLIENT_NODE}, {NS}/server on {SERVER_NODE} ({server_ip})");
 
     let blocks: Vec<serde_json::Value> = (0..args.entries)
@@ -790,7 +793,6 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
     );
     drop(statuses);
 
-    let client_ip = client.ip().context("client address")?;
     let mut hooks = [
         Hook::new(cp, CLIENT_NODE, "client", client_ip).await?,
         Hook::new(cp, SERVER_NODE, "server", server_ip).await?,
@@ -1036,10 +1038,13 @@ async fn realize(cp: &ControlPlane, args: &RealizeArgs) -> anyhow::Result<()> {
     let nodes: Vec<String> = (1..=args.nodes)
         .map(|i| format!("trellis-node-{i}"))
         .collect();
-    let mut pods = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        pods.push(add_pod(cp, &format!("p{}", i + 1), node, "bench-pod", timeout).await?);
-    }
+    let names: Vec<String> = (1..=nodes.len()).map(|i| format!("p{i}")).collect();
+    let wanted: Vec<(&str, &str, &str)> = names
+        .iter()
+        .zip(&nodes)
+        .map(|(name, node)| (name.as_str(), node.as_str(), "bench-pod"))
+        .collect();
+    let pods = add_app_pods(cp, &wanted, timeout).await?;
     let (probe_from, _) = &pods[0];
     let (probe_to, probe_ip) = &pods[1];
     let probe_addr = SocketAddr::new(*probe_ip, PROBE_PORT);

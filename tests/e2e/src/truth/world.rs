@@ -29,7 +29,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use futures::{StreamExt as _, future::join_all};
+use futures::StreamExt as _;
 use k8s_openapi::api::{
     core::v1::{Namespace, Pod as K8sPod},
     networking::v1::NetworkPolicy,
@@ -51,6 +51,7 @@ use super::{
     traffic::{self, Observed, PROBE_TIMEOUT, Servers},
 };
 use crate::{
+    cluster::{add_pods, start_cluster},
     controlplane::{ControlPlane, StartOptions},
     error::{Error, Result},
     samples, wait_for,
@@ -147,11 +148,9 @@ pub struct World {
 impl World {
     /// Start a sandbox for test `test` (`/tmp/trellis-e2e-<test>`) and make the world in it.
     pub async fn start(test: &str) -> Result<World> {
-        let opts = StartOptions::for_test(test).with_cluster(NODES)?;
-        let cp = ControlPlane::start(opts).await?;
-        let client = cp.client();
         let pools = samples::ippools(samples::IPPOOL_SAMPLE)?;
-        samples::apply_ippools(&client, &pools, FIELD_MANAGER).await?;
+        let cp = start_cluster(StartOptions::for_test(test), NODES, &pools, FIELD_MANAGER).await?;
+        let client = cp.client();
         wait_nodes_ready(&client, NODES).await;
 
         let ns_api: Api<Namespace> = Api::all(client.clone());
@@ -162,28 +161,15 @@ impl World {
                 .await
                 .map_err(|e| Error::kube(format!("apply Namespace {name}"), e))?;
         }
-        let sandbox_pods = cp.pods();
-        let specs = pod_specs();
-        let added = join_all(specs.iter().map(|spec| sandbox_pods.add(spec))).await;
-        let mut pods = Vec::new();
-        let mut errors = Vec::new();
-        for result in added {
-            match result {
-                Ok(pod) => match pod.ip() {
-                    Some(ip) => pods.push(WorldPod {
-                        key: pod.key().to_string(),
-                        ip,
-                        netns: pod.netns_path(),
-                    }),
-                    None => errors.push(Error::InvalidPod {
-                        pod: pod.key().to_string(),
-                        reason: "has no address".into(),
-                    }),
-                },
-                Err(e) => errors.push(e),
-            }
-        }
-        Error::from_list(errors)?;
+        let pods: Vec<WorldPod> = add_pods(&cp.pods(), &pod_specs())
+            .await?
+            .into_iter()
+            .map(|(pod, ip)| WorldPod {
+                key: pod.key().to_string(),
+                ip,
+                netns: pod.netns_path(),
+            })
+            .collect();
         // The tables' rows and columns are in this order, and so are the probes.
         let keys: Vec<String> = pods.iter().map(|p| p.key.clone()).collect();
         if keys != pod_keys() {

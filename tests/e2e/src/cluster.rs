@@ -1,0 +1,67 @@
+//! A sandbox cluster with pods, the way the policy tests and benchmarks start: one setup for
+//! `tests/policy_restart.rs`, the truth-table world ([`crate::truth::world`]) and
+//! `trellis-bench-policy`.
+//!
+//! ```text
+//!  start_cluster(opts, nodes, pools)   the sandbox of `opts` with `nodes` numbered nodes, the
+//!                                      operator and a trellis-node each; then `pools` applied
+//!  app_pod(namespace, name, node, app) a PodSpec labelled app=<app>
+//!  add_pods(pods, specs)               every pod at once; each with its address, in order
+//! ```
+
+use std::net::IpAddr;
+
+use futures::future::join_all;
+use trellis_api::v1alpha1::IPPool;
+
+use crate::{
+    controlplane::{ControlPlane, StartOptions},
+    error::{Error, Result},
+    pods::{Pod, PodSpec, Pods},
+    samples,
+};
+
+/// Starts the sandbox of `opts` with `nodes` numbered nodes, the operator and a `trellis-node`
+/// per node ([`StartOptions::with_cluster`]), and applies `pools` (server-side, as
+/// `field_manager`). Pods can be added once the nodes' networks are ready (which
+/// [`Pods::add`] waits for).
+pub async fn start_cluster(
+    opts: StartOptions,
+    nodes: usize,
+    pools: &[IPPool],
+    field_manager: &str,
+) -> Result<ControlPlane> {
+    let cp = ControlPlane::start(opts.with_cluster(nodes)?).await?;
+    samples::apply_ippools(&cp.client(), pools, field_manager).await?;
+    Ok(cp)
+}
+
+/// Pod `name` of namespace `namespace` on node `node`, labelled `app=<app>`: what the policies
+/// of the tests and benchmarks select.
+pub fn app_pod(namespace: &str, name: &str, node: &str, app: &str) -> PodSpec {
+    PodSpec::new(name, node)
+        .in_namespace(namespace)
+        .with_label("app", app)
+}
+
+/// Adds the pods of `specs` all at once; each with its address, in the order of `specs`.
+/// Every pod that could not be added or has no address is in the error.
+pub async fn add_pods(pods: &Pods, specs: &[PodSpec]) -> Result<Vec<(Pod, IpAddr)>> {
+    let added = join_all(specs.iter().map(|spec| pods.add(spec))).await;
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for result in added {
+        match result {
+            Ok(pod) => match pod.ip() {
+                Some(ip) => out.push((pod, ip)),
+                None => errors.push(Error::InvalidPod {
+                    pod: pod.key().to_string(),
+                    reason: "has no address".into(),
+                }),
+            },
+            Err(e) => errors.push(e),
+        }
+    }
+    Error::from_list(errors)?;
+    Ok(out)
+}
