@@ -9,7 +9,7 @@
 //!         │
 //!         ▼
 //! trellis-node --node-name <node> --host-netns /run/netns/trellis-<tag>-<node>
-//!              --kubeconfig <state>/kubeconfig --metrics-addr 127.0.0.1:<free>
+//!              --kubeconfig <node dir>/kubeconfig --metrics-addr 127.0.0.1:<free>
 //!              --state-dir <node dir>/state --run-dir <node dir>/run
 //!              --cni-conf-dir <node dir>/net.d --cni-bin-dir <node dir>/bin
 //!              --cni-plugin-source <the built `trellis`>       (<node dir>: <state>/nodes/<node>)
@@ -125,12 +125,14 @@ pub async fn readyz(port: u16, timeout: Duration) -> std::result::Result<(), Str
 }
 
 /// Start `node`'s agent as a recorded process and wait for its `/healthz`; a port taken
-/// between picking and binding it is retried with another. `endpoint`: the endpoint server's
-/// flags ([`endpoint_args`]), if the binary has them.
+/// between picking and binding it is retried with another. `kubeconfig`: its credentials
+/// (see [`crate::access::node_kubeconfig`]). `endpoint`: the endpoint server's flags
+/// ([`endpoint_args`]), if the binary has them.
 pub(crate) async fn start(
     sandbox: &Sandbox,
     binary: &Path,
     node: &NodeDatapath,
+    kubeconfig: &Path,
     endpoint: &[String],
     log_filter: Option<&str>,
     timeout: Duration,
@@ -142,12 +144,7 @@ pub(crate) async fn start(
     loop {
         attempt += 1;
         let port = free_port()?;
-        let mut args = args(
-            &node.node,
-            &node.netns_path(),
-            &sandbox.kubeconfig_path(),
-            port,
-        );
+        let mut args = args(&node.node, &node.netns_path(), kubeconfig, port);
         args.extend_from_slice(endpoint);
         let mut process = sandbox.spawn(&name, binary, &args, &env)?;
         let ready =

@@ -6,11 +6,11 @@
 //!  (end stale pids,  (build.sh,  (rcgen)  (127.0.0.1:free)   (127.0.0.1:free)         (SSA, Established)
 //!   delete stale      cargo)
 //!   namespaces)
-//!   ─► namespace trellis-system ─► underlay ─► Nodes ─► trellis-operator ──/readyz──►
-//!      (if asked)                  (datapath:  (if any;   (if asked; 127.0.0.1:free metrics)
-//!                                   + bpffs)    + netns)
+//!   ─► namespace trellis-system ─► config/rbac ─► underlay ─► Nodes ─► trellis-operator ──/readyz──►
+//!      (if asked)                 (operator or   (datapath:  (if any;   (if asked; own token;
+//!                                  datapath)      + bpffs)    + netns)   127.0.0.1:free metrics)
 //!   ─► trellis-node per node ──/healthz──► ready
-//!      (if asked; 127.0.0.1:free metrics)
+//!      (if asked; own token bound to its Node; 127.0.0.1:free metrics)
 //! ```
 //!
 //! Each phase is timed. Readiness is polled, never slept for; a process that exits while we
@@ -26,6 +26,7 @@ use std::{
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{
+    access,
     agent::{self, AgentOptions},
     binaries::{Binaries, Tool},
     certs::{self, Pki, PkiPaths},
@@ -301,10 +302,18 @@ impl ControlPlane {
         };
         phase("crds", t);
 
-        if opts.system_namespace || opts.operator.is_some() {
+        // The operator and the node agents (a datapath sandbox can start them later) run with
+        // the manifests' ServiceAccounts, roles and admission policy, never as the admin.
+        let components = opts.operator.is_some() || opts.datapath;
+        if opts.system_namespace || components {
             let t = Instant::now();
             ensure_namespace(&client, operator::SYSTEM_NAMESPACE).await?;
             phase("namespace", t);
+        }
+        if components {
+            let t = Instant::now();
+            access::install(&opts.repo_root, &sandbox.kubeconfig_path()).await?;
+            phase("rbac", t);
         }
 
         if opts.datapath {
@@ -342,8 +351,15 @@ impl ControlPlane {
 
         if let (Some(op), Some(binary)) = (&opts.operator, &operator_binary) {
             let t = Instant::now();
-            let port =
-                start_operator(&sandbox, binary, op, opts.ready_timeout, &mut processes).await?;
+            let port = start_operator(
+                &sandbox,
+                &client,
+                binary,
+                op,
+                opts.ready_timeout,
+                &mut processes,
+            )
+            .await?;
             endpoints.operator_metrics_port = Some(port);
             sandbox.write_endpoints(&endpoints)?;
             phase("operator", t);
@@ -688,12 +704,15 @@ async fn start_apiserver(
 
 async fn start_operator(
     sandbox: &Sandbox,
+    client: &kube::Client,
     binary: &Path,
     opts: &OperatorOptions,
     timeout: Duration,
     processes: &mut Processes,
 ) -> Result<u16> {
     let name = operator::NAME;
+    // Its own ServiceAccount's token, not the admin's certificate.
+    let kubeconfig = access::operator_kubeconfig(sandbox, client).await?;
     // Its log is a file: no colour codes in it.
     let env = [
         ("RUST_LOG", opts.log_filter.as_deref()),
@@ -703,7 +722,7 @@ async fn start_operator(
     loop {
         attempt += 1;
         let port = free_port()?;
-        let args = operator::args(&sandbox.kubeconfig_path(), &opts.identity, port);
+        let args = operator::args(&kubeconfig, &opts.identity, port);
         let mut process = sandbox.spawn(name, binary, &args, &env)?;
         let ready = wait_ready(&mut process, timeout, || {
             operator::readyz(port, PROBE_TIMEOUT)

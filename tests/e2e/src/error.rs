@@ -185,6 +185,10 @@ pub enum Error {
         detail: String,
     },
 
+    /// A sandbox component's credentials could not be made (see [`crate::access`]).
+    #[error("{action}: {reason}")]
+    Access { action: String, reason: String },
+
     /// Several independent steps failed (teardown keeps going and reports all of them).
     #[error("{}", ErrorList(.0))]
     Many(Vec<Error>),

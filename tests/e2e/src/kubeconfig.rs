@@ -43,6 +43,64 @@ current-context: {CONTEXT}
     )
 }
 
+/// Render a kubeconfig for `server` that trusts `ca_pem` and authenticates with the bearer
+/// `token` (a ServiceAccount token): what a component running under its own ServiceAccount
+/// uses instead of the admin's certificate.
+pub fn render_token(server: &str, ca_pem: &str, token: &str) -> String {
+    let ca = STANDARD.encode(ca_pem);
+    // A token is a JWT: base64url segments and dots, nothing to escape in double quotes.
+    format!(
+        r#"apiVersion: v1
+kind: Config
+clusters:
+- name: {CONTEXT}
+  cluster:
+    server: "{server}"
+    certificate-authority-data: "{ca}"
+users:
+- name: {CONTEXT}
+  user:
+    token: "{token}"
+contexts:
+- name: {CONTEXT}
+  context:
+    cluster: {CONTEXT}
+    user: {CONTEXT}
+current-context: {CONTEXT}
+"#
+    )
+}
+
+/// The server URL and CA certificate (PEM) of the kubeconfig at `path`, as [`render`] wrote
+/// them.
+pub fn server_and_ca(path: &Path) -> Result<(String, String)> {
+    let kubeconfig_err = |source| Error::Kubeconfig {
+        path: path.to_path_buf(),
+        source,
+    };
+    let kubeconfig = Kubeconfig::read_from(path).map_err(kubeconfig_err)?;
+    let missing = |what: &str| Error::Kubeconfig {
+        path: path.to_path_buf(),
+        source: kube::config::KubeconfigError::LoadClusterOfContext(format!(
+            "no cluster {CONTEXT} with {what}"
+        )),
+    };
+    let cluster = kubeconfig
+        .clusters
+        .iter()
+        .find(|c| c.name == CONTEXT)
+        .and_then(|c| c.cluster.as_ref())
+        .ok_or_else(|| missing("a cluster entry"))?;
+    let server = cluster.server.clone().ok_or_else(|| missing("a server"))?;
+    let ca = cluster
+        .certificate_authority_data
+        .as_deref()
+        .and_then(|data| STANDARD.decode(data).ok())
+        .and_then(|pem| String::from_utf8(pem).ok())
+        .ok_or_else(|| missing("certificate-authority-data"))?;
+    Ok((server, ca))
+}
+
 /// Load the kubeconfig at `path` into a client configuration.
 pub async fn config(path: &Path) -> Result<kube::Config> {
     let kubeconfig_err = |source| Error::Kubeconfig {
@@ -94,6 +152,52 @@ mod tests {
         let ctx = kc.contexts[0].context.as_ref().unwrap();
         assert_eq!(ctx.cluster, CONTEXT);
         assert_eq!(ctx.user.as_deref(), Some(CONTEXT));
+    }
+
+    #[tokio::test]
+    async fn token_kubeconfig_carries_the_admin_one_s_server_and_ca() {
+        let pki = crate::certs::Pki::generate().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-kc-")
+            .tempdir()
+            .unwrap();
+        let admin = dir.path().join("kubeconfig");
+        std::fs::write(
+            &admin,
+            render(
+                "https://127.0.0.1:40123",
+                &pki.ca_cert,
+                &pki.admin_cert,
+                &pki.admin_key,
+            ),
+        )
+        .unwrap();
+        let (server, ca) = server_and_ca(&admin).unwrap();
+        assert_eq!(
+            (server.as_str(), ca.as_str()),
+            ("https://127.0.0.1:40123", pki.ca_cert.as_str())
+        );
+
+        let path = dir.path().join("token.kubeconfig");
+        std::fs::write(&path, render_token(&server, &ca, "aaa.bbb-ccc_ddd.eee")).unwrap();
+        let yaml: serde_yaml::Value =
+            serde_yaml::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let user = &yaml["users"][0]["user"];
+        assert_eq!(user["token"].as_str(), Some("aaa.bbb-ccc_ddd.eee"));
+        assert!(user.get("client-certificate-data").is_none());
+        let config = config(&path).await.unwrap();
+        assert_eq!(config.cluster_url.to_string(), "https://127.0.0.1:40123/");
+        assert!(config.auth_info.token.is_some());
+        kube::Client::try_from(config).unwrap();
+
+        let missing = dir.path().join("none");
+        std::fs::write(&missing, "apiVersion: v1\nkind: Config\n").unwrap();
+        assert!(
+            server_and_ca(&missing)
+                .unwrap_err()
+                .to_string()
+                .contains("no cluster trellis-sandbox")
+        );
     }
 
     #[tokio::test]

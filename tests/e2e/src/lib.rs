@@ -10,13 +10,17 @@
 //!                            ├─ apiserver   https://127.0.0.1:<free>, ready on /readyz
 //!                            ├─ crds        config/crd/*.yaml, server-side applied, Established
 //!                            ├─ namespace   trellis-system                     (if asked)
+//!                            ├─ rbac        config/rbac: ServiceAccounts, roles, admission policy
+//!                            │              (kubectl apply; with an operator or a datapath)
 //!                            ├─ underlay    netns trellis-<tag>-underlay, bridge trellis-br0,
 //!                            │              bpffs at <state>/bpffs             (if datapath)
 //!                            ├─ nodes       Node objects trellis-node-<i>, 192.0.2.<10+i>,
 //!                            │              + netns trellis-<tag>-<node> on the underlay
-//!                            ├─ operator    trellis-operator, ready on its /readyz (if asked)
-//!                            └─ agents      trellis-node per node, ready on /healthz (if asked);
-//!                                           each writes <state>/nodes/<node>/net.d/*.conflist
+//!                            ├─ operator    trellis-operator, ready on its /readyz (if asked),
+//!                            │              with its own ServiceAccount token (crate::access)
+//!                            └─ agents      trellis-node per node, ready on /healthz (if asked),
+//!                                           each with a token bound to its Node; each writes
+//!                                           <state>/nodes/<node>/net.d/*.conflist
 //!                            │
 //!                   kube::Client / kubectl --kubeconfig <state>/kubeconfig
 //!
@@ -37,6 +41,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod agent;
 pub mod binaries;
 pub mod bpffs;

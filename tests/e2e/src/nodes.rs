@@ -45,6 +45,7 @@ use serde_json::json;
 use trellis_api::v1alpha1::{NetworkStatus, NodeNetwork};
 
 use crate::{
+    access,
     agent::{self, Agent},
     controlplane::blocking,
     crds::FIELD_MANAGER,
@@ -626,10 +627,13 @@ impl Nodes {
             }
         };
         let endpoint = agent::endpoint_args(&dirs, &plugin);
+        // Its own credentials: the node ServiceAccount's token, bound to this Node.
+        let kubeconfig = access::node_kubeconfig(&self.sandbox, &self.client, name).await?;
         let started = agent::start(
             &self.sandbox,
             &binary,
             &node,
+            &kubeconfig,
             &endpoint,
             config.agent_log_filter.as_deref(),
             Duration::from_millis(config.agent_ready_timeout_ms),

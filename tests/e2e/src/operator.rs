@@ -6,7 +6,7 @@
 //! $TRELLIS_OPERATOR ──or── cargo build -q [--release] -p trellis-operator -p trellis-node --bins
 //!         │
 //!         ▼
-//! trellis-operator --kubeconfig <state>/kubeconfig --identity trellis-operator-0
+//! trellis-operator --kubeconfig <state>/operator.kubeconfig --identity trellis-operator-0
 //!                  --leader-election-namespace trellis-system --metrics-addr 127.0.0.1:<free>
 //!         │
 //!         └── ready when GET http://127.0.0.1:<port>/readyz answers 200 (caches synced)

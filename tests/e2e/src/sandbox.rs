@@ -88,6 +88,12 @@ impl NodeDirs {
         }
     }
 
+    /// `<root>/kubeconfig`: the node's `trellis-node` authenticates with it, as its
+    /// ServiceAccount with a token bound to its Node (see [`crate::access`]).
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.root.join("kubeconfig")
+    }
+
     /// `<run>/cni.sock`: where the node's `trellis-node` serves the CNI plugin.
     pub fn socket(&self) -> PathBuf {
         self.run.join("cni.sock")
@@ -196,8 +202,14 @@ impl Sandbox {
         &self.dir
     }
 
+    /// The admin's kubeconfig (`system:masters`): for the test harness and `kubectl`.
     pub fn kubeconfig_path(&self) -> PathBuf {
         self.dir.join("kubeconfig")
+    }
+
+    /// The operator's kubeconfig: a token of its own ServiceAccount (see [`crate::access`]).
+    pub fn operator_kubeconfig_path(&self) -> PathBuf {
+        self.dir.join("operator.kubeconfig")
     }
 
     pub fn endpoints_path(&self) -> PathBuf {

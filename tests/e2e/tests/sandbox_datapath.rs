@@ -539,8 +539,9 @@ async fn agents_run_in_the_root_namespace_turn_ready_and_can_be_killed_and_resta
             name.to_string(),
             "--host-netns".to_string(),
             format!("/run/netns/trellis-{tag}-{name}"),
+            // Its own credentials, not the admin's.
             "--kubeconfig".to_string(),
-            cp.kubeconfig_path().display().to_string(),
+            nodes.node_dirs(name).kubeconfig().display().to_string(),
             "--metrics-addr".to_string(),
             format!("127.0.0.1:{port}"),
         ];
