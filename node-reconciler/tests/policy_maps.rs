@@ -254,7 +254,9 @@ fn input(policies: Vec<NetworkPolicy>) -> Input {
         enforcement: PolicyEnforcement::Default,
         cidrs: CidrTable::from_policies(&policies),
         policies,
+        bundles: Vec::new(),
         identities: identities(),
+        pod_networks: None,
     }
 }
 

@@ -3,11 +3,13 @@
 //!
 //! ```text
 //!  NetworkPolicy (all) ─┐
+//!  PolicyBundle (all) ──┤
 //!  Namespace (all) ─────┤
 //!  SecurityIdentity ────┼──▶ stores ──▶ Snapshot (values, for the pure compiler)
 //!  NodeEndpoints ───────┤        └────▶ changed (Notify) ──▶ engine resync
 //!  Pod (this node) ─────┤
-//!  NetworkConfig ───────┘
+//!  NetworkConfig ───────┤
+//!  IPPool (all) ────────┘   (where pod addresses can be: design 0006)
 //! ```
 //!
 //! Nobody watches every Pod (design 0005): remote pods come from the
@@ -24,12 +26,14 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
-use trellis_api::v1alpha1::{NetworkConfig, NodeEndpoints, SecurityIdentity};
+use trellis_api::v1alpha1::{IPPool, NetworkConfig, NodeEndpoints, PolicyBundle, SecurityIdentity};
 
 /// The caches, and the tasks that fill them.
 #[derive(Clone)]
 pub struct Cluster {
     pub policies: Store<NetworkPolicy>,
+    pub bundles: Store<PolicyBundle>,
+    pub pools: Store<IPPool>,
     pub namespaces: Store<Namespace>,
     pub identities: Store<SecurityIdentity>,
     pub shards: Store<NodeEndpoints>,
@@ -68,6 +72,18 @@ impl Cluster {
             &changed,
             &mut tasks,
         );
+        let bundles = cache(
+            Api::<PolicyBundle>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+            &mut tasks,
+        );
+        let pools = cache(
+            Api::<IPPool>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+            &mut tasks,
+        );
         let namespaces = cache(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
@@ -100,6 +116,8 @@ impl Cluster {
         );
         Cluster {
             policies,
+            bundles,
+            pools,
             namespaces,
             identities,
             shards,
@@ -113,6 +131,8 @@ impl Cluster {
     /// Waits until every cache holds its initial list.
     pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
         self.policies.wait_until_ready().await?;
+        self.bundles.wait_until_ready().await?;
+        self.pools.wait_until_ready().await?;
         self.namespaces.wait_until_ready().await?;
         self.identities.wait_until_ready().await?;
         self.shards.wait_until_ready().await?;

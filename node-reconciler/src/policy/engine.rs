@@ -346,6 +346,20 @@ impl Engine {
             .iter()
             .map(|p| (**p).clone())
             .collect();
+        let bundles: Vec<_> = self
+            .cluster
+            .bundles
+            .state()
+            .iter()
+            .map(|b| (**b).clone())
+            .collect();
+        let pools: Vec<_> = self
+            .cluster
+            .pools
+            .state()
+            .iter()
+            .map(|p| (**p).clone())
+            .collect();
         let mut named: BTreeMap<u32, NamedPorts> = BTreeMap::new();
         let mut remote = Vec::new();
         for shard in self.cluster.shards.state() {
@@ -377,11 +391,13 @@ impl Engine {
             .collect();
         // In a fixed order: the compile cache's key hashes them.
         identities.sort();
-        let hash = trellis_policy::generation::policy_hash(enforcement, &policies);
+        let hash = trellis_policy::generation::policy_hash(enforcement, &policies, &bundles);
         Snapshot {
             hash,
             enforcement,
             policies,
+            bundles,
+            pools,
             identities,
             named,
             remote,
@@ -722,6 +738,8 @@ struct Snapshot {
     hash: String,
     enforcement: PolicyEnforcement,
     policies: Vec<k8s_openapi::api::networking::v1::NetworkPolicy>,
+    bundles: Vec<trellis_api::v1alpha1::PolicyBundle>,
+    pools: Vec<trellis_api::v1alpha1::IPPool>,
     identities: Vec<IdentityInfo>,
     /// Named ports per identity, from every shard.
     named: BTreeMap<u32, NamedPorts>,
@@ -751,11 +769,18 @@ impl Snapshot {
                 i
             })
             .collect();
+        let pod_addresses = self
+            .remote
+            .iter()
+            .map(|(a, _)| *a)
+            .chain(locals.iter().flat_map(|l| l.addresses.iter().copied()));
         Input {
             enforcement: self.enforcement,
-            cidrs: CidrTable::from_policies(&self.policies),
+            cidrs: CidrTable::from_objects(&self.policies, &self.bundles),
             policies: self.policies.clone(),
+            bundles: self.bundles.clone(),
             identities,
+            pod_networks: super::networks::pod_networks(&self.pools, pod_addresses),
         }
     }
 }
@@ -792,14 +817,15 @@ fn report_of(want: &Desired, errors: &[String]) -> PolicyReport {
     }
 }
 
-/// What identifies a compiler input: the policies and the mode (their hash)
-/// and every identity with its named ports. (CIDR identities follow from the
-/// policies.)
+/// What identifies a compiler input: the policies, bundles and the mode
+/// (their hash), every identity with its named ports, and where pod
+/// addresses can be. (CIDR identities follow from the policies and bundles.)
 fn input_key(policy_hash: &str, input: &Input) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     policy_hash.hash(&mut h);
     input.identities.hash(&mut h);
+    input.pod_networks.hash(&mut h);
     h.finish()
 }
 

@@ -98,6 +98,8 @@ pub fn mk_input(policies: Vec<NetworkPolicy>) -> Input {
         enforcement: PolicyEnforcement::Default,
         cidrs: CidrTable::from_policies(&policies),
         policies,
+        bundles: Vec::new(),
+        pod_networks: None,
         identities: vec![
             mk_identity(WEB, "shop", "web"),
             mk_identity(DB, "shop", "db"),
