@@ -698,7 +698,7 @@ fn cidr_identities_come_from_the_longest_prefix_so_an_except_carves_out() {
 }
 
 #[test]
-fn lookup_order_is_identity_then_cidr_then_any_and_any_protocol_first() {
+fn lookup_order_is_identity_then_cidr_then_any_and_any_protocol_last() {
     let node = Node::new("order");
     node.run(|dp, [a, _, _]| {
         dp.set_ipcache(host("10.50.0.1"), ids(ID_R, ID_FIRST_CIDR))
@@ -716,7 +716,8 @@ fn lookup_order_is_identity_then_cidr_then_any_and_any_protocol_first() {
                 allow(PolicyKey::ports(12, ID_ANY, PROTO_TCP, 80, 16)),
                 allow(PolicyKey::ports(12, ID_FIRST_CIDR, PROTO_UDP, 53, 16)),
                 deny(PolicyKey::ports(12, ID_ANY, PROTO_UDP, 53, 16)),
-                // Within one identity the any-protocol entry comes first.
+                // Within one identity the port entries come first, the
+                // any-protocol entry last.
                 deny(PolicyKey::any_protocol(12, ID_B)),
                 allow(PolicyKey::ports(12, ID_B, PROTO_TCP, 80, 16)),
             ],
@@ -724,7 +725,10 @@ fn lookup_order_is_identity_then_cidr_then_any_and_any_protocol_first() {
         let run = |dst: &str, l4, reason| expect(dp, FromPod, a, &frame(POD_A, dst, l4), reason);
         run("10.50.0.1", L4::tcp(1, 80, TCP_SYN), PolicyDeny);
         run("10.50.0.1", L4::udp(1, 53), PolicyAllow);
-        run(POD_B, L4::tcp(1, 80, TCP_SYN), PolicyDeny);
+        run(POD_B, L4::tcp(1, 80, TCP_SYN), PolicyAllow);
+        run(POD_B, L4::tcp(1, 81, TCP_SYN), PolicyDeny);
+        run(POD_B, L4::udp(1, 80), PolicyDeny);
+        run(POD_B, L4::EchoRequest { id: 7 }, PolicyDeny);
         run(WORLD, L4::tcp(1, 80, TCP_SYN), PolicyAllow);
         run(WORLD, L4::udp(1, 53), PolicyDeny);
     });

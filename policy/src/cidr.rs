@@ -15,6 +15,7 @@ use std::net::IpAddr;
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use k8s_openapi::api::networking::v1::{NetworkPolicy, NetworkPolicyPeer};
+use trellis_api::v1alpha1::PolicyBundle;
 
 use crate::identity::{CIDR_FIRST, WORLD};
 
@@ -32,6 +33,8 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct CidrTable {
     ids: BTreeMap<IpNet, u32>,
+    /// The prefixes in id order (`prefixes[id − CIDR_FIRST]`).
+    prefixes: Vec<IpNet>,
     /// Prefix lengths in use, longest first, per family.
     v4_lens: Vec<u8>,
     v6_lens: Vec<u8>,
@@ -43,6 +46,18 @@ impl CidrTable {
     /// reports them for the pods whose policies hold them.
     pub fn from_policies<'a>(policies: impl IntoIterator<Item = &'a NetworkPolicy>) -> Self {
         CidrTable::from_prefixes(policies.into_iter().flat_map(policy_prefixes))
+    }
+
+    /// Every prefix of `policies` (as [`CidrTable::from_policies`]) and of
+    /// the `ipBlock` peers of `bundles` (`cidr` and `except`, both
+    /// directions).
+    pub fn from_objects<'a>(
+        policies: impl IntoIterator<Item = &'a NetworkPolicy>,
+        bundles: impl IntoIterator<Item = &'a PolicyBundle>,
+    ) -> Self {
+        let from_policies = policies.into_iter().flat_map(policy_prefixes);
+        let from_bundles = bundles.into_iter().flat_map(bundle_prefixes);
+        CidrTable::from_prefixes(from_policies.chain(from_bundles).collect::<Vec<_>>())
     }
 
     /// The table for exactly these prefixes (host bits cleared, repeats
@@ -65,6 +80,7 @@ impl CidrTable {
         };
         let (v4_lens, v6_lens) = (lens(true), lens(false));
         CidrTable {
+            prefixes: ids.keys().copied().collect(),
             ids,
             v4_lens,
             v6_lens,
@@ -91,6 +107,46 @@ impl CidrTable {
     /// The identity of exactly `prefix`, when the table holds it.
     pub fn identity_of(&self, prefix: &IpNet) -> Option<u32> {
         self.ids.get(&prefix.trunc()).copied()
+    }
+
+    /// The prefix of CIDR identity `id`.
+    pub fn prefix_of(&self, id: u32) -> Option<IpNet> {
+        let index = usize::try_from(id.checked_sub(CIDR_FIRST)?).ok()?;
+        self.prefixes.get(index).copied()
+    }
+
+    /// An address inside `within` whose [`CidrTable::cidr_identity`] is
+    /// `class` (a CIDR identity, or [`WORLD`] for "in no prefix"), when
+    /// there is one. A prefix's addresses are its own unless a longer
+    /// prefix holds them, so the class of a prefix can be empty, or empty
+    /// inside `within`; the compiler uses this to know which classes a pod
+    /// address can be in (design 0006).
+    pub fn witness(&self, class: u32, within: IpNet) -> Option<IpAddr> {
+        let within = within.trunc();
+        // The class's own prefix, and the prefixes that take addresses from it.
+        let (scope, longer): (Option<IpNet>, Vec<IpNet>) = if class == WORLD {
+            (None, self.ids.keys().copied().collect())
+        } else {
+            let own = self.prefix_of(class)?;
+            let longer = self
+                .ids
+                .keys()
+                .filter(|q| **q != own && own.contains(*q))
+                .copied()
+                .collect();
+            (Some(own), longer)
+        };
+        let start = match scope {
+            None => within,
+            Some(own) if own.contains(&within) => within,
+            Some(own) if within.contains(&own) => own,
+            Some(_) => return None,
+        };
+        if longer.iter().any(|q| q.contains(&start)) {
+            return None;
+        }
+        let inside: Vec<IpNet> = longer.into_iter().filter(|q| start.contains(q)).collect();
+        first_uncovered(start, &inside)
     }
 
     /// Every (prefix, identity), in identity order.
@@ -122,6 +178,41 @@ fn policy_prefixes(policy: &NetworkPolicy) -> impl Iterator<Item = IpNet> + '_ {
         .flatten()
         .flat_map(|r| r.to.iter().flatten());
     ingress.chain(egress).flat_map(peer_prefixes)
+}
+
+/// The first address of `net` that no prefix of `holes` (all strictly
+/// inside `net`) contains.
+fn first_uncovered(net: IpNet, holes: &[IpNet]) -> Option<IpAddr> {
+    if holes.is_empty() {
+        return Some(net.network());
+    }
+    if holes.contains(&net) {
+        return None;
+    }
+    let halves = net.subnets(net.prefix_len().checked_add(1)?).ok()?;
+    for half in halves {
+        let inside: Vec<IpNet> = holes
+            .iter()
+            .filter(|h| half.contains(*h))
+            .copied()
+            .collect();
+        if let Some(a) = first_uncovered(half, &inside) {
+            return Some(a);
+        }
+    }
+    None
+}
+
+fn bundle_prefixes(bundle: &PolicyBundle) -> impl Iterator<Item = IpNet> + '_ {
+    bundle
+        .spec
+        .ingress
+        .iter()
+        .chain(&bundle.spec.egress)
+        .flat_map(|r| &r.peers)
+        .filter_map(|p| p.ip_block.as_ref())
+        .flat_map(|b| std::iter::once(&b.cidr).chain(&b.except))
+        .filter_map(|s| parse_cidr(s))
 }
 
 fn peer_prefixes(peer: &NetworkPolicyPeer) -> impl Iterator<Item = IpNet> + '_ {
@@ -222,6 +313,57 @@ mod tests {
         let t = CidrTable::from_prefixes(["0.0.0.0/0".parse().unwrap()]);
         assert_eq!(t.cidr_identity(ip("192.0.2.1")), CIDR_FIRST);
         assert_eq!(t.cidr_identity(ip("2001:db8::1")), WORLD);
+    }
+
+    fn net(s: &str) -> IpNet {
+        s.parse().unwrap()
+    }
+
+    /// A witness is an address of the class inside the range, checked with
+    /// `cidr_identity`; none is found exactly when longer prefixes cover
+    /// the class there.
+    #[test]
+    fn witnesses_are_addresses_of_their_class() {
+        let t = CidrTable::from_prefixes(
+            [
+                "10.0.0.0/8",
+                "10.1.0.0/16",
+                "10.1.0.0/17",
+                "10.1.128.0/17",
+                "0.0.0.0/0",
+            ]
+            .map(net),
+        );
+        let id = |s: &str| t.identity_of(&net(s)).unwrap();
+        let cases: &[(u32, &str, Option<&str>)] = &[
+            (id("10.0.0.0/8"), "0.0.0.0/0", Some("10.0.0.0")),
+            (id("10.0.0.0/8"), "10.1.0.0/16", None),
+            (id("10.0.0.0/8"), "10.2.0.0/16", Some("10.2.0.0")),
+            // Both halves of 10.1.0.0/16 are prefixes of their own.
+            (id("10.1.0.0/16"), "0.0.0.0/0", None),
+            (id("10.1.128.0/17"), "10.1.0.0/16", Some("10.1.128.0")),
+            (id("10.1.128.0/17"), "10.1.0.0/17", None),
+            (id("0.0.0.0/0"), "0.0.0.0/0", Some("0.0.0.0")),
+            (id("0.0.0.0/0"), "10.0.0.0/8", None),
+            (id("0.0.0.0/0"), "::/0", None),
+            (WORLD, "0.0.0.0/0", None),
+            (WORLD, "::/0", Some("::")),
+            (WORLD, "11.0.0.0/8", None),
+            (CIDR_FIRST + 99, "0.0.0.0/0", None),
+        ];
+        for (class, within, want) in cases {
+            let got = t.witness(*class, net(within));
+            assert_eq!(got, want.map(ip), "class {class:#x} within {within}");
+            if let Some(a) = got {
+                assert_eq!(t.cidr_identity(a), *class);
+                assert!(net(within).contains(&a));
+            }
+        }
+        let t = CidrTable::from_prefixes(["10.0.0.0/8"].map(net));
+        assert_eq!(t.witness(WORLD, net("10.0.0.0/7")), Some(ip("11.0.0.0")));
+        assert_eq!(t.prefix_of(CIDR_FIRST), Some(net("10.0.0.0/8")));
+        assert_eq!(t.prefix_of(CIDR_FIRST + 1), None);
+        assert_eq!(t.prefix_of(WORLD), None);
     }
 
     #[test]

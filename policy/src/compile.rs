@@ -1,4 +1,11 @@
-//! NetworkPolicy → one endpoint's two tables, with Kubernetes' semantics.
+//! NetworkPolicy and PolicyBundles → one endpoint's two tables.
+//!
+//! NetworkPolicy alone (no bundle applies to the pod in a direction) keeps
+//! Kubernetes' semantics and the tables of the NetworkPolicy compiler
+//! below. When a bundle applies, the direction is compiled by
+//! `compile/tiers.rs` (design 0006): Admin bundles, then this
+//! NetworkPolicy stage, then Baseline bundles, then the enforcement
+//! mode's default, resolved at compile time into the same kind of table.
 //!
 //! ```text
 //!  policies of the pod's namespace
@@ -31,14 +38,17 @@ use k8s_openapi::api::networking::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector as K8sLabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use trellis_api::v1alpha1::PolicyEnforcement;
+use trellis_api::v1alpha1::{PolicyBundle, PolicyEnforcement};
 
+use crate::bundle::{self, BundleOrigin};
 use crate::cidr::{CidrTable, parse_cidr};
-use crate::diagnostic::{Diagnostic, PolicyRef, Problem};
+use crate::diagnostic::{Diagnostic, PolicyRef, Problem, Source};
 use crate::identity::{ANY, HOST, IdentityInfo, IdentityKind, NamedPorts, SecurityLabels};
 use crate::ports::{PortPrefix, Protocol, port_prefixes};
 use crate::selector::{Selector, SelectorError};
-use crate::table::{Action, Direction, DirectionTable, EndpointPolicy, Entry, Key};
+use crate::table::{Action, Decision, Direction, DirectionTable, EndpointPolicy, Entry, Key};
+
+pub(crate) mod tiers;
 
 /// The rule id of the entry that lets the pod's own node in (health probes).
 pub const RULE_FROM_HOST: u32 = 1;
@@ -53,14 +63,25 @@ pub struct Input {
     pub enforcement: PolicyEnforcement,
     /// NetworkPolicies; only those in the endpoint's namespace can select it.
     pub policies: Vec<NetworkPolicy>,
+    /// PolicyBundles (cluster-scoped): Admin ones before `policies`,
+    /// Baseline ones after (design 0006).
+    pub bundles: Vec<PolicyBundle>,
     /// Every pod identity of the cluster (ids outside the pod range are
     /// ignored: a policy never grants anything to a reserved identity).
     /// Namespace selectors are decided from each identity's own namespace
     /// labels, so the tables agree with the label sets packets carry.
     pub identities: Vec<IdentityInfo>,
     /// The node's CIDR identities; it must hold every prefix of `policies`
-    /// (build it with [`CidrTable::from_policies`] from the same policies).
+    /// and `bundles` (build it with [`CidrTable::from_objects`] from the
+    /// same objects).
     pub cidrs: CidrTable,
+    /// The address ranges pods get their addresses from (the IP pools), or
+    /// `None` when unknown (any address). A pod's packets carry the CIDR
+    /// identity of its address, and knowing which CIDR identities a pod
+    /// address can have lets more bundles compile exactly (design 0006,
+    /// "rules on addresses before rules on pods"). Every address of a pod
+    /// identity must lie in one of these ranges.
+    pub pod_networks: Option<Vec<IpNet>>,
 }
 
 /// The pod being compiled for.
@@ -77,13 +98,37 @@ pub struct LocalEndpoint {
     pub named_ports: NamedPorts,
 }
 
-/// Where an entry comes from.
+/// Where a verdict comes from: the rule (or the default) that decided.
+/// The variants' order is part of the rule numbering (ids are handed out
+/// in origin order), so new ones go last.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Origin {
     /// Traffic from the pod's own node into an isolated pod ([`RULE_FROM_HOST`]).
     FromHost,
     /// A rule of a NetworkPolicy.
     Rule(RuleOrigin),
+    /// A rule of a PolicyBundle.
+    Bundle(BundleOrigin),
+    /// NetworkPolicies isolate the pod in this direction and none of their
+    /// rules allows the traffic.
+    Isolated {
+        /// The direction.
+        direction: Direction,
+        /// The policies that select the pod for this direction.
+        policies: Vec<PolicyRef>,
+    },
+    /// No NetworkPolicy isolates the pod in this direction, no bundle
+    /// decided, and the enforcement mode is `Default`: allowed.
+    NotIsolated {
+        /// The direction.
+        direction: Direction,
+    },
+    /// No NetworkPolicy isolates the pod in this direction, no bundle
+    /// decided, and the enforcement mode is `Always`: denied.
+    DefaultDeny {
+        /// The direction.
+        direction: Direction,
+    },
 }
 
 /// A NetworkPolicy rule, down to the peer and port that gave an entry.
@@ -103,8 +148,34 @@ pub struct RuleOrigin {
 
 impl fmt::Display for Origin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = |d: &Direction| match d {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
         match self {
             Origin::FromHost => f.write_str("traffic from this node"),
+            Origin::Bundle(b) => write!(f, "{b}"),
+            Origin::Isolated {
+                direction,
+                policies,
+            } => {
+                f.write_str("isolated by networkpolicy ")?;
+                for (i, p) in policies.iter().enumerate() {
+                    if i > 0 {
+                        f.write_str(", ")?;
+                    }
+                    write!(f, "{p}")?;
+                }
+                write!(f, " ({}), nothing allowed", dir(direction))
+            }
+            Origin::NotIsolated { direction } => write!(
+                f,
+                "no networkpolicy isolates the pod ({}): allowed (enforcement Default)",
+                dir(direction)
+            ),
+            Origin::DefaultDeny { direction } => {
+                write!(f, "default deny ({}, enforcement Always)", dir(direction))
+            }
             Origin::Rule(r) => {
                 let (dir, peers) = match r.direction {
                     Direction::Ingress => ("ingress", "from"),
@@ -124,29 +195,52 @@ impl fmt::Display for Origin {
     }
 }
 
-/// Rule id → origin, for counters, flow events and "why was this allowed".
+/// Rule id → origin, for counters, flow events and "why was this allowed";
+/// and, per direction, what a lookup that finds no entry means (the
+/// datapath drops: [`Decision::NoMatch`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Provenance(BTreeMap<u32, Origin>);
+pub struct Provenance {
+    rules: BTreeMap<u32, Origin>,
+    /// (ingress, egress): why nothing found is a drop, when it can happen.
+    no_match: [Option<Origin>; 2],
+}
 
 impl Provenance {
     /// The origin of `rule`.
     pub fn get(&self, rule: u32) -> Option<&Origin> {
-        self.0.get(&rule)
+        self.rules.get(&rule)
+    }
+
+    /// Why a lookup in `direction`'s table that finds no entry is a drop:
+    /// the pod is isolated by NetworkPolicies that allow nothing more
+    /// ([`Origin::Isolated`]) or by the enforcement mode
+    /// ([`Origin::DefaultDeny`]). `None` when the table cannot miss (or the
+    /// direction is not isolated).
+    pub fn no_match(&self, direction: Direction) -> Option<&Origin> {
+        self.no_match[direction as usize].as_ref()
+    }
+
+    /// The origin of what [`crate::table::lookup`] decided in `direction`.
+    pub fn explain(&self, direction: Direction, decision: Decision) -> Option<&Origin> {
+        match decision {
+            Decision::Allow { rule } | Decision::Deny { rule } => self.get(rule),
+            Decision::NoMatch => self.no_match(direction),
+        }
     }
 
     /// Every (rule, origin), by rule id.
     pub fn iter(&self) -> impl Iterator<Item = (u32, &Origin)> {
-        self.0.iter().map(|(r, o)| (*r, o))
+        self.rules.iter().map(|(r, o)| (*r, o))
     }
 
     /// How many rules.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.rules.len()
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.rules.is_empty()
     }
 }
 
@@ -169,6 +263,11 @@ pub struct Compiled {
 /// always, or never, per [`Input::enforcement`]); then a connection passes
 /// when any rule of any such policy allows it. Ingress of an isolated pod also
 /// admits its own node ([`HOST`], [`RULE_FROM_HOST`]).
+///
+/// Where a PolicyBundle applies to the pod (its subject selects the pod and
+/// it has rules for the direction), the direction is enforced and decided
+/// in order: Admin bundles, the NetworkPolicy stage above, Baseline
+/// bundles, the mode's default (design 0006). `Never` enforces nothing.
 pub fn compile_endpoint(input: &Input, endpoint: &LocalEndpoint) -> Compiled {
     if input.enforcement == PolicyEnforcement::Never {
         return Compiled::default();
@@ -180,7 +279,8 @@ pub fn compile_endpoint(input: &Input, endpoint: &LocalEndpoint) -> Compiled {
         candidates: [BTreeMap::new(), BTreeMap::new()],
         diagnostics: BTreeSet::new(),
     };
-    let mut isolated = [always, always];
+    // Per direction, the policies that isolate the pod.
+    let mut isolating: [Vec<PolicyRef>; 2] = [Vec::new(), Vec::new()];
     let default_spec = NetworkPolicySpec::default();
     for policy in &input.policies {
         let Some(namespace) = policy.metadata.namespace.as_deref() else {
@@ -207,7 +307,7 @@ pub fn compile_endpoint(input: &Input, endpoint: &LocalEndpoint) -> Compiled {
         }
         let (ingress, egress) = cx.policy_types(&pref, spec);
         if ingress {
-            isolated[0] = true;
+            isolating[0].push(pref.clone());
             if rules_apply {
                 for (i, rule) in spec.ingress.iter().flatten().enumerate() {
                     cx.rule(
@@ -221,7 +321,7 @@ pub fn compile_endpoint(input: &Input, endpoint: &LocalEndpoint) -> Compiled {
             }
         }
         if egress {
-            isolated[1] = true;
+            isolating[1].push(pref.clone());
             if rules_apply {
                 for (i, rule) in spec.egress.iter().flatten().enumerate() {
                     cx.rule(
@@ -235,7 +335,107 @@ pub fn compile_endpoint(input: &Input, endpoint: &LocalEndpoint) -> Compiled {
             }
         }
     }
-    cx.finish(isolated)
+    for list in &mut isolating {
+        list.sort();
+        list.dedup();
+    }
+
+    let mut tables: [Option<BTreeMap<Key, Label>>; 2] = [None, None];
+    let mut no_match: [Option<Origin>; 2] = [None, None];
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let d = direction as usize;
+        let np_isolated = !isolating[d].is_empty();
+        // What the direction falls back to when nothing decides: a drop,
+        // when the pod is isolated by policy or by the mode.
+        let fallback = if np_isolated {
+            Some(Origin::Isolated {
+                direction,
+                policies: isolating[d].clone(),
+            })
+        } else if always {
+            Some(Origin::DefaultDeny { direction })
+        } else {
+            None
+        };
+        let bundles = bundle::applying(&input.bundles, &endpoint.labels, direction);
+        if !bundles.is_empty() {
+            let stage = tiers::Stage {
+                direction,
+                bundles,
+                np_isolated,
+                fallback: fallback.clone(),
+            };
+            tables[d] = Some(tiers::compile_direction(&mut cx, &stage));
+            no_match[d] = fallback;
+        } else if np_isolated || always {
+            let entries = cx.candidates[d]
+                .iter()
+                .map(|(k, o)| (*k, (Action::Allow, Origin::Rule(o.clone()))))
+                .collect();
+            tables[d] = Some(entries);
+            no_match[d] = fallback;
+        }
+    }
+    let diagnostics = std::mem::take(&mut cx.diagnostics);
+    assemble(tables, no_match, diagnostics)
+}
+
+/// What an entry says: its action and the origin its rule id will name.
+pub(crate) type Label = (Action, Origin);
+
+/// Numbers the origins, in origin order, and builds the tables. `None`: a
+/// direction that is not isolated. Ingress of an isolated pod admits its
+/// own node.
+fn assemble(
+    mut tables: [Option<BTreeMap<Key, Label>>; 2],
+    no_match: [Option<Origin>; 2],
+    diagnostics: BTreeSet<Diagnostic>,
+) -> Compiled {
+    if let Some(ingress) = &mut tables[0] {
+        ingress.insert(Key::any_protocol(HOST), (Action::Allow, Origin::FromHost));
+    }
+    // Rule ids in origin order, for the origins some entry names.
+    let origins: BTreeSet<&Origin> = tables
+        .iter()
+        .flatten()
+        .flat_map(|t| t.values().map(|(_, o)| o))
+        .filter(|o| **o != Origin::FromHost)
+        .collect();
+    let mut ids: BTreeMap<&Origin, u32> = origins
+        .into_iter()
+        .zip(RULE_FIRST_POLICY..=u32::MAX)
+        .collect();
+    let from_host = Origin::FromHost;
+    ids.insert(&from_host, RULE_FROM_HOST);
+    let mut rules = BTreeMap::new();
+    let mut built = [DirectionTable::default(), DirectionTable::default()];
+    for (table, entries) in built.iter_mut().zip(&tables) {
+        let Some(entries) = entries else {
+            continue;
+        };
+        table.isolated = true;
+        for (key, (action, origin)) in entries {
+            // Every origin of an entry has an id: they were numbered above,
+            // unless there are more than 2^32 of them.
+            let Some(&rule) = ids.get(origin) else {
+                continue;
+            };
+            rules.insert(rule, origin.clone());
+            table.entries.insert(
+                *key,
+                Entry {
+                    rule,
+                    action: *action,
+                },
+            );
+        }
+    }
+    let [ingress, egress] = built;
+    Compiled {
+        policy: EndpointPolicy { ingress, egress },
+        provenance: Provenance { rules, no_match },
+        diagnostics: diagnostics.into_iter().collect(),
+    }
 }
 
 fn policy_ref(policy: &NetworkPolicy) -> PolicyRef {
@@ -246,7 +446,7 @@ fn policy_ref(policy: &NetworkPolicy) -> PolicyRef {
 }
 
 /// Who a peer is.
-enum Peers<'a> {
+pub(crate) enum Peers<'a> {
     /// Every address: identity [`ANY`].
     Any,
     /// These pod identities.
@@ -256,7 +456,8 @@ enum Peers<'a> {
 }
 
 /// Which ports a rule port stands for.
-enum Ports {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Ports {
     /// Every protocol and port (the rule has no ports).
     All,
     /// Every port of a protocol (`port` unset).
@@ -267,7 +468,7 @@ enum Ports {
     Named(Protocol, String),
 }
 
-struct Compiler<'a> {
+pub(crate) struct Compiler<'a> {
     input: &'a Input,
     endpoint: &'a LocalEndpoint,
     /// Per direction (ingress, egress): key → the smallest origin giving it.
@@ -277,8 +478,12 @@ struct Compiler<'a> {
 
 impl<'a> Compiler<'a> {
     fn diagnose(&mut self, policy: PolicyRef, field: impl Into<String>, problem: Problem) {
+        self.report(Source::NetworkPolicy(policy), field, problem);
+    }
+
+    fn report(&mut self, source: Source, field: impl Into<String>, problem: Problem) {
         self.diagnostics.insert(Diagnostic {
-            policy,
+            source,
             field: field.into(),
             problem,
         });
@@ -551,184 +756,157 @@ impl<'a> Compiler<'a> {
 
     /// The CIDR identities inside `cidr` and inside no `except`.
     fn ip_block(&mut self, policy: &PolicyRef, field: &str, block: &IPBlock) -> Option<Peers<'a>> {
-        let cidr = parse_cidr(&block.cidr);
-        if cidr.is_none() {
-            self.diagnose(
-                policy.clone(),
-                format!("{field}.cidr"),
-                Problem::InvalidCidr(block.cidr.clone()),
-            );
-        }
-        let mut excepts = Vec::new();
-        let mut broken = cidr.is_none();
-        for (i, raw) in block.except.iter().flatten().enumerate() {
-            let at = format!("{field}.except[{i}]");
-            match (parse_cidr(raw), cidr) {
-                (None, _) => {
-                    self.diagnose(policy.clone(), at, Problem::InvalidCidr(raw.clone()));
-                    broken = true;
+        let except = block.except.as_deref().unwrap_or_default();
+        match parse_ip_block(&self.input.cidrs, &block.cidr, except) {
+            Ok(ids) => Some(Peers::Cidrs(ids)),
+            Err(problems) => {
+                for (sub, problem) in problems {
+                    self.diagnose(policy.clone(), format!("{field}{sub}"), problem);
                 }
-                (Some(e), Some(c)) if !(c.contains(&e) && e.prefix_len() > c.prefix_len()) => {
-                    self.diagnose(
-                        policy.clone(),
-                        at,
-                        Problem::ExceptOutsideCidr {
-                            except: e.to_string(),
-                            cidr: c.to_string(),
-                        },
-                    );
-                    broken = true;
-                }
-                (Some(e), _) => excepts.push(e),
+                None
             }
         }
-        let cidr = cidr.filter(|_| !broken)?;
-        // The claim of 0004 §3 holds only if the table has every prefix.
-        for p in std::iter::once(&cidr).chain(&excepts) {
-            if self.input.cidrs.identity_of(p).is_none() {
-                self.diagnose(
-                    policy.clone(),
-                    field,
-                    Problem::CidrWithoutIdentity(p.to_string()),
-                );
-                return None;
-            }
-        }
-        let inside = |p: &IpNet| cidr.contains(p) && !excepts.iter().any(|e| e.contains(p));
-        let ids = self
-            .input
-            .cidrs
-            .iter()
-            .filter(|(p, _)| inside(p))
-            .map(|(_, id)| id)
-            .collect();
-        Some(Peers::Cidrs(ids))
     }
 
     /// What a rule port stands for; `None` (reported) when it is broken.
     fn port(&mut self, policy: &PolicyRef, field: &str, port: &NetworkPolicyPort) -> Option<Ports> {
-        let mut problems = Vec::new();
-        let protocol = Protocol::from_k8s(port.protocol.as_deref());
-        if protocol.is_none() {
-            let raw = port.protocol.clone().unwrap_or_default();
-            problems.push(("protocol", Problem::UnknownProtocol(raw)));
-        }
-        let in_range = |n: i32| u16::try_from(n).ok().filter(|n| *n != 0);
-        let spec = match (&port.port, port.end_port) {
-            (None, None) => protocol.map(Ports::Protocol),
-            (None, Some(_)) => {
-                problems.push(("endPort", Problem::EndPortWithoutNumericPort));
+        let protocol = Protocol::from_k8s(port.protocol.as_deref())
+            .ok_or_else(|| Problem::UnknownProtocol(port.protocol.clone().unwrap_or_default()));
+        match parse_port(protocol, port.port.as_ref(), port.end_port) {
+            Ok(spec) => Some(spec),
+            Err(problems) => {
+                for (sub, problem) in problems {
+                    self.diagnose(policy.clone(), format!("{field}.{sub}"), problem);
+                }
                 None
             }
-            (Some(IntOrString::Int(n)), end) => {
-                let first = in_range(*n);
-                if first.is_none() {
-                    problems.push(("port", Problem::PortOutOfRange(i64::from(*n))));
-                }
-                let last = match end {
-                    None => first,
-                    Some(e) => match (in_range(e), first) {
-                        (None, _) => {
-                            problems.push(("endPort", Problem::PortOutOfRange(i64::from(e))));
-                            None
-                        }
-                        (Some(last), Some(first)) if last < first => {
-                            let problem = Problem::EndPortBelowPort {
-                                port: first,
-                                end: i64::from(e),
-                            };
-                            problems.push(("endPort", problem));
-                            None
-                        }
-                        (last, _) => last,
-                    },
-                };
-                match (protocol, first, last) {
-                    (Some(p), Some(first), Some(last)) => Some(Ports::Range(p, first, last)),
-                    _ => None,
-                }
-            }
-            (Some(IntOrString::String(name)), end) => {
-                if let Err(why) = check_port_name(name) {
-                    let name = name.clone();
-                    problems.push(("port", Problem::InvalidPortName { name, why }));
-                }
-                if end.is_some() {
-                    problems.push(("endPort", Problem::EndPortWithoutNumericPort));
-                }
-                protocol.map(|p| Ports::Named(p, name.clone()))
-            }
-        };
-        if problems.is_empty() {
-            return spec;
         }
-        for (sub, problem) in problems {
-            self.diagnose(policy.clone(), format!("{field}.{sub}"), problem);
-        }
-        None
     }
+}
 
-    fn finish(self, isolated: [bool; 2]) -> Compiled {
-        let Compiler {
-            candidates,
-            diagnostics,
-            ..
-        } = self;
-        // Rule ids in origin order, for the origins some entry names.
-        let origins: BTreeSet<&RuleOrigin> = candidates
-            .iter()
-            .zip(isolated)
-            .filter(|(_, iso)| *iso)
-            .flat_map(|(c, _)| c.values())
-            .collect();
-        let ids: BTreeMap<&RuleOrigin, u32> = origins
-            .into_iter()
-            .zip(RULE_FIRST_POLICY..=u32::MAX)
-            .collect();
-        let mut provenance = BTreeMap::new();
-        let mut tables = [DirectionTable::default(), DirectionTable::default()];
-        for ((table, candidates), isolated) in tables.iter_mut().zip(&candidates).zip(isolated) {
-            table.isolated = isolated;
-            if !isolated {
-                continue;
-            }
-            for (key, origin) in candidates {
-                let Some(&rule) = ids.get(origin) else {
-                    continue;
-                };
-                provenance.insert(rule, Origin::Rule(origin.clone()));
-                table.entries.insert(
-                    *key,
-                    Entry {
-                        rule,
-                        action: Action::Allow,
+/// The CIDR identities of an `ipBlock`: those whose prefix lies inside
+/// `cidr` and inside no `except` (0004 §3). Errors: (the field under the
+/// `ipBlock`, e.g. `.cidr` or `.except[1]`, or empty for the block itself,
+/// and what is wrong there).
+pub(crate) fn parse_ip_block(
+    cidrs: &CidrTable,
+    cidr: &str,
+    except: &[String],
+) -> Result<Vec<u32>, Vec<(String, Problem)>> {
+    let mut problems = Vec::new();
+    let parsed = parse_cidr(cidr);
+    if parsed.is_none() {
+        problems.push((".cidr".to_owned(), Problem::InvalidCidr(cidr.to_owned())));
+    }
+    let mut excepts = Vec::new();
+    for (i, raw) in except.iter().enumerate() {
+        let at = format!(".except[{i}]");
+        match (parse_cidr(raw), parsed) {
+            (None, _) => problems.push((at, Problem::InvalidCidr(raw.clone()))),
+            (Some(e), Some(c)) if !(c.contains(&e) && e.prefix_len() > c.prefix_len()) => {
+                problems.push((
+                    at,
+                    Problem::ExceptOutsideCidr {
+                        except: e.to_string(),
+                        cidr: c.to_string(),
                     },
-                );
+                ));
+            }
+            (Some(e), _) => excepts.push(e),
+        }
+    }
+    let Some(cidr) = parsed.filter(|_| problems.is_empty()) else {
+        return Err(problems);
+    };
+    // The claim of 0004 §3 holds only if the table has every prefix.
+    for p in std::iter::once(&cidr).chain(&excepts) {
+        if cidrs.identity_of(p).is_none() {
+            return Err(vec![(
+                String::new(),
+                Problem::CidrWithoutIdentity(p.to_string()),
+            )]);
+        }
+    }
+    let inside = |p: &IpNet| cidr.contains(p) && !excepts.iter().any(|e| e.contains(p));
+    Ok(cidrs
+        .iter()
+        .filter(|(p, _)| inside(p))
+        .map(|(_, id)| id)
+        .collect())
+}
+
+/// What a rule port stands for: `protocol` (or what is wrong with it),
+/// `port` and `endPort`. Errors: (`protocol`, `port` or `endPort`, what is
+/// wrong there).
+pub(crate) fn parse_port(
+    protocol: Result<Protocol, Problem>,
+    port: Option<&IntOrString>,
+    end_port: Option<i32>,
+) -> Result<Ports, Vec<(&'static str, Problem)>> {
+    let mut problems = Vec::new();
+    let protocol = match protocol {
+        Ok(p) => Some(p),
+        Err(problem) => {
+            problems.push(("protocol", problem));
+            None
+        }
+    };
+    let in_range = |n: i32| u16::try_from(n).ok().filter(|n| *n != 0);
+    let spec = match (port, end_port) {
+        (None, None) => protocol.map(Ports::Protocol),
+        (None, Some(_)) => {
+            problems.push(("endPort", Problem::EndPortWithoutNumericPort));
+            None
+        }
+        (Some(IntOrString::Int(n)), end) => {
+            let first = in_range(*n);
+            if first.is_none() {
+                problems.push(("port", Problem::PortOutOfRange(i64::from(*n))));
+            }
+            let last = match end {
+                None => first,
+                Some(e) => match (in_range(e), first) {
+                    (None, _) => {
+                        problems.push(("endPort", Problem::PortOutOfRange(i64::from(e))));
+                        None
+                    }
+                    (Some(last), Some(first)) if last < first => {
+                        let problem = Problem::EndPortBelowPort {
+                            port: first,
+                            end: i64::from(e),
+                        };
+                        problems.push(("endPort", problem));
+                        None
+                    }
+                    (last, _) => last,
+                },
+            };
+            match (protocol, first, last) {
+                (Some(p), Some(first), Some(last)) => Some(Ports::Range(p, first, last)),
+                _ => None,
             }
         }
-        let [mut ingress, egress] = tables;
-        if ingress.isolated {
-            ingress.entries.insert(
-                Key::any_protocol(HOST),
-                Entry {
-                    rule: RULE_FROM_HOST,
-                    action: Action::Allow,
-                },
-            );
-            provenance.insert(RULE_FROM_HOST, Origin::FromHost);
+        (Some(IntOrString::String(name)), end) => {
+            if let Err(why) = check_port_name(name) {
+                let name = name.clone();
+                problems.push(("port", Problem::InvalidPortName { name, why }));
+            }
+            if end.is_some() {
+                problems.push(("endPort", Problem::EndPortWithoutNumericPort));
+            }
+            protocol.map(|p| Ports::Named(p, name.clone()))
         }
-        Compiled {
-            policy: EndpointPolicy { ingress, egress },
-            provenance: Provenance(provenance),
-            diagnostics: diagnostics.into_iter().collect(),
-        }
+    };
+    match spec {
+        Some(spec) if problems.is_empty() => Ok(spec),
+        _ => Err(problems),
     }
 }
 
 /// An IANA service name, as the apiserver requires of a named port: 1 to 15
 /// lowercase alphanumerics or '-', at least one letter, no '-' at either end
 /// and no "--".
-fn check_port_name(name: &str) -> Result<(), &'static str> {
+pub(crate) fn check_port_name(name: &str) -> Result<(), &'static str> {
     if name.is_empty() || name.len() > 15 {
         return Err("must be 1 to 15 characters");
     }

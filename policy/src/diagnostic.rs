@@ -1,7 +1,9 @@
 //! What the compiler could not enforce, and where it is written.
 //!
 //! A diagnostic never widens what passes: the broken part (a peer, a port, a
-//! selector) matches nothing, and the pod stays isolated by its policy.
+//! selector) of a NetworkPolicy or of a bundle's `Allow` rule matches
+//! nothing, and the pod stays isolated by its policy; the broken part of a
+//! bundle's `Deny` or `Pass` rule matches everything and denies.
 
 use std::fmt;
 
@@ -23,6 +25,24 @@ impl fmt::Display for PolicyRef {
     }
 }
 
+/// The object a diagnostic is about.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Source {
+    /// A Kubernetes NetworkPolicy.
+    NetworkPolicy(PolicyRef),
+    /// A PolicyBundle, by name (bundles are cluster-scoped).
+    PolicyBundle(String),
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::NetworkPolicy(p) => write!(f, "networkpolicy {p}"),
+            Source::PolicyBundle(name) => write!(f, "policybundle {name}"),
+        }
+    }
+}
+
 /// How bad a problem is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Severity {
@@ -37,8 +57,8 @@ pub enum Severity {
 /// Something the compiler could not enforce as written.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Diagnostic {
-    /// The policy it is in.
-    pub policy: PolicyRef,
+    /// The policy or bundle it is in.
+    pub source: Source,
     /// The field, e.g. `spec.ingress[0].ports[1].port`.
     pub field: String,
     /// What is wrong there.
@@ -54,11 +74,7 @@ impl Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "networkpolicy {} {}: {}",
-            self.policy, self.field, self.problem
-        )
+        write!(f, "{} {}: {}", self.source, self.field, self.problem)
     }
 }
 
@@ -143,6 +159,51 @@ pub enum Problem {
         /// The port name.
         name: String,
     },
+    /// A PolicyBundle rule without peers (the schema requires at least one).
+    #[error("a rule must list at least one peer")]
+    NoPeers,
+    /// A PolicyBundle peer that does not set exactly one of `pods`,
+    /// `namespaces` and `ipBlock`.
+    #[error("a peer must set exactly one of pods, namespaces or ipBlock (this one sets {0})")]
+    PeerFields(usize),
+    /// The broken part of a `Deny` or `Pass` rule matched nothing would let
+    /// through what the rule may have been written to stop, so it matches
+    /// every peer (a broken peer) or every port (a broken port) instead,
+    /// and denies (design 0006).
+    #[error(
+        "this {action} rule has a broken {part}; the part matches every {part} instead and denies (fail closed)"
+    )]
+    BrokenPartDenies {
+        /// `Deny` or `Pass`.
+        action: &'static str,
+        /// `peer` or `port`.
+        part: &'static str,
+    },
+    /// The verdict for these pod identities depends on which CIDR identity
+    /// their address has (a rule on an `ipBlock` ordered before a rule on
+    /// pods), and the datapath looks a pod's own entries up before its
+    /// address's: the traffic that depends on it is denied (design 0006).
+    #[error(
+        "the verdict for pod identities {} depends on which CIDR their address is in, which one entry per identity cannot express; their traffic that depends on it is denied", list_ids(.identities)
+    )]
+    AddressDependentVerdict {
+        /// The pod identities, ascending.
+        identities: Vec<u32>,
+    },
+}
+
+/// At most five ids, then how many more.
+fn list_ids(ids: &[u32]) -> String {
+    let mut s = ids
+        .iter()
+        .take(5)
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    if ids.len() > 5 {
+        s.push_str(&format!(" and {} more", ids.len() - 5));
+    }
+    s
 }
 
 impl Problem {
@@ -151,7 +212,9 @@ impl Problem {
         match self {
             Problem::NamedPortUnresolved { .. }
             | Problem::NamedPortWithIpBlock { .. }
-            | Problem::CidrWithoutIdentity(_) => Severity::Warning,
+            | Problem::CidrWithoutIdentity(_)
+            | Problem::BrokenPartDenies { .. }
+            | Problem::AddressDependentVerdict { .. } => Severity::Warning,
             _ => Severity::Error,
         }
     }

@@ -152,6 +152,146 @@ pub fn port_prefixes(first: u16, last: u16) -> Vec<PortPrefix> {
     out
 }
 
+/// The fewest port-prefix entries whose longest-prefix match gives each
+/// port its value: `runs` are `(first, last, value)` in ascending order,
+/// contiguous from 0 to 65535. A port whose run is `None` must be covered
+/// by no entry (it falls through to `background`, whatever that is for the
+/// caller); a port with `Some(v)` must be covered by an entry of value `v`,
+/// or by none when `background` is `Some(v)`. Returns the entries in
+/// ascending (port, length) order.
+///
+/// A dynamic program over the binary trie of port prefixes (as in optimal
+/// routing-table compression): at each aligned block, either no entry
+/// (both halves inherit what covers the block) or one entry whose value is
+/// one of the values inside the block (another value would be overridden
+/// everywhere below, so it can be dropped). Only blocks that hold more than
+/// one run are split, so the work grows with the number of runs, not with
+/// 65,536.
+pub fn lpm_cover<L: Copy + Eq + std::hash::Hash + Ord>(
+    runs: &[(u16, u16, Option<L>)],
+    background: Option<L>,
+) -> Vec<(PortPrefix, L)> {
+    let mut cover = Cover {
+        runs,
+        background,
+        memo: std::collections::HashMap::new(),
+    };
+    let root = PortPrefix { port: 0, plen: 0 };
+    cover.cost(root, None);
+    let mut out = Vec::new();
+    cover.collect(root, None, &mut out);
+    out.sort_by_key(|(p, _)| (p.port, p.plen));
+    out
+}
+
+/// "No entry can do it": large enough never to win, small enough to add.
+const INFEASIBLE: u32 = u32::MAX / 4;
+
+struct Cover<'a, L> {
+    runs: &'a [(u16, u16, Option<L>)],
+    background: Option<L>,
+    /// (block, what covers it from above) → (cost, the entry placed at the block).
+    memo: std::collections::HashMap<(PortPrefix, Option<L>), (u32, Option<L>)>,
+}
+
+/// The values of the runs inside a block.
+enum Inside<L> {
+    /// One run covers the block.
+    One(Option<L>),
+    /// Several: their distinct values, and whether one is `None`.
+    Many(Vec<L>, bool),
+}
+
+impl<L: Copy + Eq + std::hash::Hash + Ord> Cover<'_, L> {
+    fn inside(&self, block: PortPrefix) -> Inside<L> {
+        let (first, last) = (block.first(), block.last());
+        // The first run that ends at or after `first`.
+        let start = self.runs.partition_point(|r| r.1 < first);
+        let mut values = Vec::new();
+        let mut uncovered = false;
+        let mut count = 0;
+        for r in self.runs[start..].iter().take_while(|r| r.0 <= last) {
+            count += 1;
+            match r.2 {
+                Some(v) => values.push(v),
+                None => uncovered = true,
+            }
+        }
+        // A single port is one run (runs do not overlap); `count` 0 would
+        // be runs that leave a gap: no entry goes there.
+        if count <= 1 || block.plen >= 16 {
+            return Inside::One(values.first().copied());
+        }
+        values.sort();
+        values.dedup();
+        Inside::Many(values, uncovered)
+    }
+
+    fn halves(block: PortPrefix) -> [PortPrefix; 2] {
+        let plen = block.plen + 1;
+        let high = PortPrefix {
+            port: block.port | (1 << (16 - u32::from(plen))),
+            plen,
+        };
+        [
+            PortPrefix {
+                port: block.port,
+                plen,
+            },
+            high,
+        ]
+    }
+
+    /// The fewest entries inside `block` when `above` is the value of the
+    /// entry covering it (`None`: no entry does).
+    fn cost(&mut self, block: PortPrefix, above: Option<L>) -> u32 {
+        if let Some((c, _)) = self.memo.get(&(block, above)) {
+            return *c;
+        }
+        let seen = above.or(self.background);
+        let result = match self.inside(block) {
+            Inside::One(None) if above.is_some() => (INFEASIBLE, None),
+            Inside::One(None) => (0, None),
+            Inside::One(Some(v)) if seen == Some(v) => (0, None),
+            Inside::One(Some(v)) => (1, Some(v)),
+            Inside::Many(values, uncovered) => {
+                let [lo, hi] = Self::halves(block);
+                let mut best = (self.cost(lo, above) + self.cost(hi, above), None);
+                if !uncovered {
+                    for v in values {
+                        if above == Some(v) {
+                            continue;
+                        }
+                        let c = 1 + self.cost(lo, Some(v)) + self.cost(hi, Some(v));
+                        if c < best.0 {
+                            best = (c, Some(v));
+                        }
+                    }
+                }
+                best
+            }
+        };
+        self.memo.insert((block, above), result);
+        result.0
+    }
+
+    fn collect(&mut self, block: PortPrefix, above: Option<L>, out: &mut Vec<(PortPrefix, L)>) {
+        self.cost(block, above);
+        let Some(&(_, placed)) = self.memo.get(&(block, above)) else {
+            return;
+        };
+        if let Some(v) = placed {
+            out.push((block, v));
+        }
+        if let Inside::Many(..) = self.inside(block) {
+            let below = placed.or(above);
+            for half in Self::halves(block) {
+                self.collect(half, below, out);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,6 +371,93 @@ mod tests {
             [6, 17, 132],
             "IANA numbers"
         );
+    }
+
+    /// What a longest-prefix match over `entries` gives `port`, or
+    /// `background` when no entry covers it.
+    fn lpm(entries: &[(PortPrefix, u32)], background: Option<u32>, port: u16) -> Option<u32> {
+        entries
+            .iter()
+            .filter(|(p, _)| p.contains(port))
+            .max_by_key(|(p, _)| p.plen)
+            .map(|(_, v)| *v)
+            .or(background)
+    }
+
+    #[test]
+    fn lpm_cover_known_cases() {
+        // Everything but 22: one entry over the background, one under it.
+        let runs = [(0, 21, Some(1)), (22, 22, Some(2)), (23, 65535, Some(1))];
+        let got = lpm_cover(&runs, Some(1));
+        assert_eq!(got, [(PortPrefix { port: 22, plen: 16 }, 2)]);
+        let got = lpm_cover(&runs, None);
+        assert_eq!(
+            got,
+            [
+                (PortPrefix { port: 0, plen: 0 }, 1),
+                (PortPrefix { port: 22, plen: 16 }, 2)
+            ]
+        );
+        // A hole that must fall through cannot sit under an entry.
+        let runs = [(0, 79, Some(1)), (80, 80, None), (81, 65535, Some(1))];
+        let got = lpm_cover(&runs, None);
+        assert!(got.iter().all(|(p, _)| !p.contains(80)), "{got:?}");
+        assert_eq!(
+            got.len(),
+            port_prefixes(0, 79).len() + port_prefixes(81, 65535).len()
+        );
+        // Nothing to say: no entries.
+        assert!(lpm_cover::<u32>(&[(0, 65535, None)], None).is_empty());
+        assert!(lpm_cover(&[(0, 65535, Some(3))], Some(3)).is_empty());
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(500))]
+
+        /// Random piecewise functions over the ports: the cover gives every
+        /// port its value, covers no port that must fall through, and is
+        /// never larger than covering each run on its own.
+        #[test]
+        fn lpm_cover_is_exact_and_small(
+            cuts in proptest::collection::btree_set(1u16..=65535, 0..12),
+            values in proptest::collection::vec(proptest::option::of(0u32..4), 13),
+            background in proptest::option::of(0u32..4),
+            probes in proptest::collection::vec(any::<u16>(), 64),
+        ) {
+            let mut starts: Vec<u16> = std::iter::once(0).chain(cuts).collect();
+            starts.dedup();
+            let runs: Vec<(u16, u16, Option<u32>)> = starts
+                .iter()
+                .enumerate()
+                .map(|(i, first)| {
+                    let last = starts.get(i + 1).map_or(u16::MAX, |n| n - 1);
+                    (*first, last, values[i])
+                })
+                .collect();
+            let got = lpm_cover(&runs, background);
+            let want_at = |port: u16| {
+                runs.iter().find(|r| r.0 <= port && port <= r.1).and_then(|r| r.2)
+            };
+            let mut ports: Vec<u16> = probes;
+            for r in &runs {
+                ports.extend([r.0, r.1]);
+            }
+            for port in ports {
+                match want_at(port) {
+                    Some(v) => prop_assert_eq!(lpm(&got, background, port), Some(v), "port {}", port),
+                    None => prop_assert!(
+                        got.iter().all(|(p, _)| !p.contains(port)),
+                        "port {} must stay uncovered: {:?}", port, got
+                    ),
+                }
+            }
+            let naive: usize = runs
+                .iter()
+                .filter(|r| r.2.is_some() && r.2 != background)
+                .map(|r| port_prefixes(r.0, r.1).len())
+                .sum();
+            prop_assert!(got.len() <= naive, "{} entries, {} by runs", got.len(), naive);
+        }
     }
 
     proptest! {

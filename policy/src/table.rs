@@ -3,11 +3,17 @@
 //! ```text
 //!  packet (remote id, cidr_id, proto, port)
 //!     │  for ident in [id, cidr_id, ANY] (repeats skipped):
-//!     │     any-protocol bit set?      → (ident, 0, 0, 0)
 //!     │     TCP/UDP/SCTP: n = 16 … 0 with bit n set
 //!     │                               → (ident, proto, n, port & mask(n))
+//!     │     any-protocol bit set?      → (ident, 0, 0, 0)
 //!     ▼  first entry found decides; none → no match (the datapath drops)
 //! ```
+//!
+//! Within one identity the most specific entry comes first: an exact port,
+//! then shorter port prefixes, then every protocol. That lets one identity
+//! say "everything, except TCP 22" with two entries, which ordered policy
+//! (`Deny` under an `Allow`, design 0006) needs; with only allows, as
+//! NetworkPolicy has, the order within an identity changes no verdict.
 //!
 //! Keep [`lookup`] in sync with `node-reconciler/bpf/` (`endpoint.bpf.c`):
 //! the BPF tests check the programs against it on synthetic packets.
@@ -174,9 +180,9 @@ pub enum Decision {
 }
 
 /// 0004 step 4, exactly: for each of `id`, `cidr_id`, [`ANY`] in that order,
-/// skipping repeats, look up the any-protocol key when the table has
-/// any-protocol entries, then — for TCP, UDP and SCTP only — each prefix
-/// length the table uses from 16 down to 0; the first entry found decides.
+/// skipping repeats, look up — for TCP, UDP and SCTP only — each prefix
+/// length the table uses from 16 down to 0, then the any-protocol key when
+/// the table has any-protocol entries; the first entry found decides.
 /// Isolation is not looked at (that is step 3, see
 /// [`DirectionTable::permits`]).
 pub fn lookup(table: &DirectionTable, id: u32, cidr_id: u32, proto: u8, port: u16) -> Decision {
@@ -189,10 +195,7 @@ pub fn lookup(table: &DirectionTable, id: u32, cidr_id: u32, proto: u8, port: u1
         }
         let probe = |key: Key| table.entries.get(&key).copied();
         let mut found = None;
-        if plens & PLENS_ANY_PROTOCOL != 0 {
-            found = probe(Key::any_protocol(identity));
-        }
-        if found.is_none() && has_ports {
+        if has_ports {
             found = (0..=16u8)
                 .rev()
                 .filter(|n| plens & (1 << n) != 0)
@@ -204,6 +207,9 @@ pub fn lookup(table: &DirectionTable, id: u32, cidr_id: u32, proto: u8, port: u1
                         port: port & mask(n),
                     })
                 });
+        }
+        if found.is_none() && plens & PLENS_ANY_PROTOCOL != 0 {
+            found = probe(Key::any_protocol(identity));
         }
         if let Some(entry) = found {
             return match entry.action {
@@ -265,7 +271,7 @@ mod tests {
     }
 
     /// The order of 0004 step 4: identity before CIDR identity before ANY;
-    /// within one identity, any-protocol before ports, longer prefixes first.
+    /// within one identity, longer port prefixes first, any-protocol last.
     #[test]
     fn lookup_order() {
         use Action::*;
@@ -292,8 +298,10 @@ mod tests {
             ((WORLD, WORLD, TCP, 8088), Decision::NoMatch),
             ((HOST, WORLD, ICMP, 0), Decision::Allow { rule: 6 }),
             ((WORLD, WORLD, ICMP, 0), Decision::NoMatch),
-            // Any-protocol is looked at before ports for the same identity.
-            ((301, WORLD, TCP, 443), Decision::Deny { rule: 8 }),
+            // Ports are looked at before any-protocol for the same identity.
+            ((301, WORLD, TCP, 443), Decision::Allow { rule: 7 }),
+            ((301, WORLD, TCP, 444), Decision::Deny { rule: 8 }),
+            ((301, WORLD, ICMP, 0), Decision::Deny { rule: 8 }),
             // Protocols without ports see only any-protocol entries.
             ((300, WORLD, ICMP, 80), Decision::NoMatch),
         ];

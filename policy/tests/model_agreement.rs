@@ -438,7 +438,9 @@ fn compile_world(world: &World, reverse: bool) -> CompiledWorld {
         },
         cidrs: CidrTable::from_policies(&policies),
         policies,
+        bundles: Vec::new(),
         identities,
+        pod_networks: None,
     };
     let pods = world
         .pods

@@ -39,10 +39,12 @@ static __always_inline void ipcache_lookup(const struct trellis_pkt *p, const __
 }
 
 /*
- * The entry of table `policy` for `identity`: the any-protocol entry if the
- * table has any, then for TCP, UDP and SCTP the port prefixes from the
- * longest (16: the exact port) to the shortest (0: every port) among the
- * lengths the table uses. 1 and *out filled when one exists.
+ * The entry of table `policy` for `identity`, most specific first: for TCP,
+ * UDP and SCTP the port prefixes from the longest (16: the exact port) to
+ * the shortest (0: every port) among the lengths the table uses, then the
+ * any-protocol entry if the table has any (so "every protocol, except TCP
+ * 22" is two entries of one identity: design 0006). 1 and *out filled when
+ * one exists.
  */
 static __always_inline int policy_match_identity(__u32 policy, __u32 identity, __u32 plens,
 						 const struct trellis_pkt *p,
@@ -54,23 +56,27 @@ static __always_inline int policy_match_identity(__u32 policy, __u32 identity, _
 
 	k.policy = policy;
 	k.identity = identity;
-	if (plens & TRELLIS_PLENS_ANY_PROTO) {
-		v = bpf_map_lookup_elem(&trellis_policy, &k);
-		if (v) {
-			*out = *v;
-			return 1;
+	if (p->ports) {
+		k.proto = p->t.proto;
+		port = bpf_ntohs(p->t.dport);
+		for (int n = TRELLIS_PLEN_MAX; n >= 0; n--) {
+			if (!(plens & (1u << n)))
+				continue;
+			k.plen = n;
+			/* The port's n leading bits; n = 0 keeps none. */
+			k.port = n ? (__u16)(port & (0xffffu << (16 - n))) : 0;
+			v = bpf_map_lookup_elem(&trellis_policy, &k);
+			if (v) {
+				*out = *v;
+				return 1;
+			}
 		}
 	}
-	if (!p->ports)
-		return 0;
-	k.proto = p->t.proto;
-	port = bpf_ntohs(p->t.dport);
-	for (int n = TRELLIS_PLEN_MAX; n >= 0; n--) {
-		if (!(plens & (1u << n)))
-			continue;
-		k.plen = n;
-		/* The port's n leading bits; n = 0 keeps none. */
-		k.port = n ? (__u16)(port & (0xffffu << (16 - n))) : 0;
+	if (plens & TRELLIS_PLENS_ANY_PROTO) {
+		/* The any-protocol key: protocol, length and port all 0. */
+		k.proto = 0;
+		k.plen = 0;
+		k.port = 0;
 		v = bpf_map_lookup_elem(&trellis_policy, &k);
 		if (v) {
 			*out = *v;

@@ -3,11 +3,13 @@
 //!
 //! ```text
 //!  NetworkPolicy (all) ─┐
+//!  PolicyBundle (all) ──┤
 //!  Namespace (all) ─────┤
 //!  SecurityIdentity ────┼──▶ stores ──▶ Snapshot (values, for the pure compiler)
 //!  NodeEndpoints ───────┤        └────▶ changed (Notify) ──▶ engine resync
 //!  Pod (this node) ─────┤
-//!  NetworkConfig ───────┘
+//!  NetworkConfig ───────┤
+//!  IPPool (all) ────────┘   (where pod addresses can be: design 0006)
 //! ```
 //!
 //! Nobody watches every Pod (design 0005): remote pods come from the
@@ -27,14 +29,17 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use tokio::sync::Notify;
-use trellis_api::v1alpha1::{NetworkConfig, NodeEndpoints, SecurityIdentity};
+use trellis_api::v1alpha1::{IPPool, NetworkConfig, NodeEndpoints, PolicyBundle, SecurityIdentity};
 
 /// The caches, and the tasks that fill them.
 #[derive(Clone)]
 pub struct Cluster {
     pub policies: Store<NetworkPolicy>,
-    /// Changes of `policies` so far.
+    /// Changes so far of what the compiler's policy input is made of
+    /// (`policies`, `bundles` and `pools`): one revision for the three.
     pub policies_revision: Revision,
+    pub bundles: Store<PolicyBundle>,
+    pub pools: Store<IPPool>,
     pub namespaces: Store<Namespace>,
     pub identities: Store<SecurityIdentity>,
     pub shards: Store<NodeEndpoints>,
@@ -90,6 +95,20 @@ impl Cluster {
             &changed,
             &mut tasks,
         );
+        let bundles = cache_with(
+            Api::<PolicyBundle>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+            &mut tasks,
+            policies_revision.clone(),
+        );
+        let pools = cache_with(
+            Api::<IPPool>::all(client.clone()),
+            watcher::Config::default(),
+            &changed,
+            &mut tasks,
+            policies_revision.clone(),
+        );
         let (namespaces, _) = cache(
             Api::<Namespace>::all(client.clone()),
             watcher::Config::default(),
@@ -123,6 +142,8 @@ impl Cluster {
         Cluster {
             policies,
             policies_revision,
+            bundles,
+            pools,
             namespaces,
             identities,
             shards,
@@ -136,6 +157,8 @@ impl Cluster {
     /// Waits until every cache holds its initial list.
     pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
         self.policies.wait_until_ready().await?;
+        self.bundles.wait_until_ready().await?;
+        self.pools.wait_until_ready().await?;
         self.namespaces.wait_until_ready().await?;
         self.identities.wait_until_ready().await?;
         self.shards.wait_until_ready().await?;
@@ -163,6 +186,23 @@ where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
     K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
 {
+    let revision = Revision::default();
+    let store = cache_with(api, cfg, changed, tasks, revision.clone());
+    (store, revision)
+}
+
+/// [`cache`] bumping a revision it shares with other caches.
+fn cache_with<K>(
+    api: Api<K>,
+    cfg: watcher::Config,
+    changed: &Arc<Notify>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+    bumped: Revision,
+) -> Store<K>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone + Send + Sync,
+{
     let (store, writer) = reflector::store::<K>();
     let kind = K::kind(&K::DynamicType::default()).into_owned();
     let stream = watcher(api, cfg)
@@ -170,8 +210,6 @@ where
         .modify(|o| o.managed_fields_mut().clear())
         .reflect(writer);
     let changed = changed.clone();
-    let revision = Revision::default();
-    let bumped = revision.clone();
     tasks.push(tokio::spawn(async move {
         let mut stream = std::pin::pin!(stream);
         while let Some(event) = stream.next().await {
@@ -187,5 +225,5 @@ where
             }
         }
     }));
-    (store, revision)
+    store
 }

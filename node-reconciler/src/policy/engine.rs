@@ -32,7 +32,8 @@ use kube::{Api, Client, Resource, ResourceExt};
 use serde_json::json;
 use tokio::sync::{Notify, watch};
 use trellis_api::v1alpha1::{
-    NodeEndpoints, NodeEndpointsSpec, PodEndpoint, PolicyEnforcement, SecurityIdentity,
+    IPPool, NodeEndpoints, NodeEndpointsSpec, PodEndpoint, PolicyBundle, PolicyEnforcement,
+    SecurityIdentity,
 };
 use trellis_cni::proto::PodRef;
 use trellis_common::process::until_true;
@@ -293,15 +294,19 @@ impl Engine {
                 })
                 .collect();
             let unresolved = s.locals.len() - locals.len();
-            s.input.refresh(snapshot.policies_of, || {
-                snapshot
-                    .policies
-                    .state()
-                    .iter()
-                    .map(|p| (**p).clone())
-                    .collect()
+            s.input.refresh(snapshot.policies_of, || PolicyObjects {
+                policies: cloned(&snapshot.policies),
+                bundles: cloned(&snapshot.bundles),
+                pools: cloned(&snapshot.pools),
             });
             s.input.input.identities = snapshot.identities(&locals);
+            let pod_addresses = snapshot
+                .remote
+                .iter()
+                .map(|(a, _)| *a)
+                .chain(locals.iter().flat_map(|l| l.addresses.iter().copied()));
+            s.input.input.pod_networks =
+                super::networks::pod_networks(&s.input.pools, pod_addresses);
             s.cache.for_input(input_key(&s.input.hash, &s.input.input));
             let world = World {
                 input: &s.input.input,
@@ -393,6 +398,8 @@ impl Engine {
         Snapshot {
             policies_of: (revision, enforcement),
             policies: self.cluster.policies.clone(),
+            bundles: self.cluster.bundles.clone(),
+            pools: self.cluster.pools.clone(),
             identities,
             named,
             remote,
@@ -710,11 +717,13 @@ impl EndpointPolicy for Engine {
 
 /// The caches' contents a sync compiles against.
 struct Snapshot {
-    /// Which policies and mode: the policies cache's revision (read before
-    /// the cache) and the mode.
+    /// Which policies, bundles, pools and mode: the revision of their
+    /// caches (read before the caches) and the mode.
     policies_of: (u64, PolicyEnforcement),
-    /// The policies cache, read only when `policies_of` changed.
+    /// The caches, read only when `policies_of` changed.
     policies: Store<NetworkPolicy>,
+    bundles: Store<PolicyBundle>,
+    pools: Store<IPPool>,
     identities: Vec<IdentityInfo>,
     /// Named ports per identity, from every shard.
     named: BTreeMap<u32, NamedPorts>,
@@ -746,39 +755,58 @@ impl Snapshot {
     }
 }
 
-/// The compiler's input as the last sync left it. The policies, the mode
-/// and the CIDR table built from them are taken again only when the
-/// policies cache's revision or the mode changed, so a sync for a pod (every
-/// ADD and DEL) with the policies as they were neither copies them nor
-/// rebuilds the table nor hashes them; the identities are set by every sync.
+/// The objects the compiler's policy input is made of, read from the caches.
+struct PolicyObjects {
+    policies: Vec<NetworkPolicy>,
+    bundles: Vec<PolicyBundle>,
+    pools: Vec<IPPool>,
+}
+
+fn cloned<K: Resource + Clone>(store: &Store<K>) -> Vec<K>
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    store.state().iter().map(|o| (**o).clone()).collect()
+}
+
+/// The compiler's input as the last sync left it. The policies, bundles,
+/// pools, the mode and the CIDR table built from them are taken again only
+/// when their caches' revision or the mode changed, so a sync for a pod
+/// (every ADD and DEL) with the policies as they were neither copies them
+/// nor rebuilds the table nor hashes them; the identities and where pod
+/// addresses can be are set by every sync.
 #[derive(Debug, Default)]
 struct CompilerInput {
-    /// Which policies and mode `input` holds (see [`Snapshot::policies_of`]);
+    /// Which objects and mode `input` holds (see [`Snapshot::policies_of`]);
     /// `None` before the first sync.
     of: Option<(u64, PolicyEnforcement)>,
     /// [`trellis_policy::generation::policy_hash`] of them: what the node
     /// enforces once they are in the maps.
     hash: String,
+    /// The IP pools (for `input.pod_networks`).
+    pools: Vec<IPPool>,
     input: Input,
 }
 
 impl CompilerInput {
-    /// Takes the `policies` and the mode `of` says unless they are the ones
+    /// Takes the objects and the mode `of` says unless they are the ones
     /// it holds.
-    fn refresh(
-        &mut self,
-        of: (u64, PolicyEnforcement),
-        policies: impl FnOnce() -> Vec<NetworkPolicy>,
-    ) {
+    fn refresh(&mut self, of: (u64, PolicyEnforcement), read: impl FnOnce() -> PolicyObjects) {
         if self.of == Some(of) {
             return;
         }
         let (_, enforcement) = of;
-        let policies = policies();
-        self.hash = trellis_policy::generation::policy_hash(enforcement, &policies);
-        self.input.cidrs = CidrTable::from_policies(&policies);
+        let PolicyObjects {
+            policies,
+            bundles,
+            pools,
+        } = read();
+        self.hash = trellis_policy::generation::policy_hash(enforcement, &policies, &bundles);
+        self.input.cidrs = CidrTable::from_objects(&policies, &bundles);
         self.input.policies = policies;
+        self.input.bundles = bundles;
         self.input.enforcement = enforcement;
+        self.pools = pools;
         self.of = Some(of);
     }
 }
@@ -815,14 +843,15 @@ fn report_of(want: &Desired, errors: &[String]) -> PolicyReport {
     }
 }
 
-/// What identifies a compiler input: the policies and the mode (their hash)
-/// and every identity with its named ports. (CIDR identities follow from the
-/// policies.)
+/// What identifies a compiler input: the policies, bundles and the mode
+/// (their hash), every identity with its named ports, and where pod
+/// addresses can be. (CIDR identities follow from the policies and bundles.)
 fn input_key(policy_hash: &str, input: &Input) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     policy_hash.hash(&mut h);
     input.identities.hash(&mut h);
+    input.pod_networks.hash(&mut h);
     h.finish()
 }
 
@@ -870,7 +899,11 @@ mod tests {
             let reads = &reads;
             move || {
                 reads.set(reads.get() + 1);
-                policies
+                PolicyObjects {
+                    policies,
+                    bundles: Vec::new(),
+                    pools: Vec::new(),
+                }
             }
         };
         input.refresh((1, PolicyEnforcement::Default), read(mk_policies(8080)));
@@ -878,7 +911,7 @@ mod tests {
         let first = (input.hash.clone(), input.input.cidrs.clone());
         assert_eq!(
             first.0,
-            trellis_policy::generation::policy_hash(PolicyEnforcement::Default, &mk_policies(8080))
+            trellis_policy::generation::policy_hash(PolicyEnforcement::Default, &mk_policies(8080), &[])
         );
         assert_eq!(first.1, CidrTable::from_policies(&mk_policies(8080)));
         assert_eq!(input.input.policies.len(), 2);
@@ -901,7 +934,7 @@ mod tests {
         assert!(input.input.cidrs.is_empty());
         assert_eq!(
             input.hash,
-            trellis_policy::generation::policy_hash(PolicyEnforcement::Always, &[])
+            trellis_policy::generation::policy_hash(PolicyEnforcement::Always, &[], &[])
         );
     }
 }

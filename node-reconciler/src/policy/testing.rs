@@ -115,7 +115,9 @@ pub fn mk_input_with(policies: Vec<NetworkPolicy>, identities: Vec<IdentityInfo>
         enforcement: PolicyEnforcement::Default,
         cidrs: CidrTable::from_policies(&policies),
         policies,
+        bundles: Vec::new(),
         identities,
+        pod_networks: None,
     }
 }
 

@@ -230,7 +230,9 @@ fn mk_input(enforcement: PolicyEnforcement, policies: Vec<NetworkPolicy>) -> Inp
         enforcement,
         cidrs: CidrTable::from_policies(&policies),
         policies,
+        bundles: Vec::new(),
         identities: world(),
+        pod_networks: None,
     }
 }
 
@@ -301,6 +303,8 @@ fn check(name: &str, input: &Input, endpoint: u32, probes: &[Probe]) -> Compiled
 
 use Dir::{In, Out};
 use Remote::{Host, Ip, Pod};
+
+mod bundles;
 
 fn default_mode(policies: Vec<NetworkPolicy>) -> Input {
     mk_input(PolicyEnforcement::Default, policies)
@@ -898,10 +902,10 @@ fn named_ports_towards_ip_blocks_fail_closed() {
     assert_eq!(
         c.diagnostics,
         [Diagnostic {
-            policy: PolicyRef {
+            source: Source::NetworkPolicy(PolicyRef {
                 namespace: "prod".into(),
                 name: "p".into()
-            },
+            }),
             field: "spec.egress[0].to[0].ipBlock".into(),
             problem: Problem::NamedPortWithIpBlock {
                 name: "http".into()

@@ -66,7 +66,7 @@ use kube::{
 use serde_json::json;
 use tokio::sync::watch;
 use trellis_api::v1alpha1::{
-    NETWORKSTATUS_POLICY_READY, NetworkConfig, NetworkStatus, PolicyEnforcement,
+    NETWORKSTATUS_POLICY_READY, NetworkConfig, NetworkStatus, PolicyBundle, PolicyEnforcement,
 };
 use trellis_e2e::{
     ControlPlane, Pod, StartOptions,
@@ -394,8 +394,8 @@ async fn realized(
     })
 }
 
-/// The hash every node reports once it enforces the NetworkPolicies the apiserver serves
-/// now (all namespaces; the mode from NetworkConfig `default`).
+/// The hash every node reports once it enforces the NetworkPolicies and PolicyBundles the
+/// apiserver serves now (all namespaces; the mode from NetworkConfig `default`).
 async fn expected_hash(client: &Client) -> anyhow::Result<String> {
     let mode = Api::<NetworkConfig>::all(client.clone())
         .get_opt("default")
@@ -408,7 +408,14 @@ async fn expected_hash(client: &Client) -> anyhow::Result<String> {
         .await
         .context("listing NetworkPolicies")?
         .items;
-    Ok(trellis_policy::generation::policy_hash(mode, &policies))
+    let bundles = Api::<PolicyBundle>::all(client.clone())
+        .list(&Default::default())
+        .await
+        .context("listing PolicyBundles")?
+        .items;
+    Ok(trellis_policy::generation::policy_hash(
+        mode, &policies, &bundles,
+    ))
 }
 
 // ---------------------------------------------------------------------------------------------

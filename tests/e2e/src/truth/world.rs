@@ -41,7 +41,7 @@ use kube::{
 use serde_json::json;
 use trellis_api::v1alpha1::{
     NETWORKSTATUS_POLICY_READY, NETWORKSTATUS_READY, NetworkConfig, NetworkStatus,
-    NetworkStatusStatus, NodeEndpoints,
+    NetworkStatusStatus, NodeEndpoints, PolicyBundle,
 };
 
 use super::{
@@ -317,13 +317,18 @@ impl World {
         Ok(Enforcement::Confirmed)
     }
 
-    /// The policy hash of every NetworkPolicy the apiserver serves, under the cluster's
-    /// enforcement mode (see `trellis_policy::generation`).
+    /// The policy hash of every NetworkPolicy and PolicyBundle the apiserver serves, under
+    /// the cluster's enforcement mode (see `trellis_policy::generation`).
     async fn policy_hash(&self) -> Result<String> {
         let policies = Api::<NetworkPolicy>::all(self.client.clone())
             .list(&ListParams::default())
             .await
             .map_err(|e| Error::kube("list NetworkPolicies", e))?
+            .items;
+        let bundles = Api::<PolicyBundle>::all(self.client.clone())
+            .list(&ListParams::default())
+            .await
+            .map_err(|e| Error::kube("list PolicyBundles", e))?
             .items;
         let enforcement = Api::<NetworkConfig>::all(self.client.clone())
             .get_opt("default")
@@ -334,6 +339,7 @@ impl World {
         Ok(trellis_policy::generation::policy_hash(
             enforcement,
             &policies,
+            &bundles,
         ))
     }
 
