@@ -99,7 +99,11 @@ mod tests {
             ),
         ];
         for (mode, policies, hash) in cases {
-            assert_eq!(policy_hash(mode, &policies, &[]), hash, "{mode:?} {policies:?}");
+            assert_eq!(
+                policy_hash(mode, &policies, &[]),
+                hash,
+                "{mode:?} {policies:?}"
+            );
         }
     }
 

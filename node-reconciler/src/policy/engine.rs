@@ -911,7 +911,11 @@ mod tests {
         let first = (input.hash.clone(), input.input.cidrs.clone());
         assert_eq!(
             first.0,
-            trellis_policy::generation::policy_hash(PolicyEnforcement::Default, &mk_policies(8080), &[])
+            trellis_policy::generation::policy_hash(
+                PolicyEnforcement::Default,
+                &mk_policies(8080),
+                &[]
+            )
         );
         assert_eq!(first.1, CidrTable::from_policies(&mk_policies(8080)));
         assert_eq!(input.input.policies.len(), 2);
