@@ -151,6 +151,32 @@ impl Stores {
         tokio::time::timeout(limit, wait).await.is_ok()
     }
 
+    /// A receiver that sees every event any watch applied (the policy
+    /// status loop waits on it; several receivers never steal each other's
+    /// wake-ups, unlike the reconcile loop's `Notify`).
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.updates.subscribe()
+    }
+
+    /// Starts a watch of `K` whose events bump [`Stores::subscribe`]
+    /// receivers but do not wake the reconcile loop (which does not read `K`).
+    pub fn watch_more<K>(&self, client: &Client, tasks: &mut Vec<JoinHandle<()>>) -> Store<K>
+    where
+        K: Resource<DynamicType = ()>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug
+            + Send
+            + Sync
+            + 'static,
+    {
+        let signal = Signal {
+            changed: Arc::new(Notify::new()),
+            updates: self.updates.clone(),
+        };
+        watch_kind::<K>(client, &signal, tasks)
+    }
+
     pub fn snapshot(&self) -> Snapshot {
         Snapshot {
             nodes: self.nodes.state(),

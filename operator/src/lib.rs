@@ -11,7 +11,11 @@
 //!  apply::Writer ── server-side apply, field manager "trellis-operator"
 //! ```
 //!
-//! `ipam`, `desired`, `status`, `conditions` and `plan` are pure
+//! A second loop, `policy_controller`, rolls what the nodes report up into
+//! `PolicyBundle.status` (`policy_status`: desired / realised / lagging
+//! nodes, `Accepted`, `Realized`, `Conflicting`).
+//!
+//! `ipam`, `desired`, `status`, `conditions`, `plan` and `policy_status` are pure
 //! (values in, values out; no client, no clock) and tested in microseconds;
 //! `controller` and `apply` are the thin shell that does the I/O; `lease`
 //! elects the one replica that writes; `ops` serves metrics and health.
@@ -25,4 +29,6 @@ pub mod ipam;
 pub mod lease;
 pub mod ops;
 pub mod plan;
+pub mod policy_controller;
+pub mod policy_status;
 pub mod status;

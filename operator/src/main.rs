@@ -13,12 +13,13 @@ use trellis_operator::apply::Writer;
 use trellis_operator::controller::{self, LoopConfig};
 use trellis_operator::lease::{Elector, LeaseConfig};
 use trellis_operator::ops::{self, ErrorKind, Health, Metrics, WriteKind};
+use trellis_operator::policy_controller::{self, PolicyLoopConfig, PolicyStores};
 
 #[derive(Parser)]
 #[command(
     name = "trellis-operator",
     version,
-    about = "Trellis cluster operator: IPAM and per-node desired state"
+    about = "Trellis cluster operator: IPAM, per-node desired state and policy status"
 )]
 struct Args {
     /// Kubeconfig to use; in-cluster configuration (or $KUBECONFIG) when unset.
@@ -66,7 +67,9 @@ async fn main() -> anyhow::Result<()> {
     ));
 
     let changed = Arc::new(Notify::new());
-    let (stores, watches) = controller::watch_all(&client, changed.clone());
+    let (stores, mut watches) = controller::watch_all(&client, changed.clone());
+    let (policy_stores, policy_watches) = PolicyStores::watch(&client, &stores);
+    watches.extend(policy_watches);
 
     let elector = Elector::new(
         client.clone(),
@@ -122,6 +125,45 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
+    let mut policy_task = {
+        let (client, stores, leading, shutdown) = (
+            client.clone(),
+            stores.clone(),
+            leading.clone(),
+            shutdown.clone(),
+        );
+        let metrics = metrics.clone();
+        tokio::spawn(policy_controller::run(
+            client,
+            stores,
+            policy_stores,
+            leading,
+            shutdown,
+            PolicyLoopConfig::default(),
+            move |pass: &policy_controller::PolicyPass| {
+                for e in &pass.errors {
+                    metrics.error(error_kind(e));
+                    tracing::warn!(error = %e, transient = e.is_transient(), "policy status write failed");
+                }
+                for skipped in &pass.rollup.skipped {
+                    tracing::warn!(%skipped, "ignored an object the schema should have refused");
+                }
+                if pass.written.is_empty() && pass.errors.is_empty() {
+                    tracing::debug!(
+                        took_ms = pass.took.as_millis() as u64,
+                        "policy status unchanged"
+                    );
+                } else {
+                    for (name, status) in &pass.rollup.statuses {
+                        tracing::info!(bundle = %name, desired = status.desired_nodes,
+                            realized = status.realized_nodes, lagging = ?status.lagging_nodes,
+                            hash = %pass.rollup.hash, "PolicyBundle status");
+                    }
+                }
+            },
+        ))
+    };
+
     // Ready (for /readyz) once the caches are synced; the loop starts then.
     let mut controller_task = {
         let (health, shutdown) = (health.clone(), shutdown.clone());
@@ -157,11 +199,13 @@ async fn main() -> anyhow::Result<()> {
             Err(e) => Err(anyhow::anyhow!("leader election task failed: {e}")),
         },
         res = &mut controller_task => Err(anyhow::anyhow!("controller loop ended unexpectedly: {res:?}")),
+        res = &mut policy_task => Err(anyhow::anyhow!("policy status loop ended unexpectedly: {res:?}")),
     };
 
     // Stop writing first, then give the lease back so a standby takes over at once.
     let _ = shutdown_tx.send(true);
     let _ = controller_task.await;
+    let _ = policy_task.await;
     if !election.is_finished() {
         match election.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "releasing the lease failed"),

@@ -20,12 +20,14 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use ipnet::IpNet;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use trellis_api::v1alpha1::{
     Peer, PolicyBundle, PolicyPort, PolicyRule, RuleAction, Subject, Tier,
 };
 
 use crate::cidr::parse_cidr;
+use crate::diagnostic::{Diagnostic, Problem, Severity, Source};
 use crate::identity::{IdentityInfo, IdentityKind, SecurityLabels};
 use crate::selector::Selector;
 use crate::table::Direction;
@@ -277,6 +279,75 @@ fn first_overlap(
     None
 }
 
+/// What is wrong with `bundle` on its own, whichever pods it meets: the
+/// [`Severity::Error`](crate::Severity::Error) diagnostics the compiler
+/// reports for it on every node where it applies (a rule without peers, a
+/// peer that does not set exactly one field, a malformed `ipBlock`, a port
+/// out of range, an `endPort` without a numeric `port`, …), sorted, in the
+/// compiler's words. Empty for a bundle the apiserver's schema admitted,
+/// unless the schema and the compiler disagree; the operator reports a
+/// non-empty list as `Accepted=False`. Warnings (a named port no pod
+/// declares, a verdict that depends on addresses) depend on the pods and
+/// are left to the nodes.
+pub fn validate(bundle: &PolicyBundle) -> Vec<Diagnostic> {
+    let name = name_of(bundle).to_owned();
+    let cidrs = crate::cidr::CidrTable::from_objects(&[] as &[NetworkPolicy], [bundle]);
+    let mut out = BTreeSet::new();
+    let mut report = |field: String, problem: Problem| {
+        if problem.severity() == Severity::Error {
+            out.insert(Diagnostic {
+                source: Source::PolicyBundle(name.clone()),
+                field,
+                problem,
+            });
+        }
+    };
+    for direction in [Direction::Ingress, Direction::Egress] {
+        let dir = match direction {
+            Direction::Ingress => "ingress",
+            Direction::Egress => "egress",
+        };
+        for (index, rule) in rules(bundle, direction).iter().enumerate() {
+            let base = format!("spec.{dir}[{index}]");
+            if rule.peers.is_empty() {
+                report(format!("{base}.peers"), Problem::NoPeers);
+            }
+            for (j, peer) in rule.peers.iter().enumerate() {
+                let field = format!("{base}.peers[{j}]");
+                let set = usize::from(peer.pods.is_some())
+                    + usize::from(peer.namespaces.is_some())
+                    + usize::from(peer.ip_block.is_some());
+                if set != 1 {
+                    report(field, Problem::PeerFields(set));
+                    continue;
+                }
+                let Some(block) = &peer.ip_block else {
+                    continue;
+                };
+                if let Err(problems) =
+                    crate::compile::parse_ip_block(&cidrs, &block.cidr, &block.except)
+                {
+                    for (sub, problem) in problems {
+                        report(format!("{field}.ipBlock{sub}"), problem);
+                    }
+                }
+            }
+            for (k, port) in rule.ports.iter().enumerate() {
+                if let Err(problems) = crate::compile::parse_port(
+                    Ok(port.protocol.into()),
+                    port.port.as_ref(),
+                    port.end_port,
+                ) {
+                    for (sub, problem) in problems {
+                        report(format!("{base}.ports[{k}].{sub}"), problem);
+                    }
+                }
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// What a peer stands for, for overlap checks.
 enum PeerShape {
     Pods(BTreeSet<u32>),
@@ -372,4 +443,103 @@ fn ports_overlap(a: &[PolicyPort], b: &[PolicyPort]) -> bool {
             | (PortShape::Range(p, ..), PortShape::Named(q, _)) => p == q,
         })
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use trellis_api::v1alpha1::{IpBlock, PolicyBundleSpec};
+
+    fn bundle(rule: PolicyRule) -> PolicyBundle {
+        PolicyBundle::new(
+            "b",
+            PolicyBundleSpec {
+                tier: Tier::Admin,
+                priority: 1,
+                subject: Subject::default(),
+                ingress: vec![rule],
+                egress: Vec::new(),
+            },
+        )
+    }
+
+    fn rule(peers: Vec<Peer>, ports: Vec<PolicyPort>) -> PolicyRule {
+        PolicyRule {
+            name: None,
+            action: RuleAction::Deny,
+            peers,
+            ports,
+        }
+    }
+
+    fn block(cidr: &str, except: &[&str]) -> Peer {
+        Peer {
+            ip_block: Some(IpBlock {
+                cidr: cidr.into(),
+                except: except.iter().map(|e| (*e).to_owned()).collect(),
+            }),
+            ..Peer::default()
+        }
+    }
+
+    /// Each error names its field and says what is wrong there; a valid
+    /// bundle has none, and warnings are not errors.
+    #[test]
+    fn validate_names_the_field_of_every_error() {
+        let port = |port: Option<IntOrString>, end_port: Option<i32>| PolicyPort {
+            protocol: trellis_api::v1alpha1::Protocol::Tcp,
+            port,
+            end_port,
+        };
+        let cases: Vec<(PolicyRule, Vec<&str>)> = vec![
+            (
+                rule(
+                    vec![block("10.0.0.0/8", &["10.1.0.0/16"])],
+                    vec![port(Some(IntOrString::Int(80)), Some(90))],
+                ),
+                vec![],
+            ),
+            (
+                rule(vec![], vec![]),
+                vec!["spec.ingress[0].peers: a rule must list at least one peer"],
+            ),
+            (
+                rule(vec![Peer::default()], vec![]),
+                vec![
+                    "spec.ingress[0].peers[0]: a peer must set exactly one of pods, namespaces or ipBlock (this one sets 0)",
+                ],
+            ),
+            (
+                rule(vec![block("10.0.0.0/8", &["192.168.0.0/16"])], vec![]),
+                vec![
+                    "spec.ingress[0].peers[0].ipBlock.except[0]: except 192.168.0.0/16 is not strictly inside cidr 10.0.0.0/8",
+                ],
+            ),
+            (
+                rule(vec![block("not-a-cidr", &[])], vec![]),
+                vec!["spec.ingress[0].peers[0].ipBlock.cidr: invalid CIDR \"not-a-cidr\""],
+            ),
+            (
+                rule(
+                    vec![block("10.0.0.0/8", &[])],
+                    vec![port(Some(IntOrString::Int(70000)), None)],
+                ),
+                vec!["spec.ingress[0].ports[0].port: port 70000 is outside 1-65535"],
+            ),
+            (
+                rule(vec![block("10.0.0.0/8", &[])], vec![port(None, Some(90))]),
+                vec!["spec.ingress[0].ports[0].endPort: endPort needs a numeric port"],
+            ),
+        ];
+        for (rule, want) in cases {
+            let got: Vec<String> = validate(&bundle(rule.clone()))
+                .iter()
+                .map(|d| {
+                    let s = d.to_string();
+                    s.strip_prefix("policybundle b ").unwrap_or(&s).to_owned()
+                })
+                .collect();
+            assert_eq!(got, want, "{rule:?}");
+        }
+    }
 }

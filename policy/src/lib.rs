@@ -37,7 +37,8 @@
 //!   tables, the provenance of every entry, and [`Diagnostic`]s for what
 //!   cannot be enforced (never wider than written).
 //! - [`bundle`]: the order of PolicyBundles, their subjects, how an entry
-//!   names a bundle rule, and [`bundle::conflicts`].
+//!   names a bundle rule, [`bundle::conflicts`], and [`bundle::validate`]
+//!   (what is wrong with one bundle whichever pods it meets).
 //! - [`reference`](mod@reference): the reference evaluator.
 //! - [`selector`]: label selectors, from our CRDs and from Kubernetes.
 //! - `fnv`: the one 64-bit FNV-1a behind every persisted hash (identity
