@@ -29,6 +29,9 @@
 //!   `SecurityIdentity` and `NodeEndpoints` named ports ⇄ the values above.
 //! - [`cidr`]: one identity per distinct `ipBlock` prefix, and the longest
 //!   prefix lookup the IP cache stores for every address.
+//! - [`cluster`]: the [`Input`] from the cluster's objects (mode, policies,
+//!   bundles, `SecurityIdentity`s, `NodeEndpoints` shards, IP pools), the one
+//!   way every node and `kubectl trellis explain` build it.
 //! - [`ports`]: protocols, the minimal aligned cover of a port range, and
 //!   the fewest prefixes that give each port its verdict.
 //! - [`table`]: the map keys and values of 0004 and [`table::lookup`], the
@@ -55,6 +58,7 @@
 
 pub mod bundle;
 pub mod cidr;
+pub mod cluster;
 pub mod compile;
 pub mod diagnostic;
 mod fnv;

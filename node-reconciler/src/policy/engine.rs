@@ -37,7 +37,6 @@ use trellis_api::v1alpha1::{
 };
 use trellis_cni::proto::PodRef;
 use trellis_common::process::until_true;
-use trellis_policy::cidr::CidrTable;
 use trellis_policy::compile::{Input, LocalEndpoint};
 use trellis_policy::identity::{IdentityInfo, IdentityKind, NamedPorts, SecurityLabels, WORLD};
 
@@ -306,7 +305,7 @@ impl Engine {
                 .map(|(a, _)| *a)
                 .chain(locals.iter().flat_map(|l| l.addresses.iter().copied()));
             s.input.input.pod_networks =
-                super::networks::pod_networks(&s.input.pools, pod_addresses);
+                trellis_policy::cluster::pod_networks(&s.input.pools, pod_addresses);
             s.cache.for_input(input_key(&s.input.hash, &s.input.input));
             let world = World {
                 input: &s.input.input,
@@ -364,44 +363,27 @@ impl Engine {
             .get(&ObjectRef::new("default"))
             .map(|c| c.spec.policy_enforcement)
             .unwrap_or_default();
-        let mut named: BTreeMap<u32, NamedPorts> = BTreeMap::new();
-        let mut remote = Vec::new();
-        for shard in self.cluster.shards.state() {
-            let own = shard.name_any() == self.node;
-            for ep in &shard.spec.endpoints {
-                let Ok(id) = u32::try_from(ep.identity) else {
-                    continue;
-                };
-                named
-                    .entry(id)
-                    .or_default()
-                    .extend(&NamedPorts::from_api(&ep.named_ports));
-                if own {
-                    continue;
-                }
-                for a in &ep.addresses {
-                    if let Ok(ip) = a.parse::<IpAddr>() {
-                        remote.push((ip, id));
-                    }
-                }
-            }
-        }
-        let mut identities: Vec<IdentityInfo> = self
-            .cluster
-            .identities
-            .state()
-            .iter()
-            .filter_map(|i| IdentityInfo::try_from(&**i).ok())
+        // The nodes' shards: named ports per identity, and the other nodes'
+        // pod addresses (this node's own come from its endpoints).
+        let shards = self.cluster.shards.state();
+        let read = trellis_policy::cluster::read_shards(shards.iter().map(|s| &**s));
+        let remote = read
+            .addresses
+            .into_iter()
+            .filter(|a| a.node != self.node)
+            .map(|a| (a.address, a.identity))
             .collect();
         // In a fixed order: the compile cache's key hashes them.
-        identities.sort();
+        let identities = trellis_policy::cluster::identity_infos(
+            self.cluster.identities.state().iter().map(|i| &**i),
+        );
         Snapshot {
             policies_of: (revision, enforcement),
             policies: self.cluster.policies.clone(),
             bundles: self.cluster.bundles.clone(),
             pools: self.cluster.pools.clone(),
             identities,
-            named,
+            named: read.named,
             remote,
         }
     }
@@ -742,16 +724,7 @@ impl Snapshot {
                 .or_default()
                 .extend(&l.endpoint.named_ports);
         }
-        self.identities
-            .iter()
-            .map(|i| {
-                let mut i = i.clone();
-                if let Some(p) = named.get(&i.id) {
-                    i.named_ports.extend(p);
-                }
-                i
-            })
-            .collect()
+        trellis_policy::cluster::with_named_ports(&self.identities, &named)
     }
 }
 
@@ -802,10 +775,8 @@ impl CompilerInput {
             pools,
         } = read();
         self.hash = trellis_policy::generation::policy_hash(enforcement, &policies, &bundles);
-        self.input.cidrs = CidrTable::from_objects(&policies, &bundles);
-        self.input.policies = policies;
-        self.input.bundles = bundles;
-        self.input.enforcement = enforcement;
+        // Identities and pod networks: set by every sync, after this.
+        self.input = trellis_policy::cluster::policy_input(enforcement, policies, bundles);
         self.pools = pools;
         self.of = Some(of);
     }
@@ -890,6 +861,7 @@ impl EndpointPolicy for Unavailable {
 mod tests {
     use super::*;
     use crate::policy::testing::mk_policies;
+    use trellis_policy::cidr::CidrTable;
 
     #[test]
     fn the_policies_are_taken_again_only_when_their_revision_or_the_mode_changed() {

@@ -19,8 +19,7 @@
 //!
 //! Around them: [`cluster`] holds the node's watches (NetworkPolicies,
 //! PolicyBundles, IP pools, namespaces, identities, the nodes' endpoint
-//! shards, this node's pods), [`networks`] says where pod addresses can be, and
-//! [`engine`] ties everything to the pods' lifecycle: CNI ADD is answered
+//! shards, this node's pods), and [`engine`] ties everything to the pods' lifecycle: CNI ADD is answered
 //! only once the pod's identity and policy are in the maps and the programs
 //! are on its veth ("no traffic before policy"); every change of the caches
 //! syncs the maps again.
@@ -34,7 +33,6 @@
 pub mod cluster;
 pub mod desired;
 pub mod engine;
-pub mod networks;
 pub mod sync;
 /// Test support, not an API: the builders of the unit tests of `desired`
 /// and `sync`, which the integration tests (`tests/policy_maps.rs`) build

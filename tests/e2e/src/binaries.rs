@@ -6,7 +6,7 @@
 //! - The reference CNI plugins (portmap, bridge, host-local, loopback): one cached directory,
 //!   usable as an entry of `CNI_PATH` ([`cni_plugins_dir`]), built by the same script.
 //! - This workspace's own programs ([`CargoBinary`]: `trellis-operator`, `trellis-node`, the
-//!   CNI plugin `trellis`): an explicit path in the environment, else one `cargo build` of all
+//!   CNI plugin `trellis`, the kubectl plugin `kubectl-trellis`): an explicit path in the environment, else one `cargo build` of all
 //!   their packages' binaries ([`cargo_build_args`]), whichever is asked for.
 
 use std::{
@@ -200,9 +200,17 @@ pub const CNI_PLUGIN: CargoBinary = CargoBinary {
     env_var: "TRELLIS_CNI",
 };
 
-/// Every program of this workspace the sandbox runs. They are always built together, by one
-/// cargo invocation ([`cargo_build_args`]).
-pub const WORKSPACE_BINARIES: [CargoBinary; 3] = [OPERATOR, NODE_AGENT, CNI_PLUGIN];
+/// `kubectl-trellis`, the kubectl plugin (`$TRELLIS_KUBECTL_PLUGIN` overrides it): the sandbox
+/// does not run it, the tests do (`kubectl trellis explain` against the sandbox).
+pub const KUBECTL_PLUGIN: CargoBinary = CargoBinary {
+    package: "kubectl-trellis",
+    bin: "kubectl-trellis",
+    env_var: "TRELLIS_KUBECTL_PLUGIN",
+};
+
+/// Every program of this workspace the sandbox and the tests run. They are always built
+/// together, by one cargo invocation ([`cargo_build_args`]).
+pub const WORKSPACE_BINARIES: [CargoBinary; 4] = [OPERATOR, NODE_AGENT, CNI_PLUGIN, KUBECTL_PLUGIN];
 
 /// Whether this crate was built with optimisations; the workspace's programs are then built
 /// the same way.
@@ -242,7 +250,7 @@ pub fn set_by_cargo(name: &str) -> bool {
 
 /// The arguments of the one `cargo` invocation that builds every binary of
 /// [`WORKSPACE_BINARIES`]: `build -q [--release] -p trellis-operator -p trellis-node
-/// -p trellis-cni --bins`.
+/// -p trellis-cni -p kubectl-trellis --bins`.
 ///
 /// One invocation for all of them, whichever binary is asked for: cargo unifies dependency
 /// features over the packages of an invocation, so building the packages one at a time
@@ -365,7 +373,12 @@ mod tests {
             .collect();
         assert_eq!(
             packages,
-            ["trellis-operator", "trellis-node", "trellis-cni"]
+            [
+                "trellis-operator",
+                "trellis-node",
+                "trellis-cni",
+                "kubectl-trellis"
+            ]
         );
         for binary in WORKSPACE_BINARIES {
             assert!(packages.contains(&binary.package), "{binary:?}");

@@ -204,7 +204,7 @@ async fn samples_apply(ctx: &Ctx) -> Outcome {
     let mut want = vec![
         "networkconfig/default".to_owned(),
         "ippools=2".to_owned(),
-        "policybundles=1".to_owned(),
+        "policybundles=5".to_owned(),
         "nodenetworks=1".to_owned(),
         "networkstatuses=1".to_owned(),
         "securityidentities=1".to_owned(),

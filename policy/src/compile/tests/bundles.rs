@@ -126,12 +126,8 @@ fn with_bundles(
     bundles: Vec<PolicyBundle>,
 ) -> Input {
     Input {
-        enforcement,
-        cidrs: CidrTable::from_objects(&policies, &bundles),
-        policies,
-        bundles,
         identities: world(),
-        pod_networks: None,
+        ..crate::cluster::policy_input(enforcement, policies, bundles)
     }
 }
 

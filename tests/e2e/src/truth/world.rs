@@ -481,6 +481,23 @@ impl World {
         }
     }
 
+    /// Probe once from pod `from` to pod `to` (`ns/name` keys) on `grid`, as a table cell is
+    /// probed (a probe expected to get through is retried, up to [`DENIAL_TRIES`]); what it
+    /// saw and whether the connection got through. `None` when either pod is not in the world.
+    pub async fn probe_pair(
+        &self,
+        from: &str,
+        to: &str,
+        grid: Grid,
+        expected_allowed: bool,
+    ) -> Option<(Observed, bool)> {
+        let from = self.pods.iter().position(|p| p.key == from)?;
+        let to = self.pods.iter().position(|p| p.key == to)?;
+        let (observed, _) = self.probe_cell(grid, from, to, expected_allowed).await;
+        let allowed = observed.is_allowed(&self.pods[to].key);
+        Some((observed, allowed))
+    }
+
     /// Make `step`'s changes, wait for them, and check its grids.
     pub async fn run_step(&self, step: &Step) -> std::result::Result<Vec<Reachability>, StepError> {
         self.change(&step.changes).await?;
