@@ -376,6 +376,9 @@ pub fn explain(objects: &Objects, query: &Query) -> Result<Explanation, ExplainE
                 }
             }
         })?;
+    if to.as_ref().is_some_and(|t| t.name == from.name) {
+        return Ok(loopback(&from, to_address, from_address, query));
+    }
     let to_identity = to.as_ref().map_or(WORLD, |r| r.endpoint.identity);
     if to.is_none() {
         notes.push(format!(
@@ -446,6 +449,39 @@ pub fn explain(objects: &Objects, query: &Query) -> Result<Explanation, ExplainE
         notes,
     })
 }
+
+/// A pod connecting to itself: the packets go over its network namespace's
+/// loopback and never reach the datapath, so no policy applies (as in
+/// Kubernetes' own NetworkPolicy tests).
+fn loopback(pod: &Resolved, to: IpAddr, from: IpAddr, query: &Query) -> Explanation {
+    let side = |direction: Direction| Side {
+        direction: direction_name(direction),
+        pod: pod.name.to_string(),
+        enforced: false,
+        allowed: true,
+        rule: LOOPBACK.to_owned(),
+        rule_id: None,
+    };
+    let end = |address| End {
+        pod: Some(pod.name.to_string()),
+        identity: pod.endpoint.identity,
+        address,
+    };
+    Explanation {
+        from: end(from),
+        to: end(to),
+        protocol: query.port.protocol.as_str(),
+        port: query.port.port,
+        egress: side(Direction::Egress),
+        ingress: Some(side(Direction::Ingress)),
+        allowed: true,
+        notes: Vec::new(),
+    }
+}
+
+/// The deciding rule of both sides of a pod's connection to itself.
+pub const LOOPBACK: &str =
+    "the pod reaches itself: the packets never leave its network namespace, no policy applies";
 
 /// The compiler's input, built as every node builds it.
 pub fn input_of(objects: &Objects, shards: &Shards) -> Input {

@@ -377,6 +377,50 @@ fn nothing_isolates_and_the_mode_decides() {
 }
 
 #[test]
+fn a_pod_reaching_itself_is_never_policed() {
+    // Even isolated both ways and under Always, by name or by its own address.
+    let mut o = four_pods(PolicyEnforcement::Always);
+    o.policies.push(policy(
+        "x",
+        "deny-all",
+        json!({"podSelector": {}, "policyTypes": ["Ingress", "Egress"]}),
+    ));
+    for to in ["x/a", "10.244.1.1"] {
+        check(
+            &o,
+            &[Case {
+                what: "x/a to itself",
+                query: query("x/a", to, "8080"),
+                egress: (true, LOOPBACK),
+                ingress: Some((true, LOOPBACK)),
+            }],
+        );
+    }
+    let e = explain(&o, &query("x/a", "x/a", "80/UDP")).expect("explained");
+    assert!(!e.egress.enforced && e.egress.rule_id.is_none() && e.allowed);
+    assert_eq!(
+        (e.from.address, e.to.address),
+        ("10.244.1.1".parse().unwrap(), "10.244.1.1".parse().unwrap())
+    );
+    // Another pod is still denied.
+    check(
+        &o,
+        &[Case {
+            what: "x/a to x/b",
+            query: query("x/a", "x/b", "8080"),
+            egress: (
+                false,
+                "isolated by networkpolicy x/deny-all (egress), nothing allowed",
+            ),
+            ingress: Some((
+                false,
+                "isolated by networkpolicy x/deny-all (ingress), nothing allowed",
+            )),
+        }],
+    );
+}
+
+#[test]
 fn an_ipblock_peer_and_an_address_outside_the_cluster() {
     let mut o = four_pods(PolicyEnforcement::Default);
     o.policies.push(policy(
