@@ -6,15 +6,11 @@
 //!
 //! `cargo test -p trellis-e2e --test explain`. Needs root; state dir `/tmp/trellis-e2e-explain`.
 
-use std::path::Path;
-
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use serde_json::{Value, json};
 use trellis_api::v1alpha1::PolicyBundle;
-use trellis_e2e::binaries::KUBECTL_PLUGIN;
-use trellis_e2e::controlplane::repo_root;
-use trellis_e2e::truth::{Change, Enforcement, Grid, Protocol, World, policy};
+use trellis_e2e::truth::{Change, Enforcement, Grid, Protocol, World, explain::Explainer, policy};
 
 const FIELD_MANAGER: &str = "trellis-e2e-explain";
 
@@ -126,34 +122,16 @@ fn bundles() -> Vec<Value> {
 }
 
 /// `kubectl-trellis explain … -o json` (and the text form, which must agree on the verdict).
-async fn explain(binary: &Path, kubeconfig: &Path, p: &Pair) -> Value {
-    let port = format!("{}/{}", p.port, p.protocol.as_k8s());
-    let run = |output: &'static str| {
-        let port = port.clone();
-        async move {
-            let out = tokio::process::Command::new(binary)
-                .args([
-                    "explain", "--from", p.from, "--to", p.to, "--port", &port, "-o", output,
-                ])
-                .arg("--kubeconfig")
-                .arg(kubeconfig)
-                .output()
-                .await
-                .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
-            let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-            let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-            assert!(
-                out.status.success(),
-                "kubectl-trellis explain --from {} --to {} --port {port} -o {output}: {}\n{stdout}{stderr}",
-                p.from,
-                p.to,
-                out.status
-            );
-            stdout
-        }
-    };
-    let json: Value = serde_json::from_str(&run("json").await).expect("JSON output");
-    let text = run("text").await;
+async fn explain(explainer: &Explainer, p: &Pair) -> Value {
+    let grid = Grid::new(p.protocol, p.port);
+    let json = explainer
+        .explain(p.from, p.to, grid)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let text = explainer
+        .run(p.from, p.to, grid, "text")
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
     let verdict = if json["allowed"] == json!(true) {
         "verdict: allowed"
     } else {
@@ -173,11 +151,9 @@ async fn explain_agrees_with_the_datapath() {
     let world = World::start("explain")
         .await
         .unwrap_or_else(|e| panic!("the truth-table world starts: {e}"));
-    let binary = KUBECTL_PLUGIN
-        .resolve(&repo_root())
+    let explainer = Explainer::new(&world.control_plane().kubeconfig_path())
         .await
         .unwrap_or_else(|e| panic!("the kubectl-trellis binary: {e}"));
-    let kubeconfig = world.control_plane().kubeconfig_path();
 
     let np = Change::Apply(Box::new(policy(
         "x",
@@ -210,7 +186,7 @@ async fn explain_agrees_with_the_datapath() {
 
     let mut failures = Vec::new();
     for p in pairs() {
-        let json = explain(&binary, &kubeconfig, &p).await;
+        let json = explain(&explainer, &p).await;
         let said = json["allowed"].as_bool().expect("allowed is a bool");
         let (observed, got_through) = world
             .probe_pair(p.from, p.to, Grid::new(p.protocol, p.port), said)

@@ -23,13 +23,8 @@
 //! Each sandboxed test has its own state dir, `/tmp/trellis-e2e-np-<case>`. Needs root.
 
 use serde_json::json;
-use trellis_e2e::{
-    Sandbox,
-    truth::{
-        self, Addresses, Case, Enforcement, Step, World,
-        case::{apply_change, synthetic_snapshot},
-        expected_tables, policy,
-    },
+use trellis_e2e::truth::{
+    self, Addresses, Case, Enforcement, Step, World, expected_tables, policy,
 };
 
 /// Starts the world in its own sandbox and runs `steps` as case `name`.
@@ -157,55 +152,7 @@ async fn without_policies_every_pod_reaches_every_pod() {
 #[test]
 fn the_case_list_checks_out_against_the_oracle() {
     assert!(CASES.len() >= 30, "{} cases", CASES.len());
-    let mut names: Vec<&str> = CASES.iter().map(|c| c.name).collect();
-    names.sort_unstable();
-    names.dedup();
-    assert_eq!(names.len(), CASES.len(), "case names are unique");
-    let addresses = Addresses::synthetic();
-    let grids = truth::all_grids();
-    let allowed = |snapshot: &truth::Snapshot| -> Vec<bool> {
-        expected_tables(snapshot, &grids)
-            .iter()
-            .flat_map(|t| (0..9).flat_map(move |f| (0..9).map(move |to| t.expected_allowed(f, to))))
-            .collect()
-    };
-    for case in CASES {
-        // Its sandbox's node socket paths must fit (see NodeDirs::check_socket_path).
-        let dir = std::env::temp_dir().join(format!("trellis-e2e-np-{}", case.name));
-        Sandbox::new(dir)
-            .node_dirs("trellis-node-1")
-            .check_socket_path()
-            .unwrap_or_else(|e| panic!("case {}: {e}", case.name));
-        let mut snapshot = synthetic_snapshot(&addresses);
-        let mut before = allowed(&snapshot);
-        let steps = (case.steps)(&addresses);
-        assert!(!steps.is_empty(), "case {}", case.name);
-        for (i, step) in steps.iter().enumerate() {
-            let at = format!("case {} step {} ({})", case.name, i + 1, step.what);
-            assert!(!step.changes.is_empty() && !step.grids.is_empty(), "{at}");
-            for change in &step.changes {
-                check_names(change, &at);
-                apply_change(&mut snapshot, change);
-            }
-            let after = allowed(&snapshot);
-            assert_ne!(before, after, "{at}: changes nothing the tables show");
-            before = after;
-        }
-    }
-}
-
-/// A change names only the world's namespaces and pods, and a policy has a name.
-fn check_names(change: &truth::Change, at: &str) {
-    let ns_ok = |ns: &str| truth::NAMESPACES.contains(&ns);
-    let ok = match change {
-        truth::Change::Apply(p) => {
-            p.metadata.name.is_some() && ns_ok(p.metadata.namespace.as_deref().unwrap_or_default())
-        }
-        truth::Change::Delete { namespace, .. } => ns_ok(namespace),
-        truth::Change::LabelPod { pod, .. } => truth::pod_keys().contains(pod),
-        truth::Change::LabelNamespace { namespace, .. } => ns_ok(namespace),
-    };
-    assert!(ok, "{at}: {change} names something the world does not have");
+    truth::case::check_case_list(CASES, "np");
 }
 
 // ---------------------------------------------------------------------------------------------

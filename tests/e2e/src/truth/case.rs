@@ -14,6 +14,7 @@ use k8s_openapi::api::{
     networking::v1::NetworkPolicy,
 };
 use kube::api::ObjectMeta;
+use trellis_api::v1alpha1::PolicyBundle;
 
 use super::{
     NAMESPACES, POD_NAMES, PORTS, Protocol, Snapshot, all_grids, node_of, pod_keys, port_name,
@@ -76,12 +77,16 @@ impl Addresses {
 }
 
 /// One change to the cluster.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Change {
     /// Create or update (server-side apply) a NetworkPolicy.
     Apply(Box<NetworkPolicy>),
     /// Delete a NetworkPolicy.
     Delete { namespace: String, name: String },
+    /// Create or update (server-side apply) a PolicyBundle.
+    ApplyBundle(Box<PolicyBundle>),
+    /// Delete a PolicyBundle.
+    DeleteBundle { name: String },
     /// Set (`Some`) or remove (`None`) a label of a running pod (`namespace/name`).
     LabelPod {
         pod: String,
@@ -112,6 +117,14 @@ impl fmt::Display for Change {
             Change::Delete { namespace, name } => {
                 write!(f, "delete NetworkPolicy {namespace}/{name}")
             }
+            Change::ApplyBundle(b) => write!(
+                f,
+                "apply PolicyBundle {} ({:?} {})",
+                b.metadata.name.as_deref().unwrap_or_default(),
+                b.spec.tier,
+                b.spec.priority
+            ),
+            Change::DeleteBundle { name } => write!(f, "delete PolicyBundle {name}"),
             Change::LabelPod { pod, key, value } => {
                 write!(f, "label pod {pod} {}", label(key, value))
             }
@@ -125,7 +138,7 @@ impl fmt::Display for Change {
 }
 
 /// Changes, then the grids to check once they are in effect.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Step {
     /// What the step does, for the report.
     pub what: String,
@@ -153,6 +166,17 @@ impl Step {
             namespace: namespace.into(),
             name: name.into(),
         });
+        self
+    }
+
+    pub fn apply_bundle(mut self, bundle: PolicyBundle) -> Self {
+        self.changes.push(Change::ApplyBundle(Box::new(bundle)));
+        self
+    }
+
+    pub fn delete_bundle(mut self, name: &str) -> Self {
+        self.changes
+            .push(Change::DeleteBundle { name: name.into() });
         self
     }
 
@@ -228,6 +252,19 @@ pub fn policy(namespace: &str, name: &str, spec: serde_json::Value) -> NetworkPo
     .unwrap_or_else(|e| panic!("NetworkPolicy {namespace}/{name}: {e}"))
 }
 
+/// A PolicyBundle `name` with `spec` as JSON, written as in a manifest:
+/// `bundle("trellis-no-ssh", json!({"tier": "Admin", "priority": 10, "ingress": […]}))`.
+/// Panics on a spec that is not a PolicyBundleSpec (a broken case).
+pub fn bundle(name: &str, spec: serde_json::Value) -> PolicyBundle {
+    serde_json::from_value(serde_json::json!({
+        "apiVersion": "network.trellis.dev/v1alpha1",
+        "kind": "PolicyBundle",
+        "metadata": {"name": name},
+        "spec": spec,
+    }))
+    .unwrap_or_else(|e| panic!("PolicyBundle {name}: {e}"))
+}
+
 /// The namespace `name` as the world creates it: labelled `ns=<name>`.
 pub fn namespace(name: &str) -> Namespace {
     Namespace {
@@ -294,7 +331,7 @@ pub fn synthetic_snapshot(addresses: &Addresses) -> Snapshot {
     Snapshot {
         namespaces,
         pods,
-        policies: Vec::new(),
+        ..Snapshot::default()
     }
 }
 
@@ -317,6 +354,15 @@ pub fn apply_change(snapshot: &mut Snapshot, change: &Change) {
             p.metadata.namespace.as_deref() != Some(namespace.as_str())
                 || p.metadata.name.as_deref() != Some(name.as_str())
         }),
+        Change::ApplyBundle(bundle) => {
+            snapshot
+                .bundles
+                .retain(|b| b.metadata.name != bundle.metadata.name);
+            snapshot.bundles.push((**bundle).clone());
+        }
+        Change::DeleteBundle { name } => snapshot
+            .bundles
+            .retain(|b| b.metadata.name.as_deref() != Some(name.as_str())),
         Change::LabelPod { pod, key, value } => {
             let (ns, name) = pod.split_once('/').unwrap_or_default();
             for p in &mut snapshot.pods {
@@ -339,6 +385,68 @@ pub fn apply_change(snapshot: &mut Snapshot, change: &Change) {
             }
         }
     }
+}
+
+/// Checks a case list without a sandbox: names are unique, every case builds, names only
+/// objects of the world (bundles named `trellis-…`), and each of its steps changes the
+/// oracle's tables; the sandbox of each (`/tmp/trellis-e2e-<prefix>-<case>`) has node socket
+/// paths that fit. Panics, naming the case and step, at the first that does not.
+pub fn check_case_list(cases: &[Case], prefix: &str) {
+    let mut names: Vec<&str> = cases.iter().map(|c| c.name).collect();
+    names.sort_unstable();
+    names.dedup();
+    assert_eq!(names.len(), cases.len(), "case names are unique");
+    let addresses = Addresses::synthetic();
+    let grids = all_grids();
+    let allowed = |snapshot: &Snapshot| -> Vec<bool> {
+        super::expected_tables(snapshot, &grids)
+            .iter()
+            .flat_map(|t| (0..9).flat_map(move |f| (0..9).map(move |to| t.expected_allowed(f, to))))
+            .collect()
+    };
+    for case in cases {
+        let dir = std::env::temp_dir().join(format!("trellis-e2e-{prefix}-{}", case.name));
+        crate::Sandbox::new(dir)
+            .node_dirs("trellis-node-1")
+            .check_socket_path()
+            .unwrap_or_else(|e| panic!("case {}: {e}", case.name));
+        let mut snapshot = synthetic_snapshot(&addresses);
+        let mut before = allowed(&snapshot);
+        let steps = (case.steps)(&addresses);
+        assert!(!steps.is_empty(), "case {}", case.name);
+        for (i, step) in steps.iter().enumerate() {
+            let at = format!("case {} step {} ({})", case.name, i + 1, step.what);
+            assert!(!step.changes.is_empty() && !step.grids.is_empty(), "{at}");
+            for change in &step.changes {
+                check_names(change, &at);
+                apply_change(&mut snapshot, change);
+            }
+            let after = allowed(&snapshot);
+            assert_ne!(before, after, "{at}: changes nothing the tables show");
+            before = after;
+        }
+    }
+}
+
+/// A change names only the world's namespaces and pods, and a policy has a name.
+fn check_names(change: &Change, at: &str) {
+    let ns_ok = |ns: &str| NAMESPACES.contains(&ns);
+    let ok = match change {
+        Change::Apply(p) => {
+            p.metadata.name.is_some() && ns_ok(p.metadata.namespace.as_deref().unwrap_or_default())
+        }
+        Change::Delete { namespace, .. } => ns_ok(namespace),
+        // Cluster-scoped: named like everything the tests make.
+        Change::ApplyBundle(b) => b
+            .metadata
+            .name
+            .as_deref()
+            .is_some_and(|n| n.starts_with("trellis-")),
+        Change::DeleteBundle { name } => name.starts_with("trellis-"),
+        Change::LabelPod { pod, .. } => pod_keys().contains(pod),
+        Change::LabelNamespace { namespace, .. } => ns_ok(namespace),
+    };
+    assert!(ok, "{at}: {change} names something the world does not have");
 }
 
 #[cfg(test)]

@@ -20,7 +20,9 @@
 //! [`oracle`], [`table`] and [`case`] are pure, and the case list can be checked against the
 //! oracle without a sandbox ([`case::synthetic_snapshot`]).
 
+mod bundles;
 pub mod case;
+pub mod explain;
 pub mod oracle;
 pub mod table;
 pub mod traffic;
@@ -30,7 +32,7 @@ use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
 
-pub use case::{Addresses, Case, Change, Step, policy};
+pub use case::{Addresses, Case, Change, Step, bundle, policy};
 pub use oracle::{Connection, Protocol, Snapshot, Verdict};
 pub use table::{Grid, Reachability};
 pub use traffic::Observed;

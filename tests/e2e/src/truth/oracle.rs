@@ -27,6 +27,10 @@
 
 use std::{collections::BTreeMap, fmt, net::IpAddr};
 
+use trellis_api::v1alpha1::{PolicyBundle, Tier};
+
+use super::bundles;
+
 use k8s_openapi::{
     api::{
         core::v1::{Namespace, Pod},
@@ -64,6 +68,8 @@ pub struct Snapshot {
     pub namespaces: Vec<Namespace>,
     pub pods: Vec<Pod>,
     pub policies: Vec<NetworkPolicy>,
+    /// Every PolicyBundle (cluster-scoped).
+    pub bundles: Vec<PolicyBundle>,
 }
 
 /// One connection attempt: `from`, at `from_ip`, opens `protocol`/`port` to `to` at `to_ip`.
@@ -88,11 +94,46 @@ pub enum Side {
     Allowed { by: Vec<String> },
     /// Isolated by these policies, and none of them has a rule that matches.
     Denied { isolated_by: Vec<String> },
+    /// A PolicyBundle rule matched first and its action (`Allow` or `Deny`) decided.
+    Bundle(BundleRule),
+}
+
+/// The PolicyBundle rule that decided one side.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BundleRule {
+    pub bundle: String,
+    pub tier: Tier,
+    pub priority: i32,
+    /// `ingress` or `egress`: the list the rule is in.
+    pub direction: &'static str,
+    /// Index in that list.
+    pub rule: usize,
+    /// `Allow` (true) or `Deny` (false).
+    pub allows: bool,
+}
+
+impl fmt::Display for BundleRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} by policybundle {} ({:?} {}) spec.{}[{}]",
+            if self.allows { "allowed" } else { "denied" },
+            self.bundle,
+            self.tier,
+            self.priority,
+            self.direction,
+            self.rule
+        )
+    }
 }
 
 impl Side {
     pub fn allows(&self) -> bool {
-        !matches!(self, Side::Denied { .. })
+        match self {
+            Side::Denied { .. } => false,
+            Side::Bundle(rule) => rule.allows,
+            Side::Loopback | Side::NotIsolated | Side::Allowed { .. } => true,
+        }
     }
 }
 
@@ -107,6 +148,7 @@ impl fmt::Display for Side {
                 "isolated by {} and no rule matches",
                 isolated_by.join(", ")
             ),
+            Side::Bundle(rule) => write!(f, "{rule}"),
         }
     }
 }
@@ -132,7 +174,7 @@ impl fmt::Display for Verdict {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
+pub(super) enum Direction {
     Ingress,
     Egress,
 }
@@ -142,6 +184,15 @@ impl Direction {
         match self {
             Direction::Ingress => "Ingress",
             Direction::Egress => "Egress",
+        }
+    }
+
+    /// The local pod, the peer and the peer's address of `c` seen from this side: on egress
+    /// the sender is local, on ingress the receiver.
+    pub(super) fn ends<'a>(self, c: &Connection<'a>) -> (&'a Pod, &'a Pod, IpAddr) {
+        match self {
+            Direction::Egress => (c.from, c.to, c.to_ip),
+            Direction::Ingress => (c.to, c.from, c.from_ip),
         }
     }
 }
@@ -160,13 +211,19 @@ pub fn evaluate(snapshot: &Snapshot, connection: &Connection) -> Verdict {
     }
 }
 
-/// One direction: for egress the local pod is the sender and the peer the receiver; for
-/// ingress the other way round. The port is always the receiver's.
+/// One direction, in stages: the first that decides wins.
 fn side(snapshot: &Snapshot, c: &Connection, direction: Direction) -> Side {
-    let (local, peer, peer_ip) = match direction {
-        Direction::Egress => (c.from, c.to, c.to_ip),
-        Direction::Ingress => (c.to, c.from, c.from_ip),
-    };
+    bundles::stage(snapshot, c, direction, Tier::Admin)
+        .or_else(|| network_policy_side(snapshot, c, direction))
+        .or_else(|| bundles::stage(snapshot, c, direction, Tier::Baseline))
+        .unwrap_or(Side::NotIsolated)
+}
+
+/// The NetworkPolicy stage of one direction: for egress the local pod is the sender and the
+/// peer the receiver; for ingress the other way round. The port is always the receiver's.
+/// `None` when no policy isolates the pod in this direction.
+fn network_policy_side(snapshot: &Snapshot, c: &Connection, direction: Direction) -> Option<Side> {
+    let (local, peer, peer_ip) = direction.ends(c);
     let mut isolated_by = Vec::new();
     let mut allowed_by = Vec::new();
     for policy in &snapshot.policies {
@@ -207,11 +264,11 @@ fn side(snapshot: &Snapshot, c: &Connection, direction: Direction) -> Side {
         isolated_by.push(name);
     }
     if isolated_by.is_empty() {
-        Side::NotIsolated
+        None
     } else if allowed_by.is_empty() {
-        Side::Denied { isolated_by }
+        Some(Side::Denied { isolated_by })
     } else {
-        Side::Allowed { by: allowed_by }
+        Some(Side::Allowed { by: allowed_by })
     }
 }
 
@@ -379,11 +436,11 @@ pub fn cidr_contains(cidr: &str, ip: IpAddr) -> bool {
     network.checked_shr(shift).unwrap_or(0) == ip.checked_shr(shift).unwrap_or(0)
 }
 
-fn labels(labels: &Option<BTreeMap<String, String>>) -> BTreeMap<String, String> {
+pub(super) fn labels(labels: &Option<BTreeMap<String, String>>) -> BTreeMap<String, String> {
     labels.clone().unwrap_or_default()
 }
 
-fn key(pod: &Pod) -> (Option<&str>, Option<&str>) {
+pub(super) fn key(pod: &Pod) -> (Option<&str>, Option<&str>) {
     (
         pod.metadata.namespace.as_deref(),
         pod.metadata.name.as_deref(),
@@ -478,6 +535,7 @@ mod tests {
                     namespaces: ["x", "y", "z"].map(mk_ns).to_vec(),
                     pods,
                     policies,
+                    bundles: Vec::new(),
                 },
             }
         }
@@ -988,5 +1046,283 @@ mod tests {
             ["x/b", "y/a", "y/b", "y/c"]
         );
         assert_eq!(no_deny.senders("x/a", Protocol::Tcp, 81), ["x/b"]);
+    }
+
+    // --- PolicyBundles: the stages around NetworkPolicy ------------------------------------
+
+    fn pb(name: &str, spec: serde_json::Value) -> PolicyBundle {
+        serde_json::from_value(json!({
+            "apiVersion": "network.trellis.dev/v1alpha1",
+            "kind": "PolicyBundle",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .unwrap()
+    }
+
+    fn with_bundles(policies: Vec<NetworkPolicy>, bundles: Vec<PolicyBundle>) -> World {
+        let mut w = World::new(policies);
+        w.snapshot.bundles = bundles;
+        w
+    }
+
+    fn bundle_side(
+        bundle: &str,
+        tier: Tier,
+        priority: i32,
+        direction: &'static str,
+        rule: usize,
+        allows: bool,
+    ) -> Side {
+        Side::Bundle(BundleRule {
+            bundle: bundle.into(),
+            tier,
+            priority,
+            direction,
+            rule,
+            allows,
+        })
+    }
+
+    /// Into namespace y: `action` from namespace z.
+    fn into_y_from_z(name: &str, tier: &str, priority: i32, action: &str) -> PolicyBundle {
+        pb(
+            name,
+            json!({
+                "tier": tier, "priority": priority,
+                "subject": {"namespaceSelector": {"matchLabels": {"ns": "y"}}},
+                "ingress": [{"action": action, "peers": [{"namespaces": {"matchLabels": {"ns": "z"}}}]}],
+            }),
+        )
+    }
+
+    fn allow_all_ingress(namespace: &str) -> NetworkPolicy {
+        np(
+            namespace,
+            "allow-all",
+            json!({"podSelector": {}, "ingress": [{}]}),
+        )
+    }
+
+    #[test]
+    fn an_admin_deny_beats_a_networkpolicy_allow() {
+        let w = with_bundles(
+            vec![allow_all_ingress("y")],
+            vec![into_y_from_z("no-z", "Admin", 10, "Deny")],
+        );
+        assert_eq!(
+            w.senders("y/a", Protocol::Udp, 81),
+            except(&ALL, &["y/a", "z/a", "z/b", "z/c"])
+        );
+        assert_eq!(
+            w.verdict("z/b", "y/a", Protocol::Tcp, 80).ingress,
+            bundle_side("no-z", Tier::Admin, 10, "ingress", 0, false)
+        );
+        // Egress of z is not the bundle's subject.
+        assert_eq!(
+            w.verdict("z/b", "y/a", Protocol::Tcp, 80).egress,
+            Side::NotIsolated
+        );
+        // The others are the NetworkPolicy's.
+        assert_eq!(
+            w.verdict("x/b", "y/a", Protocol::Tcp, 80).ingress,
+            Side::Allowed {
+                by: vec!["y/allow-all".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn an_admin_allow_beats_networkpolicy_isolation() {
+        let w = with_bundles(
+            vec![np(
+                "y",
+                "deny-all",
+                json!({"podSelector": {}, "policyTypes": ["Ingress"]}),
+            )],
+            vec![into_y_from_z("from-z", "Admin", 10, "Allow")],
+        );
+        assert_eq!(w.senders("y/c", Protocol::Tcp, 80), ["z/a", "z/b", "z/c"]);
+        assert_eq!(
+            w.verdict("x/a", "y/c", Protocol::Tcp, 80).ingress,
+            Side::Denied {
+                isolated_by: vec!["y/deny-all".into()]
+            }
+        );
+    }
+
+    #[test]
+    fn pass_skips_the_rest_of_the_tier_and_networkpolicy_decides() {
+        let deny_all = pb(
+            "deny-all-into-y",
+            json!({
+                "tier": "Admin", "priority": 20,
+                "subject": {"namespaceSelector": {"matchLabels": {"ns": "y"}}},
+                "ingress": [{"action": "Deny", "peers": [{"namespaces": {}}]}],
+            }),
+        );
+        let w = with_bundles(vec![], vec![deny_all.clone()]);
+        assert_eq!(w.senders("y/a", Protocol::Tcp, 80), ["y/a"; 0]);
+        // A Pass of z at priority 10 skips the deny at 20: nothing isolates y/a, allowed.
+        let w = with_bundles(
+            vec![],
+            vec![
+                deny_all.clone(),
+                into_y_from_z("pass-z", "Admin", 10, "Pass"),
+            ],
+        );
+        assert_eq!(w.senders("y/a", Protocol::Tcp, 80), ["z/a", "z/b", "z/c"]);
+        assert_eq!(
+            w.verdict("z/a", "y/a", Protocol::Tcp, 80).ingress,
+            Side::NotIsolated
+        );
+        // Then y's NetworkPolicy decides what is passed.
+        let w = with_bundles(
+            vec![np(
+                "y",
+                "from-a",
+                json!({"podSelector": {}, "ingress": [{"from": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"pod": "a"}}}]}]}),
+            )],
+            vec![deny_all, into_y_from_z("pass-z", "Admin", 10, "Pass")],
+        );
+        assert_eq!(w.senders("y/b", Protocol::Tcp, 80), ["z/a"]);
+        assert_eq!(
+            w.verdict("z/b", "y/b", Protocol::Tcp, 80).ingress,
+            Side::Denied {
+                isolated_by: vec!["y/from-a".into()]
+            }
+        );
+        // A Pass in the Baseline tier leaves it to the mode's default.
+        let w = with_bundles(
+            vec![],
+            vec![
+                into_y_from_z("b-pass-z", "Baseline", 1, "Pass"),
+                pb(
+                    "b-deny",
+                    json!({"tier": "Baseline", "priority": 2,
+                           "ingress": [{"action": "Deny", "peers": [{"namespaces": {}}]}]}),
+                ),
+            ],
+        );
+        assert_eq!(w.senders("y/b", Protocol::Tcp, 80), ["z/a", "z/b", "z/c"]);
+        assert_eq!(w.senders("x/b", Protocol::Tcp, 80), ["x/a"; 0]);
+    }
+
+    #[test]
+    fn baseline_decides_only_where_no_networkpolicy_isolates() {
+        let w = with_bundles(
+            vec![np(
+                "y",
+                "a-from-x",
+                json!({"podSelector": {"matchLabels": {"pod": "a"}},
+                       "ingress": [{"from": [{"namespaceSelector": {"matchLabels": {"ns": "x"}}}]}]}),
+            )],
+            vec![into_y_from_z("baseline-no-z", "Baseline", 5, "Deny")],
+        );
+        // y/a is isolated by the NetworkPolicy: it decides (z denied as "nothing allowed").
+        assert_eq!(w.senders("y/a", Protocol::Tcp, 80), ["x/a", "x/b", "x/c"]);
+        assert_eq!(
+            w.verdict("z/a", "y/a", Protocol::Tcp, 80).ingress,
+            Side::Denied {
+                isolated_by: vec!["y/a-from-x".into()]
+            }
+        );
+        // y/b is not: the Baseline denies z, the default allows the rest.
+        assert_eq!(
+            w.senders("y/b", Protocol::Tcp, 80),
+            except(&ALL, &["y/b", "z/a", "z/b", "z/c"])
+        );
+        assert_eq!(
+            w.verdict("z/a", "y/b", Protocol::Tcp, 80).ingress,
+            bundle_side("baseline-no-z", Tier::Baseline, 5, "ingress", 0, false)
+        );
+    }
+
+    #[test]
+    fn priorities_then_names_order_bundles_and_the_first_rule_matches() {
+        let allow = into_y_from_z("b-allow", "Admin", 10, "Allow");
+        let deny = into_y_from_z("a-deny", "Admin", 20, "Deny");
+        let w = with_bundles(vec![], vec![deny.clone(), allow.clone()]);
+        assert!(w.tcp("z/a", "y/a", 80), "priority 10 first");
+        let mut deny_first = deny.clone();
+        deny_first.spec.priority = 10;
+        let w = with_bundles(vec![], vec![allow, deny_first]);
+        assert!(
+            !w.tcp("z/a", "y/a", 80),
+            "same priority: by name, a-deny first"
+        );
+        // Within a bundle, the first matching rule.
+        let ordered = pb(
+            "ordered",
+            json!({
+                "priority": 1,
+                "subject": {"podSelector": {"matchLabels": {"pod": "c"}}},
+                "ingress": [
+                    {"action": "Allow", "peers": [{"pods": {"podSelector": {"matchLabels": {"pod": "a"}}}}],
+                     "ports": [{"port": 80}]},
+                    {"action": "Deny", "peers": [{"ipBlock": {"cidr": "0.0.0.0/0"}}]},
+                ],
+            }),
+        );
+        let w = with_bundles(vec![], vec![ordered]);
+        assert_eq!(w.senders("x/c", Protocol::Tcp, 80), ["x/a", "y/a", "z/a"]);
+        assert_eq!(w.senders("x/c", Protocol::Tcp, 81), ["x/a"; 0]);
+        assert_eq!(
+            w.verdict("y/a", "x/c", Protocol::Tcp, 81).ingress,
+            bundle_side("ordered", Tier::Admin, 1, "ingress", 1, false)
+        );
+    }
+
+    #[test]
+    fn bundle_ports_and_egress() {
+        let w = with_bundles(
+            vec![],
+            vec![pb(
+                "x-egress",
+                json!({
+                    "priority": 3,
+                    "subject": {"namespaceSelector": {"matchLabels": {"ns": "x"}}},
+                    "egress": [
+                        {"action": "Deny", "peers": [{"namespaces": {"matchLabels": {"ns": "z"}}}],
+                         "ports": [{"protocol": "UDP", "port": 80, "endPort": 81}]},
+                        {"action": "Deny", "peers": [{"pods": {"namespaceSelector": {"matchLabels": {"ns": "y"}}}}],
+                         "ports": [{"port": "serve-81-tcp"}]},
+                    ],
+                }),
+            )],
+        );
+        assert_eq!(
+            w.receivers("x/a", Protocol::Udp, 80),
+            except(&ALL, &["x/a", "z/a", "z/b", "z/c"])
+        );
+        assert_eq!(
+            w.receivers("x/a", Protocol::Udp, 81),
+            except(&ALL, &["x/a", "z/a", "z/b", "z/c"])
+        );
+        assert_eq!(
+            w.receivers("x/a", Protocol::Tcp, 81),
+            except(&ALL, &["x/a", "y/a", "y/b", "y/c"])
+        );
+        assert_eq!(
+            w.receivers("x/a", Protocol::Tcp, 80),
+            except(&ALL, &["x/a"])
+        );
+        assert_eq!(
+            w.verdict("x/a", "y/b", Protocol::Tcp, 81).egress,
+            bundle_side("x-egress", Tier::Admin, 3, "egress", 1, false)
+        );
+        // An ipBlock matches pod addresses, with its holes.
+        let w = with_bundles(
+            vec![],
+            vec![pb(
+                "no-10-1",
+                json!({"priority": 1, "ingress": [{"action": "Deny",
+                        "peers": [{"ipBlock": {"cidr": "10.0.1.0/24", "except": ["10.0.1.2/32"]}}]}]}),
+            )],
+        );
+        assert_eq!(
+            w.senders("x/a", Protocol::Tcp, 80),
+            except(&ALL, &["x/a", "y/a", "y/c"])
+        );
     }
 }

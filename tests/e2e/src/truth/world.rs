@@ -12,7 +12,7 @@
 //!     └─ servers in every pod's netns: TCP and UDP 80, 81, answering "<ns>/<pod>"
 //!
 //!  World::run_step(step)
-//!     ├─ change                 apply/delete NetworkPolicies, patch labels
+//!     ├─ change                 apply/delete NetworkPolicies and PolicyBundles, patch labels
 //!     ├─ wait_policy_applied    → Enforcement (Unconfirmed until NetworkStatus says more)
 //!     ├─ snapshot + oracle      expected tables
 //!     └─ rounds of probes       every cell of every grid, ≤ MAX_IN_FLIGHT at once; a cell
@@ -233,6 +233,11 @@ impl World {
             .await
             .map_err(|e| Error::kube("list NetworkPolicies", e))?
             .items;
+        snapshot.bundles = Api::<PolicyBundle>::all(self.client.clone())
+            .list(&lp)
+            .await
+            .map_err(|e| Error::kube("list PolicyBundles", e))?
+            .items;
         Ok(snapshot)
     }
 
@@ -255,6 +260,18 @@ impl World {
                 }
                 Change::Delete { namespace, name } => {
                     Api::<NetworkPolicy>::namespaced(self.client.clone(), namespace)
+                        .delete(name, &DeleteParams::default())
+                        .await
+                        .map_err(|e| Error::kube(&what, e))?;
+                }
+                Change::ApplyBundle(bundle) => {
+                    Api::<PolicyBundle>::all(self.client.clone())
+                        .patch(&bundle.name_any(), &apply, &Patch::Apply(bundle.as_ref()))
+                        .await
+                        .map_err(|e| Error::kube(&what, e))?;
+                }
+                Change::DeleteBundle { name } => {
+                    Api::<PolicyBundle>::all(self.client.clone())
                         .delete(name, &DeleteParams::default())
                         .await
                         .map_err(|e| Error::kube(&what, e))?;
@@ -285,8 +302,8 @@ impl World {
 
     /// Wait until `changes` can be expected in effect on every node, and say how sure that
     /// is. First until the apiserver serves every change. A step that only applies or deletes
-    /// NetworkPolicies is then [`Enforcement::Confirmed`] once every node's NetworkStatus says
-    /// `PolicyReady=True` with the `policyHash` of the policies the apiserver serves (computed
+    /// NetworkPolicies and PolicyBundles is then [`Enforcement::Confirmed`] once every node's NetworkStatus says
+    /// `PolicyReady=True` with the `policyHash` of the policies and bundles the apiserver serves (computed
     /// here from the list, with the hash's published encoding): each node's maps hold them. A
     /// label change moves a pod to another identity, which reaches other nodes through its
     /// node's NodeEndpoints shard and no status says when: [`Enforcement::Unconfirmed`].
@@ -297,10 +314,15 @@ impl World {
             })
             .await;
         }
-        if changes
-            .iter()
-            .any(|c| !matches!(c, Change::Apply(_) | Change::Delete { .. }))
-        {
+        if changes.iter().any(|c| {
+            !matches!(
+                c,
+                Change::Apply(_)
+                    | Change::Delete { .. }
+                    | Change::ApplyBundle(_)
+                    | Change::DeleteBundle { .. }
+            )
+        }) {
             return Ok(Enforcement::Unconfirmed);
         }
         let want = self.policy_hash().await?;
@@ -359,6 +381,18 @@ impl World {
             }
             Change::Delete { namespace, name } => matches!(
                 Api::<NetworkPolicy>::namespaced(self.client.clone(), namespace)
+                    .get_opt(name)
+                    .await,
+                Ok(None)
+            ),
+            Change::ApplyBundle(bundle) => matches!(
+                Api::<PolicyBundle>::all(self.client.clone())
+                    .get_opt(&bundle.name_any())
+                    .await,
+                Ok(Some(_))
+            ),
+            Change::DeleteBundle { name } => matches!(
+                Api::<PolicyBundle>::all(self.client.clone())
                     .get_opt(name)
                     .await,
                 Ok(None)
