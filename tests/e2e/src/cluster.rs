@@ -5,6 +5,7 @@
 //! ```text
 //!  start_cluster(opts, nodes, pools)   the sandbox of `opts` with `nodes` numbered nodes, the
 //!                                      operator and a trellis-node each; then `pools` applied
+//!  apply_namespace(client, name)       Namespace <name> labelled ns=<name> (server-side apply)
 //!  app_pod(namespace, name, node, app) a PodSpec labelled app=<app>
 //!  add_pods(pods, specs)               every pod at once; each with its address, in order
 //! ```
@@ -12,6 +13,11 @@
 use std::net::IpAddr;
 
 use futures::future::join_all;
+use k8s_openapi::api::core::v1::Namespace;
+use kube::{
+    Api, Client,
+    api::{Patch, PatchParams},
+};
 use trellis_api::v1alpha1::IPPool;
 
 use crate::{
@@ -34,6 +40,20 @@ pub async fn start_cluster(
     let cp = ControlPlane::start(opts.with_cluster(nodes)?).await?;
     samples::apply_ippools(&cp.client(), pools, field_manager).await?;
     Ok(cp)
+}
+
+/// Applies Namespace `name`, labelled `ns=<name>` (server-side, as `field_manager`, forced):
+/// what the policies of the tests select namespaces by.
+pub async fn apply_namespace(client: &Client, name: &str, field_manager: &str) -> Result<()> {
+    Api::<Namespace>::all(client.clone())
+        .patch(
+            name,
+            &PatchParams::apply(field_manager).force(),
+            &Patch::Apply(crate::truth::case::namespace(name)),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("apply Namespace {name}"), e))?;
+    Ok(())
 }
 
 /// Pod `name` of namespace `namespace` on node `node`, labelled `app=<app>`: what the policies

@@ -124,6 +124,28 @@ pub async fn client(path: &Path) -> Result<kube::Client> {
 mod tests {
     use super::*;
 
+    /// A fresh PKI and its admin kubeconfig for https://127.0.0.1:40123, in a temporary
+    /// directory (removed when dropped).
+    fn admin_kubeconfig() -> (crate::certs::Pki, tempfile::TempDir, std::path::PathBuf) {
+        let pki = crate::certs::Pki::generate().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("trellis-kc-")
+            .tempdir()
+            .unwrap();
+        let path = dir.path().join("kubeconfig");
+        std::fs::write(
+            &path,
+            render(
+                "https://127.0.0.1:40123",
+                &pki.ca_cert,
+                &pki.admin_cert,
+                &pki.admin_key,
+            ),
+        )
+        .unwrap();
+        (pki, dir, path)
+    }
+
     #[test]
     fn renders_a_kubeconfig_kube_can_read() {
         let text = render(
@@ -156,22 +178,7 @@ mod tests {
 
     #[tokio::test]
     async fn token_kubeconfig_carries_the_admin_one_s_server_and_ca() {
-        let pki = crate::certs::Pki::generate().unwrap();
-        let dir = tempfile::Builder::new()
-            .prefix("trellis-kc-")
-            .tempdir()
-            .unwrap();
-        let admin = dir.path().join("kubeconfig");
-        std::fs::write(
-            &admin,
-            render(
-                "https://127.0.0.1:40123",
-                &pki.ca_cert,
-                &pki.admin_cert,
-                &pki.admin_key,
-            ),
-        )
-        .unwrap();
+        let (pki, dir, admin) = admin_kubeconfig();
         let (server, ca) = server_and_ca(&admin).unwrap();
         assert_eq!(
             (server.as_str(), ca.as_str()),
@@ -202,22 +209,7 @@ mod tests {
 
     #[tokio::test]
     async fn rendered_kubeconfig_loads_into_a_client_config() {
-        let pki = crate::certs::Pki::generate().unwrap();
-        let dir = tempfile::Builder::new()
-            .prefix("trellis-kc-")
-            .tempdir()
-            .unwrap();
-        let path = dir.path().join("kubeconfig");
-        std::fs::write(
-            &path,
-            render(
-                "https://127.0.0.1:40123",
-                &pki.ca_cert,
-                &pki.admin_cert,
-                &pki.admin_key,
-            ),
-        )
-        .unwrap();
+        let (_pki, _dir, path) = admin_kubeconfig();
         let config = config(&path).await.unwrap();
         assert_eq!(config.cluster_url.to_string(), "https://127.0.0.1:40123/");
         assert_eq!(config.default_namespace, "default");

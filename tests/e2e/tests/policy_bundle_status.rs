@@ -20,7 +20,6 @@
 
 use std::time::Duration;
 
-use k8s_openapi::api::core::v1::Namespace;
 use kube::{
     Api,
     api::{Patch, PatchParams},
@@ -32,12 +31,9 @@ use trellis_api::v1alpha1::{
 };
 use trellis_e2e::{
     StartOptions,
-    cluster::{add_pods, app_pod, start_cluster},
+    cluster::{add_pods, app_pod, apply_namespace, start_cluster},
     samples,
-    truth::{
-        case::namespace,
-        world::{FIELD_MANAGER, wait_nodes_ready},
-    },
+    truth::world::{FIELD_MANAGER, wait_nodes_ready},
 };
 
 const TEST: &str = "policy-bundle-status";
@@ -123,12 +119,7 @@ async fn bundle_status_counts_realised_and_lagging_nodes() {
     let client = cp.client();
     let nodes = cp.nodes();
     wait_nodes_ready(&client, 3).await;
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            NAMESPACE,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(namespace(NAMESPACE)),
-        )
+    apply_namespace(&client, NAMESPACE, FIELD_MANAGER)
         .await
         .expect("apply the namespace");
     add_pods(

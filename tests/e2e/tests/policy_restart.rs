@@ -48,7 +48,7 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
     Api, Client, ResourceExt as _,
     api::{Patch, PatchParams},
@@ -64,11 +64,11 @@ use tokio::{
 use trellis_api::v1alpha1::{NETWORKSTATUS_POLICY_READY, NetworkStatus, NodeEndpoints};
 use trellis_e2e::{
     Nodes, StartOptions, agent,
-    cluster::{add_pods, app_pod, start_cluster},
+    cluster::{add_pods, app_pod, apply_namespace, start_cluster},
     process::Outcome,
     samples,
     truth::{
-        case::{namespace, policy},
+        case::policy,
         traffic::in_netns,
         world::{FIELD_MANAGER, wait_nodes_ready},
     },
@@ -627,12 +627,7 @@ async fn denied_port_stays_closed_across_node_agent_crashes() {
     let client = cp.client();
     let nodes = cp.nodes();
     wait_nodes_ready(&client, 2).await;
-    Api::<Namespace>::all(client.clone())
-        .patch(
-            NAMESPACE,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(namespace(NAMESPACE)),
-        )
+    apply_namespace(&client, NAMESPACE, FIELD_MANAGER)
         .await
         .expect("apply the namespace");
 

@@ -46,12 +46,12 @@ use trellis_api::v1alpha1::{
 
 use super::{
     Addresses, Change, Grid, NAMESPACES, NODES, PORTS, Reachability, Snapshot, Step,
-    case::{Case, namespace, pod_specs},
+    case::{Case, pod_specs},
     expected_tables, pod_keys,
     traffic::{self, Observed, PROBE_TIMEOUT, Servers},
 };
 use crate::{
-    cluster::{add_pods, start_cluster},
+    cluster::{add_pods, apply_namespace, start_cluster},
     controlplane::{ControlPlane, StartOptions},
     error::{Error, Result},
     samples, wait_for,
@@ -153,13 +153,8 @@ impl World {
         let client = cp.client();
         wait_nodes_ready(&client, NODES).await;
 
-        let ns_api: Api<Namespace> = Api::all(client.clone());
-        let apply = PatchParams::apply(FIELD_MANAGER).force();
         for name in NAMESPACES {
-            ns_api
-                .patch(name, &apply, &Patch::Apply(namespace(name)))
-                .await
-                .map_err(|e| Error::kube(format!("apply Namespace {name}"), e))?;
+            apply_namespace(&client, name, FIELD_MANAGER).await?;
         }
         let pods: Vec<WorldPod> = add_pods(&cp.pods(), &pod_specs())
             .await?
