@@ -8,8 +8,9 @@ use std::collections::BTreeMap;
 use kube::CustomResourceExt;
 use serde_json::Value;
 use trellis_api::v1alpha1::{
-    MAX_NODE_NAMED_PORTS, NamedPort, NodeEndpoints, NodeEndpointsSpec, PodEndpoint, Protocol,
-    SecurityIdentity, SecurityIdentitySpec,
+    MAX_ENDPOINT_NAMED_PORTS, MAX_NODE_ENDPOINTS, MAX_NODE_ENDPOINTS_BYTES, MAX_NODE_NAMED_PORTS,
+    NamedPort, NodeEndpoints, NodeEndpointsSpec, PodEndpoint, Protocol, SecurityIdentity,
+    SecurityIdentitySpec, ShardLimit,
 };
 
 const KIB: usize = 1024;
@@ -40,51 +41,148 @@ fn endpoints_object(endpoints: Vec<PodEndpoint>) -> NodeEndpoints {
     NodeEndpoints::new("node-a", NodeEndpointsSpec { endpoints })
 }
 
-#[test]
-fn a_full_node_endpoints_shard_stays_under_etcds_limit() {
+/// The longest strings the schema admits, for every field of an endpoint.
+fn longest_endpoint(named_ports: usize) -> PodEndpoint {
     let spec = spec_schema::<NodeEndpoints>();
-    let list = &spec["properties"]["endpoints"];
-    let item = &list["items"]["properties"];
+    let item = &spec["properties"]["endpoints"]["items"]["properties"];
     let ports = &item["namedPorts"];
-    let max_endpoints = bound(list, "maxItems");
-    let max_ports = bound(ports, "maxItems");
-    let total_rule = spec["x-kubernetes-validations"][0]["rule"]
-        .as_str()
-        .expect("the named-port total rule");
-    assert!(
-        total_rule.ends_with(&format!("<= {MAX_NODE_NAMED_PORTS}")),
-        "{total_rule}"
-    );
-
     let s = |schema: &Value| "x".repeat(bound(schema, "maxLength"));
-    let port = NamedPort {
-        name: s(&ports["items"]["properties"]["name"]),
-        protocol: Protocol::Sctp,
-        port: 65535,
-    };
-    let mut ports_left = MAX_NODE_NAMED_PORTS;
-    let endpoints = (0..max_endpoints)
-        .map(|_| {
-            let n = ports_left.min(max_ports);
-            ports_left -= n;
-            PodEndpoint {
-                namespace: s(&item["namespace"]),
-                name: s(&item["name"]),
-                addresses: vec![
-                    s(&item["addresses"]["items"]);
-                    bound(&item["addresses"], "maxItems")
-                ],
-                identity: 16_777_215,
-                named_ports: vec![port.clone(); n],
-            }
-        })
+    PodEndpoint {
+        namespace: s(&item["namespace"]),
+        name: s(&item["name"]),
+        addresses: vec![s(&item["addresses"]["items"]); bound(&item["addresses"], "maxItems")],
+        identity: 16_777_215,
+        named_ports: vec![
+            NamedPort {
+                name: s(&ports["items"]["properties"]["name"]),
+                protocol: Protocol::Sctp,
+                port: 65535,
+            };
+            named_ports.min(bound(ports, "maxItems"))
+        ],
+    }
+}
+
+#[test]
+fn the_size_estimate_bounds_the_json_from_above() {
+    let spec = spec_schema::<NodeEndpoints>();
+    let rules: Vec<&str> = spec["x-kubernetes-validations"]
+        .as_array()
+        .expect("list-wide rules")
+        .iter()
+        .filter_map(|r| r["rule"].as_str())
         .collect();
-    let size = json_len(&endpoints_object(endpoints));
     assert!(
-        size < ETCD_BUDGET,
-        "the largest NodeEndpoints the schema admits is {} KiB",
+        rules
+            .iter()
+            .any(|r| r.ends_with(&format!("<= {MAX_NODE_ENDPOINTS_BYTES}"))),
+        "{rules:?}"
+    );
+    // Every endpoint shape the schema admits, at its longest and at its shortest.
+    let shortest = PodEndpoint {
+        namespace: "n".into(),
+        name: "p".into(),
+        addresses: vec!["::".into()],
+        identity: 256,
+        named_ports: vec![],
+    };
+    for (what, e) in [
+        ("longest, no named port", longest_endpoint(0)),
+        ("longest, 64 named ports", longest_endpoint(64)),
+        ("shortest", shortest),
+    ] {
+        let list = NodeEndpointsSpec {
+            endpoints: vec![e.clone(); 3],
+        };
+        let json = json_len(&list.endpoints);
+        assert!(
+            list.estimated_bytes() >= json,
+            "{what}: estimate {} < JSON {json}",
+            list.estimated_bytes()
+        );
+        // Not much more either (an empty namedPorts is left out, 15 bytes; a short identity
+        // saves 5; a named port counts 1 more than its longest): the budget is not wasted.
+        let slack = 3 * (24 + e.named_ports.len());
+        assert!(
+            list.estimated_bytes() <= json + slack,
+            "{what}: estimate {} for JSON {json}",
+            list.estimated_bytes()
+        );
+    }
+}
+
+#[test]
+fn a_full_node_endpoints_shard_stays_under_the_object_budget() {
+    // As many of the longest endpoints as the limits admit, the named-port total spent.
+    let mut spec = NodeEndpointsSpec::default();
+    let mut ports_left = MAX_NODE_NAMED_PORTS;
+    loop {
+        let e = longest_endpoint(ports_left);
+        let mut next = spec.clone();
+        next.endpoints.push(e.clone());
+        if next.check_limits().is_err() {
+            break;
+        }
+        ports_left -= e.named_ports.len();
+        spec = next;
+    }
+    assert!(spec.endpoints.len() > 100, "{}", spec.endpoints.len());
+    let size = json_len(&NodeEndpoints::new(&"n".repeat(253), spec));
+    assert!(
+        size < OBJECT_BUDGET,
+        "the largest NodeEndpoints the limits admit is {} KiB",
         size / KIB
     );
+    assert!(size < ETCD_BUDGET);
+}
+
+#[test]
+fn shard_limits_say_which_one() {
+    let one = |named_ports: usize| PodEndpoint {
+        namespace: "payments".into(),
+        name: "checkout-0".into(),
+        addresses: vec!["10.244.1.2".into()],
+        identity: 300,
+        named_ports: (0..named_ports)
+            .map(|i| NamedPort {
+                name: format!("p-{i}"),
+                protocol: Protocol::Tcp,
+                port: 1000 + i32::try_from(i).expect("small"),
+            })
+            .collect(),
+    };
+    let spec = |n: usize, named_ports: usize| NodeEndpointsSpec {
+        endpoints: vec![one(named_ports); n],
+    };
+    assert_eq!(spec(MAX_NODE_ENDPOINTS, 0).check_limits(), Ok(()));
+    assert_eq!(
+        spec(MAX_NODE_ENDPOINTS + 1, 0).check_limits(),
+        Err(ShardLimit::Endpoints(MAX_NODE_ENDPOINTS + 1))
+    );
+    let err = spec(1, MAX_ENDPOINT_NAMED_PORTS + 1)
+        .check_limits()
+        .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "pod payments/checkout-0 has 65 named container ports, more than the 64 a pod may publish"
+    );
+    assert_eq!(
+        spec(MAX_NODE_NAMED_PORTS / 16 + 1, 16).check_limits(),
+        Err(ShardLimit::NamedPorts(MAX_NODE_NAMED_PORTS + 16))
+    );
+    let long = PodEndpoint {
+        name: "x".repeat(253),
+        ..one(0)
+    };
+    let fits = MAX_NODE_ENDPOINTS_BYTES / long.estimated_bytes();
+    let list = |n: usize| NodeEndpointsSpec {
+        endpoints: vec![long.clone(); n],
+    };
+    assert_eq!(list(fits).check_limits(), Ok(()));
+    assert!(matches!(
+        list(fits + 1).check_limits(),
+        Err(ShardLimit::Bytes(_))
+    ));
 }
 
 #[test]

@@ -22,6 +22,143 @@ pub const MAX_NODE_NAMED_PORTS: usize = 2048;
 ///
 /// Written only by that node's `trellis-node`, whole, at most about once a
 /// second; every node watches every shard. Users never write it.
+/// At most this many bytes for `spec.endpoints` as JSON, by the estimate
+/// [`NodeEndpointsSpec::estimated_bytes`] (which the schema's CEL rule
+/// computes alike): the object's 256 KiB budget less room for `metadata`.
+pub const MAX_NODE_ENDPOINTS_BYTES: usize = 240 * 1024;
+/// JSON bytes of one endpoint besides its strings and lists' items:
+/// `{"namespace":"","name":"","addresses":[],"identity":16777215,"namedPorts":[]},`
+/// is 77.
+const ENDPOINT_BYTES: usize = 80;
+/// JSON bytes of one address besides its text: `"",`.
+const ADDRESS_BYTES: usize = 3;
+/// JSON bytes of one named port besides its name:
+/// `{"name":"","protocol":"SCTP","port":65535},` is 43.
+const NAMED_PORT_BYTES: usize = 44;
+
+/// Why a shard does not fit what the schema admits.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ShardLimit {
+    /// More endpoints than [`MAX_NODE_ENDPOINTS`].
+    #[error("{0} pods, more than the {MAX_NODE_ENDPOINTS} a node's NodeEndpoints can list")]
+    Endpoints(usize),
+    /// One pod with more named ports than [`MAX_ENDPOINT_NAMED_PORTS`].
+    #[error(
+        "pod {pod} has {count} named container ports, more than the {MAX_ENDPOINT_NAMED_PORTS} a pod may publish"
+    )]
+    EndpointNamedPorts {
+        /// `namespace/name`.
+        pod: String,
+        /// How many it has.
+        count: usize,
+    },
+    /// More named ports in all than [`MAX_NODE_NAMED_PORTS`].
+    #[error(
+        "{0} named ports in all, more than the {MAX_NODE_NAMED_PORTS} a node's NodeEndpoints can list"
+    )]
+    NamedPorts(usize),
+    /// Over [`MAX_NODE_ENDPOINTS_BYTES`].
+    #[error(
+        "about {0} bytes of names, addresses and named ports, more than the {MAX_NODE_ENDPOINTS_BYTES} a node's NodeEndpoints can hold"
+    )]
+    Bytes(usize),
+}
+
+impl NodeEndpointsSpec {
+    /// An upper bound of `spec.endpoints`' JSON size, computed as the
+    /// schema's CEL rule computes it (every string counts its characters,
+    /// all ASCII by the schema).
+    pub fn estimated_bytes(&self) -> usize {
+        self.endpoints
+            .iter()
+            .map(PodEndpoint::estimated_bytes)
+            .sum()
+    }
+
+    /// Whether the apiserver would take this spec as far as the list-wide
+    /// limits go (count, named ports per pod and in all, size); each
+    /// endpoint's own fields are checked by the schema alone.
+    pub fn check_limits(&self) -> Result<(), ShardLimit> {
+        if self.endpoints.len() > MAX_NODE_ENDPOINTS {
+            return Err(ShardLimit::Endpoints(self.endpoints.len()));
+        }
+        if let Some(e) = self
+            .endpoints
+            .iter()
+            .find(|e| e.named_ports.len() > MAX_ENDPOINT_NAMED_PORTS)
+        {
+            return Err(ShardLimit::EndpointNamedPorts {
+                pod: format!("{}/{}", e.namespace, e.name),
+                count: e.named_ports.len(),
+            });
+        }
+        let ports: usize = self.endpoints.iter().map(|e| e.named_ports.len()).sum();
+        if ports > MAX_NODE_NAMED_PORTS {
+            return Err(ShardLimit::NamedPorts(ports));
+        }
+        let bytes = self.estimated_bytes();
+        if bytes > MAX_NODE_ENDPOINTS_BYTES {
+            return Err(ShardLimit::Bytes(bytes));
+        }
+        Ok(())
+    }
+}
+
+impl NodeEndpointsSpec {
+    /// The spec of `endpoints`, in their order, leaving out each one that
+    /// would break a limit of [`NodeEndpointsSpec::check_limits`] (with the
+    /// limit it breaks): what a node can still write when it holds more than
+    /// a shard can list.
+    pub fn fitting(endpoints: Vec<PodEndpoint>) -> (Self, Vec<(PodEndpoint, ShardLimit)>) {
+        let (mut kept, mut left_out) = (Vec::new(), Vec::new());
+        let (mut ports, mut bytes) = (0, 0);
+        for e in endpoints {
+            let limit = if kept.len() >= MAX_NODE_ENDPOINTS {
+                Some(ShardLimit::Endpoints(kept.len() + 1))
+            } else if e.named_ports.len() > MAX_ENDPOINT_NAMED_PORTS {
+                Some(ShardLimit::EndpointNamedPorts {
+                    pod: format!("{}/{}", e.namespace, e.name),
+                    count: e.named_ports.len(),
+                })
+            } else if ports + e.named_ports.len() > MAX_NODE_NAMED_PORTS {
+                Some(ShardLimit::NamedPorts(ports + e.named_ports.len()))
+            } else if bytes + e.estimated_bytes() > MAX_NODE_ENDPOINTS_BYTES {
+                Some(ShardLimit::Bytes(bytes + e.estimated_bytes()))
+            } else {
+                None
+            };
+            match limit {
+                Some(limit) => left_out.push((e, limit)),
+                None => {
+                    ports += e.named_ports.len();
+                    bytes += e.estimated_bytes();
+                    kept.push(e);
+                }
+            }
+        }
+        (NodeEndpointsSpec { endpoints: kept }, left_out)
+    }
+}
+
+impl PodEndpoint {
+    /// This endpoint's share of [`NodeEndpointsSpec::estimated_bytes`].
+    pub fn estimated_bytes(&self) -> usize {
+        ENDPOINT_BYTES
+            + self.namespace.len()
+            + self.name.len()
+            + self
+                .addresses
+                .iter()
+                .map(|a| ADDRESS_BYTES + a.len())
+                .sum::<usize>()
+            + self
+                .named_ports
+                .iter()
+                .map(|p| NAMED_PORT_BYTES + p.name.len())
+                .sum::<usize>()
+    }
+}
+
 #[derive(
     CustomResource, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, KubeSchema,
 )]
@@ -45,6 +182,11 @@ pub const MAX_NODE_NAMED_PORTS: usize = 2048;
 )).message(kube::core::Message::Message(format!(
     "spec.endpoints may hold at most {MAX_NODE_NAMED_PORTS} named ports in all, so the object stays far below etcd's size limit"
 ))).field_path(".endpoints"))]
+#[x_kube(validation = kube::core::Rule::new(format!(
+    "!has(self.endpoints) || self.endpoints.map(e, {ENDPOINT_BYTES} + size(e.namespace) + size(e.name) + e.addresses.map(a, {ADDRESS_BYTES} + size(a)).sum() + (has(e.namedPorts) ? e.namedPorts.map(p, {NAMED_PORT_BYTES} + size(p.name)).sum() : 0)).sum() <= {MAX_NODE_ENDPOINTS_BYTES}"
+)).message(kube::core::Message::Message(format!(
+    "spec.endpoints would take more than {MAX_NODE_ENDPOINTS_BYTES} bytes (names, addresses and named ports of every pod), over the 256 KiB object budget"
+))).field_path(".endpoints"))]
 pub struct NodeEndpointsSpec {
     /// The node's pods that have an address, in any order, each once.
     ///
@@ -52,10 +194,12 @@ pub struct NodeEndpointsSpec {
     /// Kubernetes' default is 110), which leaves room for pods that are still
     /// terminating while their replacements start. A typical entry (two
     /// addresses, two named ports) takes about 230 bytes, so a node with 110
-    /// pods writes about 25 KiB and 1024 such pods about 230 KiB, inside the
-    /// 256 KiB object budget. With every string, list and the named-port
-    /// total at its bound the object is about 600 KiB, below etcd's 1.5 MiB
-    /// request limit, so a node's write is never refused for its size.
+    /// pods writes about 25 KiB and 1024 such pods about 230 KiB. A CEL rule
+    /// bounds the list's size (an estimate of its JSON, 80 bytes per pod plus
+    /// its strings, 3 per address, 44 per named port) to 240 KiB, so the
+    /// object stays inside the 256 KiB budget whatever the pods' names; the
+    /// node refuses a pod that would not fit (CNI ADD fails and says why)
+    /// rather than write a shard the apiserver refuses.
     ///
     /// An atomic list: the node always writes it whole, and an atomic list
     /// keeps server-side apply's `managedFields` one entry long instead of

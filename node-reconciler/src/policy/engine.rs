@@ -33,7 +33,7 @@ use serde_json::json;
 use tokio::sync::{Notify, watch};
 use trellis_api::v1alpha1::{
     IPPool, NodeEndpoints, NodeEndpointsSpec, PodEndpoint, PolicyBundle, PolicyEnforcement,
-    SecurityIdentity,
+    SecurityIdentity, ShardLimit,
 };
 use trellis_cni::proto::PodRef;
 use trellis_common::process::until_true;
@@ -603,31 +603,21 @@ impl Engine {
         }
     }
 
+    /// The shard this node writes: every local pod that fits (see
+    /// [`NodeEndpointsSpec::fitting`]; admission keeps the rest from
+    /// starting, so only endpoints adopted from a run with other limits can
+    /// be left out, and each is logged).
     fn shard_spec(&self) -> NodeEndpointsSpec {
-        let s = lock(&self.state);
-        let mut endpoints: Vec<PodEndpoint> = s
-            .locals
-            .values()
-            .filter_map(|l| {
-                let r = l.resolved.as_ref()?;
-                // Only pods: an endpoint without one has no identity to share.
-                let pod = l.pod.as_ref()?;
-                if IdentityKind::of(r.identity) != IdentityKind::Pod {
-                    return None;
-                }
-                Some(PodEndpoint {
-                    namespace: pod.namespace.clone(),
-                    name: pod.name.clone(),
-                    addresses: l.addresses.iter().map(ToString::to_string).collect(),
-                    identity: i32::try_from(r.identity).ok()?,
-                    named_ports: r.named_ports.to_api(),
-                })
-            })
-            .collect();
-        endpoints.sort_by(|a, b| {
-            (&a.namespace, &a.name, &a.addresses).cmp(&(&b.namespace, &b.name, &b.addresses))
-        });
-        NodeEndpointsSpec { endpoints }
+        let endpoints = shard_endpoints(&lock(&self.state).locals);
+        let (spec, left_out) = NodeEndpointsSpec::fitting(endpoints);
+        for (e, limit) in &left_out {
+            tracing::warn!(
+                pod = %format!("{}/{}", e.namespace, e.name),
+                %limit,
+                "pod left out of this node's NodeEndpoints: other nodes take its traffic as from outside the cluster"
+            );
+        }
+        spec
     }
 
     async fn wait_started(&self) -> Result<(), EndpointError> {
@@ -642,20 +632,80 @@ impl Engine {
     }
 }
 
+/// The shard entries of the local pods, sorted: every endpoint that stands
+/// for a pod with a pod identity (an endpoint without a pod has no identity
+/// to share).
+fn shard_endpoints(locals: &BTreeMap<String, LocalState>) -> Vec<PodEndpoint> {
+    let mut endpoints: Vec<PodEndpoint> = locals
+        .values()
+        .filter_map(|l| {
+            let r = l.resolved.as_ref()?;
+            let pod = l.pod.as_ref()?;
+            if IdentityKind::of(r.identity) != IdentityKind::Pod {
+                return None;
+            }
+            Some(PodEndpoint {
+                namespace: pod.namespace.clone(),
+                name: pod.name.clone(),
+                addresses: l.addresses.iter().map(ToString::to_string).collect(),
+                identity: i32::try_from(r.identity).ok()?,
+                named_ports: r.named_ports.to_api(),
+            })
+        })
+        .collect();
+    endpoints.sort_by(|a, b| {
+        (&a.namespace, &a.name, &a.addresses).cmp(&(&b.namespace, &b.name, &b.addresses))
+    });
+    endpoints
+}
+
+/// Takes `local` in as `ifname` unless the node's shard could then not be
+/// written (a limit of the NodeEndpoints schema): then `locals` is left as
+/// it was and the error says which limit. A pod with more named ports than
+/// a pod may publish never fits; a full shard may once pods leave.
+fn take_in(
+    locals: &mut BTreeMap<String, LocalState>,
+    ifname: &str,
+    local: LocalState,
+) -> Result<(), EndpointError> {
+    let pod = local
+        .pod
+        .as_ref()
+        .map(|p| format!("{}/{}", p.namespace, p.name));
+    let before = locals.insert(ifname.to_owned(), local);
+    let endpoints = shard_endpoints(locals);
+    let Err(limit) = (NodeEndpointsSpec { endpoints }).check_limits() else {
+        return Ok(());
+    };
+    match before {
+        Some(b) => locals.insert(ifname.to_owned(), b),
+        None => locals.remove(ifname),
+    };
+    let transient = !matches!(limit, ShardLimit::EndpointNamedPorts { .. });
+    Err(EndpointError::Policy {
+        reason: format!(
+            "pod {} cannot be published in this node's NodeEndpoints, so other nodes could not apply policy to it: {limit}",
+            pod.unwrap_or_default()
+        ),
+        transient,
+    })
+}
+
 impl EndpointPolicy for Engine {
     fn admit<'a>(&'a self, a: &'a Admission) -> BoxFuture<'a, Result<(), EndpointError>> {
         Box::pin(async move {
             self.wait_started().await?;
             let resolved = self.resolve(a.pod.as_ref()).await?;
-            lock(&self.state).locals.insert(
-                a.host_ifname.clone(),
+            take_in(
+                &mut lock(&self.state).locals,
+                &a.host_ifname,
                 LocalState {
                     ifindex: a.host_index,
                     addresses: a.addresses.clone(),
                     pod: a.pod.clone(),
                     resolved: Some(resolved),
                 },
-            );
+            )?;
             self.sync().await?;
             let state = self.state.clone();
             let netns = self.host_netns.clone();
@@ -861,7 +911,71 @@ impl EndpointPolicy for Unavailable {
 mod tests {
     use super::*;
     use crate::policy::testing::mk_policies;
+    use trellis_api::v1alpha1::{MAX_ENDPOINT_NAMED_PORTS, MAX_NODE_ENDPOINTS};
     use trellis_policy::cidr::CidrTable;
+
+    fn pod_local(i: usize, named_ports: usize) -> LocalState {
+        let mut ports = NamedPorts::new();
+        for p in 0..named_ports {
+            let port = u16::try_from(1000 + p).expect("small");
+            ports.insert(format!("p-{p}"), trellis_policy::Protocol::Tcp, port);
+        }
+        LocalState {
+            ifindex: u32::try_from(i).expect("small"),
+            addresses: vec![IpAddr::from([10, 244, 1, 1])],
+            pod: Some(PodRef {
+                namespace: "payments".into(),
+                name: format!("checkout-{i}"),
+                uid: None,
+            }),
+            resolved: Some(LocalEndpoint {
+                identity: 300,
+                labels: SecurityLabels::default(),
+                named_ports: ports,
+            }),
+        }
+    }
+
+    #[test]
+    fn a_pod_that_would_not_fit_the_shard_is_refused_and_changes_nothing() {
+        let mut locals = BTreeMap::new();
+        for i in 0..MAX_NODE_ENDPOINTS {
+            take_in(&mut locals, &format!("trellis{i}"), pod_local(i, 0)).expect("fits");
+        }
+        let before: Vec<String> = locals.keys().cloned().collect();
+        let err = take_in(&mut locals, "trellisfull", pod_local(5000, 0)).unwrap_err();
+        assert!(
+            matches!(&err, EndpointError::Policy { transient: true, reason } if reason.contains("payments/checkout-5000") && reason.contains("more than the 1024")),
+            "{err}"
+        );
+        assert_eq!(locals.keys().cloned().collect::<Vec<_>>(), before);
+        // A pod re-added under a name it had keeps its old entry when refused.
+        let err = take_in(
+            &mut locals,
+            "trellis0",
+            pod_local(0, MAX_ENDPOINT_NAMED_PORTS + 1),
+        )
+        .unwrap_err();
+        assert!(
+            matches!(&err, EndpointError::Policy { transient: false, reason } if reason.contains("65 named container ports")),
+            "{err}"
+        );
+        assert_eq!(
+            locals["trellis0"]
+                .resolved
+                .as_ref()
+                .map(|r| r.named_ports.is_empty()),
+            Some(true)
+        );
+        // Once one leaves, the next fits.
+        locals.remove("trellis1");
+        take_in(&mut locals, "trellisfull", pod_local(5000, 0)).expect("fits now");
+        // Endpoints without a pod take no room.
+        let mut no_pod = pod_local(6000, 0);
+        no_pod.pod = None;
+        take_in(&mut locals, "trellisnopod", no_pod).expect("not in the shard");
+        assert_eq!(shard_endpoints(&locals).len(), MAX_NODE_ENDPOINTS);
+    }
 
     #[test]
     fn the_policies_are_taken_again_only_when_their_revision_or_the_mode_changed() {

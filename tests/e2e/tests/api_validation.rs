@@ -378,6 +378,85 @@ async fn node_endpoints_named_port_total(ctx: &Ctx) -> Outcome {
     }
 }
 
+/// The size budget of a node's shard: the apiserver's CEL rule and
+/// `NodeEndpointsSpec::check_limits` (what the node checks before it admits
+/// a pod) draw the line at the same byte: a shard the estimate puts exactly at
+/// `MAX_NODE_ENDPOINTS_BYTES` is taken, one character more is refused with
+/// the rule's message.
+async fn node_endpoints_size_budget(ctx: &Ctx) -> Outcome {
+    use trellis_api::v1alpha1::{
+        MAX_NODE_ENDPOINTS_BYTES, NodeEndpointsSpec, PodEndpoint, ShardLimit,
+    };
+    let api = Api::<NodeEndpoints>::all(ctx.client.clone());
+    let endpoint = |i: usize, name_len: usize| PodEndpoint {
+        namespace: "payments".to_owned(),
+        name: format!("{i:04}{}", "x".repeat(name_len - 4)),
+        addresses: vec![
+            format!("10.244.{}.{}", i / 250, i % 250 + 1),
+            format!("fd00:10:244::{i:x}"),
+        ],
+        identity: 3_022_894,
+        named_ports: Vec::new(),
+    };
+    // Long names until the estimate is as close to the limit as whole endpoints get, then
+    // the last name made longer to land on it exactly.
+    let mut spec = NodeEndpointsSpec::default();
+    let mut i = 0;
+    while spec.estimated_bytes() + endpoint(i, 253).estimated_bytes() <= MAX_NODE_ENDPOINTS_BYTES {
+        spec.endpoints.push(endpoint(i, 253));
+        i += 1;
+    }
+    let rest = MAX_NODE_ENDPOINTS_BYTES - spec.estimated_bytes();
+    let last = endpoint(i, 4);
+    let name_len = 4 + rest - last.estimated_bytes();
+    if !(4..=253).contains(&name_len) {
+        return Err(format!("cannot land on the limit: {rest} bytes left"));
+    }
+    spec.endpoints.push(endpoint(i, name_len));
+    if spec.estimated_bytes() != MAX_NODE_ENDPOINTS_BYTES || spec.check_limits().is_err() {
+        return Err(format!(
+            "the shard at the limit is estimated {} bytes: {:?}",
+            spec.estimated_bytes(),
+            spec.check_limits()
+        ));
+    }
+    let object = |spec: NodeEndpointsSpec| NodeEndpoints::new("trellis-e2e-size", spec);
+    let _ = api.delete("trellis-e2e-size", &Default::default()).await;
+    api.create(&PostParams::default(), &object(spec.clone()))
+        .await
+        .map_err(|e| {
+            format!(
+                "a shard estimated at exactly {MAX_NODE_ENDPOINTS_BYTES} bytes ({} pods) refused: {e}",
+                spec.endpoints.len()
+            )
+        })?;
+    let _ = api.delete("trellis-e2e-size", &Default::default()).await;
+    let mut over = spec;
+    if let Some(e) = over.endpoints.last_mut() {
+        e.name.push('y');
+    }
+    if !matches!(over.check_limits(), Err(ShardLimit::Bytes(_))) {
+        return Err(format!(
+            "one byte over: check_limits says {:?}",
+            over.check_limits()
+        ));
+    }
+    match api.create(&PostParams::default(), &object(over)).await {
+        Ok(_) => Err(format!(
+            "a shard estimated at {} bytes accepted; the limit is {MAX_NODE_ENDPOINTS_BYTES}",
+            MAX_NODE_ENDPOINTS_BYTES + 1
+        )),
+        Err(e)
+            if e.to_string().contains(&format!(
+                "would take more than {MAX_NODE_ENDPOINTS_BYTES} bytes"
+            )) =>
+        {
+            Ok(())
+        }
+        Err(e) => Err(format!("refused, but not by the size budget: {e}")),
+    }
+}
+
 /// `spec: {}` is filled in by the apiserver with the documented defaults, so
 /// every reader sees the same values.
 async fn schema_defaults(ctx: &Ctx) -> Outcome {
@@ -691,6 +770,7 @@ async fn api_against_a_real_apiserver() {
     scenario!(samples_apply);
     scenario!(invalid_samples_are_rejected);
     scenario!(node_endpoints_named_port_total);
+    scenario!(node_endpoints_size_budget);
     scenario!(schema_defaults);
     scenario!(conditions_merge_by_type);
     scenario!(printer_columns);
