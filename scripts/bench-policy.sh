@@ -6,7 +6,10 @@
 #   scripts/bench-policy.sh traffic [ROUNDS] [SECS]   pod-to-pod TCP throughput and 1-byte
 #                                                     request/response, with vs without the programs
 #   scripts/bench-policy.sh realize [CHANGES]         NetworkPolicy change → enforced on 3 nodes
-#   scripts/bench-policy.sh [all]                     the three, with their defaults
+#   scripts/bench-policy.sh bundle [CHANGES] [NODES]  PolicyBundle applied → its status Realized
+#                                                     on every node (default: 3 nodes)
+#   scripts/bench-policy.sh [all]                     the four with their defaults, bundle
+#                                                     with 3 and with 20 nodes
 #
 # datapath (default 9 runs): `cargo bench -p trellis-node --bench policy_datapath`. Per
 #   prefix-length mask (exact ports only; every length plus any-protocol), three unpinned
@@ -27,6 +30,14 @@
 #   node's NetworkStatus reports PolicyReady=True with the policyHash of the new set of
 #   policies, against this process's own watch of the NetworkPolicy (the floor), and until a
 #   probe between two pods sees the datapath change. p50 and p99.
+# bundle (default 20 changes, 3 nodes): a fresh sandbox with NODES nodes and a pod per node;
+#   PolicyBundle trellis-bench-bundle (Admin, the bench pods, ingress to an unused TCP port
+#   denied) server-side applied: created, then edited (the port moved: a new generation),
+#   then deleted (untimed), over again, each change once the cluster has been quiet for 1 s.
+#   Each create and edit is timed until the bundle's status says observedGeneration = the
+#   new generation, Realized=True and realizedNodes = desiredNodes = NODES, against this
+#   process's own watch of the bundle (the floor) and the last node's NetworkStatus with the
+#   new policyHash. p50, p99 and max.
 #
 # Needs root. Release builds, in $CARGO_TARGET_DIR if set. Every sandbox and namespace is
 # removed at the end, also when a part fails or is interrupted (trap). Absolute numbers
@@ -88,17 +99,28 @@ realize() {
     --state-dir "$scratch/sandbox"
 }
 
+bundle() {
+  local changes=${1:-20} nodes=${2:-3}
+  [[ -n $scratch ]] || build_sandbox
+  machine "bundle: $changes changes on $nodes nodes"
+  "$target/release/trellis-bench-policy" bundle --changes "$changes" --nodes "$nodes" \
+    --state-dir "$scratch/sandbox"
+}
+
 case $part in
   datapath) datapath "${@:2}" ;;
   traffic) traffic "${@:2}" ;;
   realize) realize "${@:2}" ;;
+  bundle) bundle "${@:2}" ;;
   all)
     datapath
     traffic
     realize
+    bundle 20 3
+    bundle 20 20
     ;;
   *)
-    echo "usage: scripts/bench-policy.sh [datapath [RUNS] | traffic [ROUNDS] [SECS] | realize [CHANGES] | all]" >&2
+    echo "usage: scripts/bench-policy.sh [datapath [RUNS] | traffic [ROUNDS] [SECS] | realize [CHANGES] | bundle [CHANGES] [NODES] | all]" >&2
     exit 2
     ;;
 esac

@@ -1,6 +1,7 @@
 //! `trellis-bench-policy`: what NetworkPolicy enforcement costs traffic between pods on two
-//! nodes, and how long a policy change takes to be enforced on every node, each against a
-//! baseline measured in the same run and sandbox.
+//! nodes, how long a policy change takes to be enforced on every node, and how long a
+//! PolicyBundle change takes until its status says so, each against a baseline measured in
+//! the same run and sandbox.
 //!
 //! ```text
 //! traffic   fresh sandbox, 2 nodes (etcd, kube-apiserver, CRDs, trellis-operator, a
@@ -37,9 +38,29 @@
 //!           every ~2 ms, 20 ms timeout, a drop confirmed by a second attempt); after a
 //!           delete the first connection (attempts every 5 ms: each dropped one times out)
 //!   report  p50/p99 of each; ratio realized / watch floor
+//!
+//! bundle    fresh sandbox, K nodes (--nodes) + IPPool default-ipv4; pods trellis-bench/p1..pK,
+//!           one per node, so that every node is a desired node of the bundle
+//!   watches PolicyBundle, NetworkStatus (every node); NodeEndpoints and SecurityIdentity
+//!           only to tell when the cluster is quiet; each event stamped on arrival
+//!   bundle  trellis-bench-bundle: Admin, subject the bench pods (namespace and app label),
+//!           ingress from any pod or address to TCP 2323 denied (nothing listens there)
+//!   cycles  server-side apply (as `kubectl apply --server-side`): create it (generation 1),
+//!           edit it (port 2324: generation 2), delete it (not timed; until the nodes report
+//!           the hash without it); the first cycle is a warm-up, not counted; each timed
+//!           change starts after 1 s without any event on the four watches (the operator's
+//!           rollup waits 500 ms after an event, then passes: it is idle by then)
+//!           t0 just before the request; expected hash = policy_hash(mode, policies, bundles)
+//!   timed   Realized: the bundle's status with observedGeneration = the new generation,
+//!           Realized=True, realizedNodes = desiredNodes = K
+//!           first status: the operator's first status write for the new generation
+//!           all nodes: the last node's NetworkStatus with PolicyReady=True and that hash
+//!           watch floor: this process's own PolicyBundle watch delivers the new generation
+//!   report  p50/p99/max of each; ratio Realized / watch floor; the operator's part
+//!           (Realized − all nodes); how many status writes it took
 //! ```
 //!
-//! `scripts/bench-policy.sh` runs both; the last line of each is `RESULT key=value ...`.
+//! `scripts/bench-policy.sh` runs all three; the last line of each is `RESULT key=value ...`.
 
 use std::{
     collections::BTreeMap,
@@ -60,13 +81,14 @@ use futures::StreamExt as _;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
     Api, Client, ResourceExt as _,
-    api::{DeleteParams, PostParams},
+    api::{DeleteParams, Patch, PatchParams, PostParams},
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde_json::json;
 use tokio::sync::watch;
 use trellis_api::v1alpha1::{
-    NETWORKSTATUS_POLICY_READY, NetworkConfig, NetworkStatus, PolicyBundle, PolicyEnforcement,
+    NETWORKSTATUS_POLICY_READY, NetworkConfig, NetworkStatus, NodeEndpoints, POLICYBUNDLE_REALIZED,
+    PolicyBundle, PolicyEnforcement, SecurityIdentity,
 };
 use trellis_e2e::{
     ControlPlane, Pod, StartOptions,
@@ -80,7 +102,7 @@ use trellis_node::bpf::Datapath;
 #[command(
     name = "trellis-bench-policy",
     about = "NetworkPolicy enforcement on the sandbox: traffic with and without the programs, \
-             and policy change → enforced on every node"
+             policy change → enforced on every node, PolicyBundle applied → Realized"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -94,6 +116,8 @@ enum Command {
     Traffic(TrafficArgs),
     /// Time from a NetworkPolicy create/delete to every node reporting it enforced.
     Realize(RealizeArgs),
+    /// Time from a PolicyBundle create/edit to its status saying Realized on every node.
+    Bundle(BundleArgs),
 }
 
 #[derive(Args)]
@@ -139,6 +163,19 @@ struct RealizeArgs {
     common: Common,
 }
 
+#[derive(Args)]
+struct BundleArgs {
+    /// Timed changes: creates and edits in turn (the bundle is deleted after each edit, not
+    /// timed, so that the next create is one).
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(2..=1000))]
+    changes: u32,
+    /// Nodes in the sandbox (one pod each: every node is a desired node of the bundle).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=20))]
+    nodes: u8,
+    #[command(flatten)]
+    common: Common,
+}
+
 const POOL: &str = "default-ipv4";
 const FIELD_MANAGER: &str = "trellis-bench";
 const NS: &str = "trellis-bench";
@@ -148,6 +185,8 @@ const RR_PORT: u16 = 5202;
 const CLOSED_PORT: u16 = 5203;
 const BLOCKS_PORT: u16 = 9000;
 const PROBE_PORT: u16 = 80;
+/// The `app` label of the pods of `realize` and `bundle`, one per node.
+const BENCH_APP: &str = "bench-pod";
 /// A SYN not answered in this long was dropped (pods are on one machine: a round trip is
 /// well under a millisecond, but a busy machine can delay one by a few).
 const DROPPED_AFTER: Duration = Duration::from_millis(20);
@@ -175,6 +214,11 @@ async fn main() -> ExitCode {
             Command::Realize(args) => {
                 let cp = start(&args.common, usize::from(args.nodes)).await?;
                 let result = realize(&cp, args).await;
+                finish(cp, &args.common, result)
+            }
+            Command::Bundle(args) => {
+                let cp = start(&args.common, usize::from(args.nodes)).await?;
+                let result = bundle(&cp, args).await;
                 finish(cp, &args.common, result)
             }
         }
@@ -236,6 +280,25 @@ async fn add_app_pods(
     add_pods(&cp.pods().with_network_ready_timeout(timeout), &specs)
         .await
         .with_context(|| format!("adding pods {}", names.join(", ")))
+}
+
+/// Nodes `trellis-node-1..=count`, and pods `p1..=p<count>` in namespace [`NS`], one on each
+/// node in order, labelled `app=`[`BENCH_APP`]: with a pod on every node, a policy selecting
+/// the namespace's pods matters to every node.
+async fn pod_per_node(
+    cp: &ControlPlane,
+    count: u8,
+    timeout: Duration,
+) -> anyhow::Result<(Vec<String>, Vec<(Pod, IpAddr)>)> {
+    let nodes: Vec<String> = (1..=count).map(|i| format!("trellis-node-{i}")).collect();
+    let names: Vec<String> = (1..=nodes.len()).map(|i| format!("p{i}")).collect();
+    let wanted: Vec<(&str, &str, &str)> = names
+        .iter()
+        .zip(&nodes)
+        .map(|(name, node)| (name.as_str(), node.as_str(), BENCH_APP))
+        .collect();
+    let pods = add_app_pods(cp, &wanted, timeout).await?;
+    Ok((nodes, pods))
 }
 
 fn policy(name: &str, spec: serde_json::Value) -> anyhow::Result<NetworkPolicy> {
@@ -342,6 +405,15 @@ fn reported(event: watcher::Event<NetworkStatus>) -> Option<Reported> {
     })
 }
 
+/// Any object written or deleted: only the moment counts.
+fn any_change<K>(event: watcher::Event<K>) -> Option<()> {
+    matches!(
+        event,
+        watcher::Event::Apply(_) | watcher::Event::InitApply(_) | watcher::Event::Delete(_)
+    )
+    .then_some(())
+}
+
 /// A NetworkPolicy event: its uid, and whether it was deleted.
 fn policy_event(event: watcher::Event<NetworkPolicy>) -> Option<(String, bool)> {
     match event {
@@ -416,6 +488,82 @@ async fn expected_hash(client: &Client) -> anyhow::Result<String> {
     Ok(trellis_policy::generation::policy_hash(
         mode, &policies, &bundles,
     ))
+}
+
+/// The hash of the policy set the apiserver serves now ([`expected_hash`]), and the first
+/// moment after `since` each of `nodes` reported enforcing it ([`realized`]).
+async fn enforced_everywhere(
+    client: &Client,
+    statuses: &Log<Reported>,
+    nodes: &[String],
+    since: Instant,
+    timeout: Duration,
+) -> anyhow::Result<(String, BTreeMap<String, Instant>)> {
+    let hash = expected_hash(client).await?;
+    let per_node = realized(statuses, nodes, &hash, since, timeout).await?;
+    Ok((hash, per_node))
+}
+
+/// When the first and the last node reported a change enforced, in milliseconds from `t0`.
+struct Spread {
+    first: f64,
+    last: f64,
+    last_node: String,
+}
+
+impl Spread {
+    fn of(per_node: &BTreeMap<String, Instant>, t0: Instant) -> anyhow::Result<Spread> {
+        let (last_node, last) = per_node
+            .iter()
+            .max_by_key(|(_, at)| **at)
+            .context("no node")?;
+        let first = per_node.values().min().context("no node")?;
+        Ok(Spread {
+            first: ms(t0, *first),
+            last: ms(t0, *last),
+            last_node: last_node.clone(),
+        })
+    }
+}
+
+/// Waits until none of `logs` has had an event for `quiet`: whatever the last change set off
+/// (node reports, the operator's rollup and its writes) is over, so the next change starts
+/// from an idle cluster. Bounded by `timeout`.
+async fn until_quiet(
+    logs: &[&dyn LastEvent],
+    quiet: Duration,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    let deadline = start + timeout;
+    loop {
+        let since = logs
+            .iter()
+            .filter_map(|l| l.last_event())
+            .max()
+            .unwrap_or(start);
+        let until = since + quiet;
+        if Instant::now() >= until {
+            return Ok(());
+        }
+        if until > deadline {
+            bail!("no {quiet:?} without an event within {timeout:?}");
+        }
+        // The condition is an absence: no event before `until`. One meanwhile moves `until`
+        // on, and the loop waits again.
+        tokio::time::sleep_until(until.into()).await;
+    }
+}
+
+/// The moment a [`Log`]'s latest event arrived.
+trait LastEvent {
+    fn last_event(&self) -> Option<Instant>;
+}
+
+impl<E> LastEvent for Log<E> {
+    fn last_event(&self) -> Option<Instant> {
+        lock(&self.events).last().map(|(at, _)| *at)
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1042,24 +1190,14 @@ async fn realize(cp: &ControlPlane, args: &RealizeArgs) -> anyhow::Result<()> {
         Api::<NetworkPolicy>::namespaced(kube.clone(), NS),
         policy_event,
     );
-    let nodes: Vec<String> = (1..=args.nodes)
-        .map(|i| format!("trellis-node-{i}"))
-        .collect();
-    let names: Vec<String> = (1..=nodes.len()).map(|i| format!("p{i}")).collect();
-    let wanted: Vec<(&str, &str, &str)> = names
-        .iter()
-        .zip(&nodes)
-        .map(|(name, node)| (name.as_str(), node.as_str(), "bench-pod"))
-        .collect();
-    let pods = add_app_pods(cp, &wanted, timeout).await?;
+    let (nodes, pods) = pod_per_node(cp, args.nodes, timeout).await?;
     let (probe_from, _) = &pods[0];
     let (probe_to, probe_ip) = &pods[1];
     let probe_addr = SocketAddr::new(*probe_ip, PROBE_PORT);
     let _listener = Server::start(&probe_to.netns_path(), PROBE_PORT, false)?;
     let probe_netns = probe_from.netns_path();
 
-    let hash = expected_hash(&kube).await?;
-    realized(&statuses, &nodes, &hash, begin, timeout).await?;
+    let (hash, _) = enforced_everywhere(&kube, &statuses, &nodes, begin, timeout).await?;
     let reach = join(in_netns(&probe_netns, move || {
         attempt(probe_addr, Duration::from_secs(1))
     }))
@@ -1111,8 +1249,7 @@ async fn realize(cp: &ControlPlane, args: &RealizeArgs) -> anyhow::Result<()> {
                 .context("deleting NetworkPolicy bench-realize")?;
         }
         let returned = Instant::now();
-        let hash = expected_hash(&kube).await?;
-        let per_node = realized(&statuses, &nodes, &hash, t0, timeout).await?;
+        let (_, per_node) = enforced_everywhere(&kube, &statuses, &nodes, t0, timeout).await?;
         let watched = seen
             .wait("the NetworkPolicy watch", timeout, |events| {
                 events
@@ -1125,19 +1262,14 @@ async fn realize(cp: &ControlPlane, args: &RealizeArgs) -> anyhow::Result<()> {
             Some(p) => Some(join(p).await?),
             None => None,
         };
-        let (last_node, last) = per_node
-            .iter()
-            .max_by_key(|(_, at)| **at)
-            .map(|(n, at)| (n.clone(), *at))
-            .context("no node")?;
-        let first = per_node.values().min().copied().context("no node")?;
+        let nodes_at = Spread::of(&per_node, t0)?;
         let change = Change {
             create,
             write: ms(t0, returned),
             seen: ms(t0, watched),
-            first: ms(t0, first),
-            last: ms(t0, last),
-            last_node,
+            first: nodes_at.first,
+            last: nodes_at.last,
+            last_node: nodes_at.last_node,
             probe: probed.map(|p| ms(t0, p)),
         };
         eprintln!(
@@ -1249,12 +1381,393 @@ fn report_realize(args: &RealizeArgs, changes: &[Change]) {
             last.p50, last.p99, seen.p50, seen.p99, probe.p50, probe.p99
         ));
     }
-    let mut writes: Vec<f64> = changes.iter().map(|c| c.write).collect();
+    report_requests("create/delete", changes.iter().map(|c| c.write));
+    println!("{result}");
+}
+
+/// The line on how long the requests themselves took (`what` returned).
+fn report_requests(what: &str, writes: impl IntoIterator<Item = f64>) {
+    let mut writes: Vec<f64> = writes.into_iter().collect();
     writes.sort_by(f64::total_cmp);
     println!(
-        "the request itself (create/delete returned): p50 {:.1} ms, p99 {:.1} ms",
+        "the request itself ({what} returned): p50 {:.1} ms, p99 {:.1} ms",
         quantile(&writes, 0.5),
         quantile(&writes, 0.99)
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// bundle
+
+const BUNDLE: &str = "trellis-bench-bundle";
+/// The port the bundle denies when created, and the one an edit moves it to.
+const BUNDLE_PORTS: [u16; 2] = [2323, 2324];
+/// Before each timed change, this long without a PolicyBundle, NetworkStatus, NodeEndpoints
+/// or SecurityIdentity event: the operator's rollup loop (an event wakes it, it waits 500 ms
+/// for more, then passes once; its own status write is such an event) is idle, so every
+/// change meets it in the same state rather than in a wait that an earlier event started.
+const QUIET: Duration = Duration::from_secs(1);
+
+/// PolicyBundle [`BUNDLE`] as its owner applies it: Admin, subject every pod of namespace
+/// [`NS`] labelled `app=`[`BENCH_APP`] (one on each node), ingress from any pod or address
+/// to TCP `port` denied (nothing listens there: enforcing it disturbs nothing).
+fn bundle_manifest(port: u16) -> serde_json::Value {
+    json!({
+        "apiVersion": "network.trellis.dev/v1alpha1",
+        "kind": "PolicyBundle",
+        "metadata": {"name": BUNDLE},
+        "spec": {
+            "tier": "Admin",
+            "priority": 900,
+            "subject": {
+                "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": NS}},
+                "podSelector": {"matchLabels": {"app": BENCH_APP}},
+            },
+            "ingress": [{
+                "name": "no-telnet-alt",
+                "action": "Deny",
+                "peers": [{"namespaces": {}}, {"ipBlock": {"cidr": "0.0.0.0/0"}}],
+                "ports": [{"protocol": "TCP", "port": port}],
+            }],
+        },
+    })
+}
+
+/// A PolicyBundle event: which object (uid) at which generation, and what its status said.
+struct BundleSeen {
+    uid: String,
+    generation: i64,
+    deleted: bool,
+    /// `status.observedGeneration`.
+    observed: Option<i64>,
+    /// Condition `Realized` is True.
+    realized: bool,
+    desired_nodes: i32,
+    realized_nodes: i32,
+}
+
+fn bundle_event(event: watcher::Event<PolicyBundle>) -> Option<BundleSeen> {
+    let (b, deleted) = match event {
+        watcher::Event::Apply(b) | watcher::Event::InitApply(b) => (b, false),
+        watcher::Event::Delete(b) => (b, true),
+        _ => return None,
+    };
+    if b.name_any() != BUNDLE {
+        return None;
+    }
+    let status = b.status.clone().unwrap_or_default();
+    Some(BundleSeen {
+        uid: b.uid()?,
+        generation: b.metadata.generation?,
+        deleted,
+        observed: status.observed_generation,
+        realized: status
+            .conditions
+            .iter()
+            .any(|c| c.type_ == POLICYBUNDLE_REALIZED && c.status == "True"),
+        desired_nodes: status.desired_nodes,
+        realized_nodes: status.realized_nodes,
+    })
+}
+
+/// One bundle change, in milliseconds from just before its request.
+#[derive(Debug, Clone)]
+struct Applied {
+    create: bool,
+    generation: i64,
+    /// The request returned.
+    write: f64,
+    /// This process's own PolicyBundle watch delivered the new generation: the floor.
+    seen: f64,
+    /// The first and the last node reporting PolicyReady=True with the new policyHash.
+    first: f64,
+    last: f64,
+    last_node: String,
+    /// The operator's first status for the new generation (whatever it said).
+    first_status: f64,
+    /// The status for the new generation with Realized=True and realizedNodes =
+    /// desiredNodes = the number of nodes.
+    realized: f64,
+    /// Status writes for the new generation up to and including that one.
+    passes: usize,
+}
+
+async fn bundle(cp: &ControlPlane, args: &BundleArgs) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.common.timeout);
+    let kube = cp.client();
+    let begin = Instant::now();
+    let statuses = Log::watch(Api::<NetworkStatus>::all(kube.clone()), reported);
+    let bundles = Log::watch(Api::<PolicyBundle>::all(kube.clone()), bundle_event);
+    // The rest of what wakes the operator's rollup, watched only to know when all is quiet.
+    let endpoints = Log::watch(Api::<NodeEndpoints>::all(kube.clone()), any_change);
+    let identities = Log::watch(Api::<SecurityIdentity>::all(kube.clone()), any_change);
+    let (nodes, _pods) = pod_per_node(cp, args.nodes, timeout).await?;
+    let (hash, _) = enforced_everywhere(&kube, &statuses, &nodes, begin, timeout).await?;
+    eprintln!(
+        "{} nodes, a pod on each, report PolicyReady with {hash}",
+        nodes.len()
+    );
+
+    let api = Api::<PolicyBundle>::all(kube.clone());
+    let mut applied: Vec<Applied> = Vec::new();
+    // Cycles of create, edit (each timed), delete (not timed); the first is a warm-up that
+    // also shows that every node becomes a desired node (pods' identities and endpoint
+    // shards published) before anything counts.
+    let mut cycle = 0;
+    while applied.len() < args.changes as usize {
+        let warm_up = cycle == 0;
+        cycle += 1;
+        let mut uid = String::new();
+        let mut generation = 0;
+        for (step, port) in BUNDLE_PORTS.into_iter().enumerate() {
+            let create = step == 0;
+            if !warm_up && applied.len() == args.changes as usize {
+                break;
+            }
+            until_quiet(
+                &[&statuses, &bundles, &endpoints, &identities],
+                QUIET,
+                timeout,
+            )
+            .await?;
+            let a = apply_bundle_timed(
+                &api,
+                &kube,
+                (&statuses, &bundles),
+                &nodes,
+                port,
+                (create, &mut uid, &mut generation),
+                timeout,
+            )
+            .await?;
+            eprintln!(
+                "{:>3} {:<6} gen {} write {:6.1} ms  watch {:6.1} ms  nodes {:6.1} – {:6.1} ms \
+                 (last {})  first status {:6.1} ms  Realized {:6.1} ms ({} status write{})",
+                if warm_up {
+                    "-".to_owned()
+                } else {
+                    (applied.len() + 1).to_string()
+                },
+                if create { "create" } else { "edit" },
+                a.generation,
+                a.write,
+                a.seen,
+                a.first,
+                a.last,
+                a.last_node,
+                a.first_status,
+                a.realized,
+                a.passes,
+                if a.passes == 1 { "" } else { "s" },
+            );
+            if !warm_up {
+                applied.push(a);
+            }
+        }
+        // Back to no bundle, so the next create is a create; not timed.
+        let t = Instant::now();
+        api.delete(BUNDLE, &DeleteParams::default())
+            .await
+            .with_context(|| format!("deleting PolicyBundle {BUNDLE}"))?;
+        bundles
+            .wait(
+                "the PolicyBundle watch to show the delete",
+                timeout,
+                |events| {
+                    events
+                        .iter()
+                        .any(|(at, b)| *at >= t && b.uid == uid && b.deleted)
+                        .then_some(())
+                },
+            )
+            .await?;
+        enforced_everywhere(&kube, &statuses, &nodes, t, timeout).await?;
+    }
+    report_bundle(args, &applied);
+    Ok(())
+}
+
+/// Applies [`BUNDLE`] with `port` denied (server-side apply, as `kubectl apply
+/// --server-side`): a create when `create`, else an edit of the object `uid` at `generation`
+/// (both updated to what the apiserver returned); waits until the bundle's status says the
+/// new generation is realised on every one of `nodes`, and times each step.
+async fn apply_bundle_timed(
+    api: &Api<PolicyBundle>,
+    kube: &Client,
+    (statuses, bundles): (&Log<Reported>, &Log<BundleSeen>),
+    nodes: &[String],
+    port: u16,
+    (create, uid, generation): (bool, &mut String, &mut i64),
+    timeout: Duration,
+) -> anyhow::Result<Applied> {
+    let want = i32::try_from(nodes.len()).context("too many nodes")?;
+    let t0 = Instant::now();
+    let made = api
+        .patch(
+            BUNDLE,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(bundle_manifest(port)),
+        )
+        .await
+        .with_context(|| format!("applying PolicyBundle {BUNDLE} (TCP {port} denied)"))?;
+    let returned = Instant::now();
+    let new_uid = made.uid().context("the applied bundle has no uid")?;
+    let new_generation = made
+        .metadata
+        .generation
+        .context("the applied bundle has no generation")?;
+    if create && new_generation != 1 {
+        bail!("PolicyBundle {BUNDLE} was not created: it is at generation {new_generation}");
+    }
+    if !create && (new_uid != *uid || new_generation <= *generation) {
+        bail!(
+            "the edit of PolicyBundle {BUNDLE} did not move its generation on: {} {} → {} {}",
+            uid,
+            generation,
+            new_uid,
+            new_generation
+        );
+    }
+    *uid = new_uid.clone();
+    *generation = new_generation;
+    let (uid, generation) = (new_uid, new_generation);
+
+    let seen = bundles
+        .wait("the PolicyBundle watch", timeout, |events| {
+            events
+                .iter()
+                .find(|(at, b)| {
+                    *at >= t0 && b.uid == uid && b.generation == generation && !b.deleted
+                })
+                .map(|(at, _)| *at)
+        })
+        .await?;
+    let (_, per_node) = enforced_everywhere(kube, statuses, nodes, t0, timeout).await?;
+    let (first_status, realized, passes) = bundles
+        .wait(
+            &format!(
+                "status.observedGeneration {generation} with Realized=True on {want} of {want} nodes"
+            ),
+            timeout,
+            |events| {
+                let mine: Vec<&(Instant, BundleSeen)> = events
+                    .iter()
+                    .filter(|(at, b)| *at >= t0 && b.uid == uid && b.observed == Some(generation))
+                    .collect();
+                let (n, (at, _)) = mine.iter().enumerate().find(|(_, (_, b))| {
+                    b.realized && b.desired_nodes == want && b.realized_nodes == want
+                })?;
+                Some((mine[0].0, *at, n + 1))
+            },
+        )
+        .await
+        .with_context(|| {
+            let events = lock(&bundles.events);
+            match events.iter().rev().find(|(_, b)| b.uid == uid) {
+                Some((_, b)) => format!(
+                    "last status seen: observedGeneration {:?}, Realized {}, {} of {} nodes",
+                    b.observed, b.realized, b.realized_nodes, b.desired_nodes
+                ),
+                None => "no event of the bundle seen".to_owned(),
+            }
+        })?;
+    let nodes_at = Spread::of(&per_node, t0)?;
+    Ok(Applied {
+        create,
+        generation,
+        write: ms(t0, returned),
+        seen: ms(t0, seen),
+        first: nodes_at.first,
+        last: nodes_at.last,
+        last_node: nodes_at.last_node,
+        first_status: ms(t0, first_status),
+        realized: ms(t0, realized),
+        passes,
+    })
+}
+
+fn report_bundle(args: &BundleArgs, applied: &[Applied]) {
+    println!();
+    println!(
+        "PolicyBundle applied (created, or edited: its denied port moved) → its status says \
+         observedGeneration = the new generation, Realized=True, realizedNodes = desiredNodes = \
+         {}; {} changes, milliseconds from just before the request",
+        args.nodes,
+        applied.len()
+    );
+    println!(
+        "| changes | n | Realized p50 | p99 | max | first status p50 | all nodes enforce p50 | \
+         p99 | watch floor p50 | p99 | ratio Realized / floor p50 | p99 |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    let mut result = format!(
+        "RESULT bench=bundle nodes={} changes={}",
+        args.nodes,
+        applied.len()
+    );
+    for (label, filter) in [("create", Some(true)), ("edit", Some(false)), ("all", None)] {
+        let set: Vec<&Applied> = applied
+            .iter()
+            .filter(|a| filter.is_none_or(|f| a.create == f))
+            .collect();
+        if set.is_empty() {
+            continue;
+        }
+        let stats = |f: fn(&Applied) -> f64| Stats::of(set.iter().map(|a| f(a)).collect());
+        let realized = stats(|a| a.realized);
+        let first_status = stats(|a| a.first_status);
+        let last = stats(|a| a.last);
+        let seen = stats(|a| a.seen);
+        println!(
+            "| {label} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms | \
+             {:.1} ms | {:.1} ms | {:.0}x | {:.0}x |",
+            set.len(),
+            realized.p50,
+            realized.p99,
+            realized.max,
+            first_status.p50,
+            last.p50,
+            last.p99,
+            seen.p50,
+            seen.p99,
+            realized.p50 / seen.p50,
+            realized.p99 / seen.p99,
+        );
+        result.push_str(&format!(
+            " {label}_p50={:.1} {label}_p99={:.1} {label}_max={:.1} \
+             {label}_first_status_p50={:.1} {label}_nodes_p50={:.1} {label}_nodes_p99={:.1} \
+             {label}_floor_p50={:.1} {label}_floor_p99={:.1}",
+            realized.p50,
+            realized.p99,
+            realized.max,
+            first_status.p50,
+            last.p50,
+            last.p99,
+            seen.p50,
+            seen.p99
+        ));
+    }
+    let one_pass = applied.iter().filter(|a| a.passes == 1).count();
+    println!(
+        "the operator's first status for the new generation already said Realized in {one_pass} \
+         of {} changes (status writes until Realized, per change: {})",
+        applied.len(),
+        applied
+            .iter()
+            .map(|a| a.passes.to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    );
+    let after_nodes = Stats::of(applied.iter().map(|a| a.realized - a.last).collect());
+    println!(
+        "from the last node enforcing to Realized (the operator's part): p50 {:.1} ms, p99 {:.1} \
+         ms",
+        after_nodes.p50, after_nodes.p99
+    );
+    report_requests("apply", applied.iter().map(|a| a.write));
+    result.push_str(&format!(
+        " one_pass={one_pass} rollup_after_nodes_p50={:.1} rollup_after_nodes_p99={:.1}",
+        after_nodes.p50, after_nodes.p99
+    ));
     println!("{result}");
 }
