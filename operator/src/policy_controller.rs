@@ -6,7 +6,7 @@
 //! ```text
 //!  watch NetworkPolicy, PolicyBundle, NodeEndpoints, SecurityIdentity ─┐
 //!  (shared) NetworkConfig, NetworkStatus stores ───────────────────────┤ Stores::subscribe
-//!        ▼ debounce                                                    │
+//!        ▼ debounce: 100 ms without changes, at most 500 ms           │
 //!  policy_status::rollup(snapshot) ─▶ changed statuses ─▶ patch_status (SSA)
 //! ```
 //!
@@ -69,9 +69,12 @@ impl PolicyStores {
 /// Settings of the loop.
 #[derive(Debug, Clone)]
 pub struct PolicyLoopConfig {
-    /// After a change, wait this long for more before recomputing: a
-    /// rollout moves every node's hash within seconds, and one pass for all
-    /// of them is enough.
+    /// After a change, recompute once nothing else changed for this long:
+    /// the nodes' reports of one policy change arrive within tens of
+    /// milliseconds of each other, and one pass for all of them is enough.
+    pub quiet: Duration,
+    /// ... but no later than this after the first change: a rollout that
+    /// keeps the caches busy still gets its status written.
     pub debounce: Duration,
     /// A full pass at least this often, even without events.
     pub resync: Duration,
@@ -85,6 +88,7 @@ pub struct PolicyLoopConfig {
 impl Default for PolicyLoopConfig {
     fn default() -> Self {
         PolicyLoopConfig {
+            quiet: Duration::from_millis(100),
             debounce: Duration::from_millis(500),
             resync: Duration::from_secs(300),
             min_backoff: Duration::from_millis(200),
@@ -225,10 +229,17 @@ pub async fn run(
                 res = leading.changed() => if res.is_err() { return },
                 _ = shutdown.wait_for(|s| *s) => return,
             }
-            // Coalesce the burst: whatever arrives meanwhile is in this pass.
-            tokio::select! {
-                _ = tokio::time::sleep(cfg.debounce) => {}
-                _ = shutdown.wait_for(|s| *s) => return,
+            // Coalesce the burst: whatever arrives until a quiet moment (or
+            // the debounce's end) is in this pass.
+            let end = tokio::time::Instant::now() + cfg.debounce;
+            loop {
+                updates.borrow_and_update();
+                tokio::select! {
+                    res = updates.changed() => if res.is_err() { return },
+                    _ = tokio::time::sleep(cfg.quiet) => break,
+                    _ = tokio::time::sleep_until(end) => break,
+                    _ = shutdown.wait_for(|s| *s) => return,
+                }
             }
         }
         first = false;
