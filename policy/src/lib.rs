@@ -43,6 +43,9 @@
 //!   names a bundle rule, [`bundle::conflicts`], and [`bundle::validate`]
 //!   (what is wrong with one bundle whichever pods it meets).
 //! - [`reference`](mod@reference): the reference evaluator.
+//! - [`relevance`]: which identities one compilation depends on
+//!   ([`IdentityDependencies`]), so that a node recompiles for a new,
+//!   removed or changed identity only what it can change.
 //! - [`selector`]: label selectors, from our CRDs and from Kubernetes.
 //! - `fnv`: the one 64-bit FNV-1a behind every persisted hash (identity
 //!   numbers, [`generation::policy_hash`]).
@@ -67,6 +70,7 @@ pub mod identity;
 pub mod objects;
 pub mod ports;
 pub mod reference;
+pub mod relevance;
 pub mod selector;
 pub mod table;
 
@@ -79,5 +83,6 @@ pub use identity::{
 };
 pub use objects::ObjectError;
 pub use ports::Protocol;
+pub use relevance::IdentityDependencies;
 pub use table::{Decision, Direction, DirectionTable, EndpointPolicy, lookup};
 pub use trellis_api::v1alpha1::PolicyEnforcement;

@@ -30,7 +30,8 @@ use std::sync::Arc;
 
 use ipnet::IpNet;
 use trellis_policy::compile::{Compiled, Input, LocalEndpoint, compile_endpoint};
-use trellis_policy::identity::{HOST, NamedPorts, SecurityLabels, WORLD};
+use trellis_policy::identity::{HOST, IdentityInfo, NamedPorts, SecurityLabels, WORLD};
+use trellis_policy::relevance::IdentityDependencies;
 use trellis_policy::table::{self, DirectionTable, Key, PLENS_ANY_PROTOCOL};
 
 use crate::bpf::abi::{Direction, EndpointEntry, IpCacheEntry, PolicyEntry};
@@ -294,29 +295,136 @@ fn compiled_direction(dir: Direction) -> table::Direction {
     }
 }
 
-/// Compilations kept from one computation to the next, valid for one
-/// compiler input: a sync woken by something that does not change the input
-/// (a pod elsewhere with a known label set, a local pod with the labels of
-/// another) compiles nothing.
+/// Compilations kept from one computation to the next.
+///
+/// Valid for one compiler input apart from its identities (the mode, the
+/// policies and bundles, the CIDR table, `pod_networks`: the caller's `key`)
+/// and for the identities they were compiled against. When only identities
+/// change, a compilation is kept unless its [`IdentityDependencies`] say
+/// that the change of one of them (added, removed, other labels or named
+/// ports) can change it (design 0005, "Implementation notes (recompiling for
+/// a changed identity)"): so a sync woken by a pod elsewhere with a known
+/// label set, a local pod with the labels of another, or a new label set
+/// that no local endpoint's policy can select compiles nothing.
 #[derive(Debug, Default)]
 pub struct CompileCache {
-    /// What the caller says identifies the input the compilations are of.
+    /// What the caller says identifies the input apart from its identities.
     key: Option<u64>,
-    compiled: HashMap<(SecurityLabels, NamedPorts), Arc<Compiled>>,
+    /// The identities the compilations were made against, as given.
+    identities: Vec<IdentityInfo>,
+    compiled: HashMap<(SecurityLabels, NamedPorts), Cached>,
     /// Compilations done since the cache was made.
     pub compilations: u64,
 }
 
+/// One kept compilation and what it depends on.
+#[derive(Debug)]
+struct Cached {
+    compiled: Arc<Compiled>,
+    deps: IdentityDependencies,
+}
+
+/// What [`CompileCache::for_input`] dropped, for the log.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Invalidated {
+    /// The input apart from its identities changed: everything went.
+    pub all: bool,
+    /// Identities added, removed or changed (labels or named ports).
+    pub identities: usize,
+    /// Compilations dropped.
+    pub compilations: usize,
+}
+
 impl CompileCache {
-    /// Keeps the compilations only if `key` identifies the same compiler
-    /// input (enforcement, policies, identities and their named ports) as
-    /// the one they were made from.
-    pub fn for_input(&mut self, key: u64) {
+    /// Makes the cache valid for the input that `key` identifies (apart
+    /// from its identities: the mode, policies, bundles, CIDR table and pod
+    /// networks) with `identities` (what `Input::identities` holds), keeping
+    /// every compilation that is still what compiling again would give.
+    /// Call it before [`desired_cached`] with that input.
+    ///
+    /// `identities` should be sorted by id, one each (as
+    /// `trellis_policy::cluster::identity_infos` gives them, and as ids
+    /// are: one `SecurityIdentity` per id); otherwise any change of them
+    /// drops every compilation.
+    pub fn for_input(&mut self, key: u64, identities: &[IdentityInfo]) -> Invalidated {
         if self.key != Some(key) {
-            self.compiled.clear();
+            let dropped = std::mem::take(&mut self.compiled).len();
             self.key = Some(key);
+            identities.clone_into(&mut self.identities);
+            return Invalidated {
+                all: true,
+                identities: 0,
+                compilations: dropped,
+            };
+        }
+        if self.identities == identities {
+            return Invalidated::default();
+        }
+        let before = self.compiled.len();
+        let changed = match changed_by_id(&self.identities, identities) {
+            Some(changes) => {
+                self.compiled.retain(|_, c| {
+                    !changes
+                        .iter()
+                        .any(|(before, after)| c.deps.affected_by_change(*before, *after))
+                });
+                changes.len()
+            }
+            // Not one per id in order: no diff to trust.
+            None => {
+                self.compiled.clear();
+                identities.len().max(self.identities.len())
+            }
+        };
+        identities.clone_into(&mut self.identities);
+        Invalidated {
+            all: false,
+            identities: changed,
+            compilations: before - self.compiled.len(),
         }
     }
+}
+
+/// One identity that changed: as it was (`None`: added) and as it is
+/// (`None`: removed).
+type Change<'a> = (Option<&'a IdentityInfo>, Option<&'a IdentityInfo>);
+
+/// Every identity that `old` → `new` added, removed or changed (labels or
+/// named ports); `None` unless both are sorted by id, one each.
+fn changed_by_id<'a>(old: &'a [IdentityInfo], new: &'a [IdentityInfo]) -> Option<Vec<Change<'a>>> {
+    let by_id = |list: &[IdentityInfo]| list.windows(2).all(|w| w[0].id < w[1].id);
+    if !by_id(old) || !by_id(new) {
+        return None;
+    }
+    let mut out = Vec::new();
+    let (mut o, mut n) = (old.iter().peekable(), new.iter().peekable());
+    loop {
+        let change = match (o.peek().copied(), n.peek().copied()) {
+            (None, None) => break,
+            (Some(a), Some(b)) if a.id == b.id => {
+                o.next();
+                n.next();
+                if a == b {
+                    continue;
+                }
+                (Some(a), Some(b))
+            }
+            (Some(a), Some(b)) if a.id < b.id => {
+                o.next();
+                (Some(a), None)
+            }
+            (Some(a), None) => {
+                o.next();
+                (Some(a), None)
+            }
+            (_, b) => {
+                n.next();
+                (None, b)
+            }
+        };
+        out.push(change);
+    }
+    Some(out)
 }
 
 /// The policy maps for `world`, reusing the ids of `installed` for
@@ -328,6 +436,10 @@ pub fn desired(world: &World, installed: &PolicyIds) -> Desired {
 /// [`desired`], compiling only the label sets `cache` does not hold (the
 /// caller keeps the cache valid with [`CompileCache::for_input`]).
 pub fn desired_cached(world: &World, installed: &PolicyIds, cache: &mut CompileCache) -> Desired {
+    debug_assert!(
+        cache.key.is_none() || cache.identities == world.input.identities,
+        "CompileCache::for_input was not told these identities"
+    );
     let mut conflicts = Vec::new();
     let locals = unique_locals(world.locals, &mut conflicts);
 
@@ -347,11 +459,15 @@ pub fn desired_cached(world: &World, installed: &PolicyIds, cache: &mut CompileC
             .or_insert_with(|| {
                 let key = (ep.labels.clone(), ep.named_ports.clone());
                 let c = match cache.compiled.get(&key) {
-                    Some(c) => Arc::clone(c),
+                    Some(c) => Arc::clone(&c.compiled),
                     None => {
                         cache.compilations += 1;
                         let c = Arc::new(compile_endpoint(world.input, ep));
-                        cache.compiled.insert(key, Arc::clone(&c));
+                        let cached = Cached {
+                            compiled: Arc::clone(&c),
+                            deps: IdentityDependencies::of(world.input, ep),
+                        };
+                        cache.compiled.insert(key, cached);
                         c
                     }
                 };
@@ -550,6 +666,7 @@ fn ipcache(
 mod tests {
     use super::*;
     use crate::policy::testing::*;
+    use k8s_openapi::api::networking::v1::NetworkPolicy;
     use serde_json::json;
     use trellis_policy::PolicyEnforcement;
     use trellis_policy::identity::CIDR_FIRST;
@@ -568,7 +685,7 @@ mod tests {
             host: &host,
         };
         let mut cache = CompileCache::default();
-        cache.for_input(1);
+        cache.for_input(1, &input.identities);
         let first = desired_cached(&world(&locals, &remote), &PolicyIds::new(), &mut cache);
         // web (twice), db, tool: three label sets.
         assert_eq!(cache.compilations, 3);
@@ -583,7 +700,8 @@ mod tests {
         more_remote.push((ip("10.244.3.30"), TOOL));
         let mut more_locals = locals.clone();
         more_locals.push(mk_local(14, DB, "shop", "db", &["10.244.1.14"]));
-        cache.for_input(1);
+        let nothing = cache.for_input(1, &input.identities);
+        assert_eq!(nothing, Invalidated::default());
         let second = desired_cached(
             &world(&more_locals, &more_remote),
             &PolicyIds::new(),
@@ -596,8 +714,162 @@ mod tests {
         );
 
         // Another input: everything compiled again.
-        cache.for_input(2);
+        let all = cache.for_input(2, &input.identities);
+        assert_eq!(
+            all,
+            Invalidated {
+                all: true,
+                identities: 0,
+                compilations: 3
+            }
+        );
         desired_cached(&world(&locals, &remote), &PolicyIds::new(), &mut cache);
+        assert_eq!(cache.compilations, 6);
+    }
+
+    /// The policies of `mk_policies(8080)`, and `tool` may send to `web`
+    /// pods of every namespace on their port named `http`.
+    fn policies_with_named_egress() -> Vec<NetworkPolicy> {
+        let mut policies = mk_policies(8080);
+        policies.push(mk_policy(json!({
+            "metadata": {"namespace": "ops", "name": "tool"},
+            "spec": {
+                "podSelector": {"matchLabels": {"app": "tool"}},
+                "policyTypes": ["Egress"],
+                "egress": [{
+                    "to": [{"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "web"}}}],
+                    "ports": [{"protocol": "TCP", "port": "http"}]
+                }]
+            }
+        })));
+        policies
+    }
+
+    /// Syncs `locals` against `identities` with `cache` (the policies of
+    /// [`policies_with_named_egress`]), and checks the outcome against a
+    /// computation from scratch.
+    fn sync_with(
+        cache: &mut CompileCache,
+        identities: Vec<IdentityInfo>,
+        locals: &[Local],
+    ) -> (Desired, Invalidated) {
+        let input = mk_input_with(policies_with_named_egress(), identities);
+        let invalidated = cache.for_input(1, &input.identities);
+        let host = [ip("192.0.2.11")];
+        let remote = mk_remote();
+        let world = World {
+            input: &input,
+            locals,
+            remote: &remote,
+            host: &host,
+        };
+        let d = desired_cached(&world, &PolicyIds::new(), cache);
+        assert_eq!(
+            d,
+            desired(&world, &PolicyIds::new()),
+            "the cache changes nothing in the outcome"
+        );
+        (d, invalidated)
+    }
+
+    fn world_identities() -> Vec<IdentityInfo> {
+        vec![
+            mk_identity(WEB, "shop", "web"),
+            mk_identity(DB, "shop", "db"),
+            mk_identity(TOOL, "ops", "tool"),
+        ]
+    }
+
+    #[test]
+    fn a_new_identity_no_local_policy_can_select_compiles_nothing() {
+        let locals = mk_locals();
+        let mut cache = CompileCache::default();
+        sync_with(&mut cache, world_identities(), &locals);
+        assert_eq!(cache.compilations, 3);
+
+        // Pods with new label sets on another node: web admits `tool`
+        // pods, db admits `web` of shop, tool sends to `web` pods; a
+        // `batch` pod is none of them.
+        let mut more = world_identities();
+        more.push(mk_identity(400, "ops", "batch"));
+        more.push(mk_identity(401, "dev", "batch"));
+        let (_, invalidated) = sync_with(&mut cache, more.clone(), &locals);
+        assert_eq!(cache.compilations, 3, "nothing recompiled");
+        assert_eq!(
+            invalidated,
+            Invalidated {
+                all: false,
+                identities: 2,
+                compilations: 0
+            }
+        );
+        // Its pods name a port (its shard catches up), even one that tool's
+        // egress uses, and it goes again: still nothing.
+        let mut changed = more.clone();
+        changed[3].named_ports.insert("http", Protocol::Tcp, 80);
+        sync_with(&mut cache, changed, &locals);
+        sync_with(&mut cache, world_identities(), &locals);
+        assert_eq!(cache.compilations, 3, "nothing recompiled");
+    }
+
+    #[test]
+    fn an_identity_a_local_policy_selects_recompiles_exactly_what_needs_it() {
+        let locals = mk_locals();
+        let mut cache = CompileCache::default();
+        let (before, _) = sync_with(&mut cache, world_identities(), &locals);
+        assert_eq!(cache.compilations, 3);
+
+        // A `tool` pod in a new namespace: web's ingress admits it (any
+        // namespace). web (ifindex 10 and 11: one compilation) is compiled
+        // again; db and tool are not.
+        let mut more = world_identities();
+        more.push(mk_identity(400, "dev", "tool"));
+        let (after, invalidated) = sync_with(&mut cache, more.clone(), &locals);
+        assert_eq!(cache.compilations, 4);
+        assert_eq!((invalidated.identities, invalidated.compilations), (1, 1));
+        assert!(Arc::ptr_eq(&before.compiled[&12], &after.compiled[&12]));
+        assert!(Arc::ptr_eq(&before.compiled[&13], &after.compiled[&13]));
+        let web = after.policy_of(10, Direction::Ingress).expect("isolated");
+        assert!(after.tables[&web].keys().any(|k| k.identity == 400));
+
+        // web's pods name port `http`: tool's egress resolves it, so tool is
+        // compiled again. db admits web, but on ingress named ports are
+        // db's own: db is not, nor web.
+        let mut named = more.clone();
+        named[0].named_ports.insert("http", Protocol::Tcp, 8080);
+        let (again, invalidated) = sync_with(&mut cache, named.clone(), &locals);
+        assert_eq!(cache.compilations, 5);
+        assert_eq!((invalidated.identities, invalidated.compilations), (1, 1));
+        assert!(Arc::ptr_eq(&after.compiled[&10], &again.compiled[&10]));
+        assert!(Arc::ptr_eq(&after.compiled[&12], &again.compiled[&12]));
+        let tool = again.policy_of(13, Direction::Egress).expect("isolated");
+        assert!(
+            again.tables[&tool]
+                .keys()
+                .any(|k| (k.identity, k.port, k.plen) == (WEB, 8080, 16))
+        );
+        // A name no egress rule uses: nothing.
+        named[0].named_ports.insert("metrics", Protocol::Tcp, 9100);
+        sync_with(&mut cache, named.clone(), &locals);
+        assert_eq!(cache.compilations, 5);
+
+        // tool's label set goes (its last pod): web again, nobody else.
+        named.retain(|i| i.id != TOOL);
+        let (_, invalidated) = sync_with(&mut cache, named, &locals);
+        assert_eq!((invalidated.identities, invalidated.compilations), (1, 1));
+        assert_eq!(cache.compilations, 6);
+    }
+
+    #[test]
+    fn identities_out_of_order_recompile_everything() {
+        let locals = mk_locals();
+        let mut cache = CompileCache::default();
+        sync_with(&mut cache, world_identities(), &locals);
+        let mut shuffled = world_identities();
+        shuffled.reverse();
+        shuffled.push(mk_identity(400, "ops", "batch"));
+        let (_, invalidated) = sync_with(&mut cache, shuffled, &locals);
+        assert_eq!(invalidated.compilations, 3);
         assert_eq!(cache.compilations, 6);
     }
 

@@ -41,7 +41,7 @@ use trellis_policy::compile::{Input, LocalEndpoint};
 use trellis_policy::identity::{IdentityInfo, IdentityKind, NamedPorts, SecurityLabels, WORLD};
 
 use super::cluster::Cluster;
-use super::desired::{CompileCache, Desired, Local, World, desired_cached};
+use super::desired::{CompileCache, Desired, Invalidated, Local, World, desired_cached};
 use super::sync::{Installed, MapOp, apply, plan};
 use crate::agent::{FIELD_MANAGER, owner_of_node};
 use crate::bpf::Datapath;
@@ -91,7 +91,8 @@ struct State {
     installed: Installed,
     /// What the last sync compiled against.
     input: CompilerInput,
-    /// Compiled tables, kept while the compiler's input stays the same.
+    /// Compiled tables, kept while the compiler's input stays the same
+    /// (for identities: while none changes that they depend on).
     cache: CompileCache,
     /// By host veth name.
     locals: BTreeMap<String, LocalState>,
@@ -306,14 +307,28 @@ impl Engine {
                 .chain(locals.iter().flat_map(|l| l.addresses.iter().copied()));
             s.input.input.pod_networks =
                 trellis_policy::cluster::pod_networks(&s.input.pools, pod_addresses);
-            s.cache.for_input(input_key(&s.input.hash, &s.input.input));
+            let invalidated = s.cache.for_input(
+                input_key(&s.input.hash, &s.input.input),
+                &s.input.input.identities,
+            );
             let world = World {
                 input: &s.input.input,
                 locals: &locals,
                 remote: &snapshot.remote,
                 host: &host,
             };
+            let compilations = s.cache.compilations;
             let want = desired_cached(&world, &s.installed.ids(), &mut s.cache);
+            let compiled = s.cache.compilations - compilations;
+            if compiled > 0 || invalidated != Invalidated::default() {
+                tracing::debug!(
+                    compiled,
+                    dropped = invalidated.compilations,
+                    policies_changed = invalidated.all,
+                    identities_changed = invalidated.identities,
+                    "policy compiled"
+                );
+            }
             let mut ops = plan(&want, &s.installed);
             // An endpoint not resolved yet keeps what it has (adopted after
             // a restart: enforcement stays as the previous run left it; its
@@ -373,7 +388,7 @@ impl Engine {
             .filter(|a| a.node != self.node)
             .map(|a| (a.address, a.identity))
             .collect();
-        // In a fixed order: the compile cache's key hashes them.
+        // Sorted by id: the compile cache diffs them by id.
         let identities = trellis_policy::cluster::identity_infos(
             self.cluster.identities.state().iter().map(|i| &**i),
         );
@@ -864,14 +879,15 @@ fn report_of(want: &Desired, errors: &[String]) -> PolicyReport {
     }
 }
 
-/// What identifies a compiler input: the policies, bundles and the mode
-/// (their hash), every identity with its named ports, and where pod
-/// addresses can be. (CIDR identities follow from the policies and bundles.)
+/// What identifies a compiler input apart from its identities: the
+/// policies, bundles and the mode (their hash) and where pod addresses can
+/// be. (CIDR identities follow from the policies and bundles.) The compile
+/// cache diffs the identities itself, to recompile only what a changed
+/// identity can change ([`CompileCache::for_input`]).
 fn input_key(policy_hash: &str, input: &Input) -> u64 {
     use std::hash::{Hash, Hasher};
     let mut h = std::collections::hash_map::DefaultHasher::new();
     policy_hash.hash(&mut h);
-    input.identities.hash(&mut h);
     input.pod_networks.hash(&mut h);
     h.finish()
 }
