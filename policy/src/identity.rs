@@ -331,13 +331,7 @@ pub struct IdentityInfo {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::test_support::map;
 
     fn labels(ns: &str, ns_labels: &[(&str, &str)], pod: &[(&str, &str)]) -> SecurityLabels {
         SecurityLabels::new(ns, map(ns_labels), map(pod))

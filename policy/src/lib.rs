@@ -73,6 +73,8 @@ pub mod reference;
 pub mod relevance;
 pub mod selector;
 pub mod table;
+#[cfg(test)]
+mod test_support;
 
 pub use bundle::{BundleOrigin, BundleTier, Conflict, conflicts};
 pub use cidr::CidrTable;

@@ -243,13 +243,7 @@ mod tests {
     use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec};
 
     use super::*;
-
-    fn map(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-            .collect()
-    }
+    use crate::test_support::map;
 
     fn payments() -> SecurityLabels {
         SecurityLabels::new(
