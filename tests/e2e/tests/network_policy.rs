@@ -158,24 +158,7 @@ fn the_case_list_checks_out_against_the_oracle() {
 // ---------------------------------------------------------------------------------------------
 // The case list
 
-/// Every case, and an ignored sandbox test per case in `mod datapath`.
-macro_rules! cases {
-    ($($name:ident),* $(,)?) => {
-        const CASES: &[Case] = &[$(Case { name: stringify!($name), steps: $name }),*];
-
-        /// The cases on the sandbox, each in a sandbox of its own.
-        mod datapath {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::run(stringify!($name), super::$name).await;
-                }
-            )*
-        }
-    };
-}
-
-cases!(
+trellis_e2e::truth_cases!(
     // Default deny and allow-all
     deny_all_ingress,
     deny_all_egress,

@@ -24,7 +24,7 @@
 
 use serde_json::json;
 use trellis_api::v1alpha1::PolicyBundle;
-use trellis_e2e::truth::{self, Addresses, Case, Step, World, bundle, explain::Explainer, policy};
+use trellis_e2e::truth::{self, Addresses, Step, World, bundle, explain::Explainer, policy};
 
 /// Starts the world in its own sandbox, runs `steps` as case `name`, and checks
 /// `kubectl trellis explain` on every cell of every step's tables.
@@ -89,24 +89,7 @@ fn the_case_list_checks_out_against_the_oracle() {
     }
 }
 
-/// Every case, and a sandbox test per case in `mod datapath`.
-macro_rules! cases {
-    ($($name:ident),* $(,)?) => {
-        const CASES: &[Case] = &[$(Case { name: stringify!($name), steps: $name }),*];
-
-        /// The cases on the sandbox, each in a sandbox of its own.
-        mod datapath {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    super::run(stringify!($name), super::$name).await;
-                }
-            )*
-        }
-    };
-}
-
-cases!(
+trellis_e2e::truth_cases!(
     // Admin before NetworkPolicy
     admin_deny_beats_networkpolicy_allow,
     admin_allow_beats_networkpolicy_isolation,

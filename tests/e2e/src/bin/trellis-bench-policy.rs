@@ -49,7 +49,7 @@
 //!           edit it (port 2324: generation 2), delete it (not timed; until the nodes report
 //!           the hash without it); the first cycle is a warm-up, not counted; each timed
 //!           change starts after 1 s without any event on the four watches (the operator's
-//!           rollup waits 500 ms after an event, then passes: it is idle by then)
+//!           rollup passes at most 500 ms after an event: it is idle by then)
 //!           t0 just before the request; expected hash = policy_hash(mode, policies, bundles)
 //!   timed   Realized: the bundle's status with observedGeneration = the new generation,
 //!           Realized=True, realizedNodes = desiredNodes = K
@@ -1403,9 +1403,10 @@ const BUNDLE: &str = "trellis-bench-bundle";
 /// The port the bundle denies when created, and the one an edit moves it to.
 const BUNDLE_PORTS: [u16; 2] = [2323, 2324];
 /// Before each timed change, this long without a PolicyBundle, NetworkStatus, NodeEndpoints
-/// or SecurityIdentity event: the operator's rollup loop (an event wakes it, it waits 500 ms
-/// for more, then passes once; its own status write is such an event) is idle, so every
-/// change meets it in the same state rather than in a wait that an earlier event started.
+/// or SecurityIdentity event: the operator's rollup loop (an event wakes it, it passes once
+/// the caches were quiet for 100 ms, at most 500 ms after the first; its own status write is
+/// such an event) is idle, so every change meets it in the same state rather than in a wait
+/// that an earlier event started.
 const QUIET: Duration = Duration::from_secs(1);
 
 /// PolicyBundle [`BUNDLE`] as its owner applies it: Admin, subject every pod of namespace

@@ -239,6 +239,27 @@ impl fmt::Debug for Case {
     }
 }
 
+/// A test file's case list: `truth_cases!(deny_all_ingress, …)` makes `CASES` (every
+/// `fn name(&Addresses) -> Vec<Step>` listed, as a [`Case`]) and `mod datapath` with one
+/// sandbox test per case, which calls the file's `run(name, steps)`.
+#[macro_export]
+macro_rules! truth_cases {
+    ($($name:ident),* $(,)?) => {
+        const CASES: &[$crate::truth::Case] =
+            &[$($crate::truth::Case { name: stringify!($name), steps: $name }),*];
+
+        /// The cases on the sandbox, each in a sandbox of its own.
+        mod datapath {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    super::run(stringify!($name), super::$name).await;
+                }
+            )*
+        }
+    };
+}
+
 /// A NetworkPolicy `namespace/name` with `spec` as JSON, written as in a manifest:
 /// `policy("x", "deny-all", json!({"podSelector": {}, "policyTypes": ["Ingress"]}))`. Panics
 /// on a spec that is not a NetworkPolicySpec (a broken case).
