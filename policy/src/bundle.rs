@@ -280,7 +280,7 @@ fn first_overlap(
 }
 
 /// What is wrong with `bundle` on its own, whichever pods it meets: the
-/// [`Severity::Error`](crate::Severity::Error) diagnostics the compiler
+/// [`Severity::Error`] diagnostics the compiler
 /// reports for it on every node where it applies (a rule without peers, a
 /// peer that does not set exactly one field, a malformed `ipBlock`, a port
 /// out of range, an `endPort` without a numeric `port`, …), sorted, in the

@@ -183,7 +183,7 @@ struct UpArgs {
     /// Repository root (for tests/e2e/tools/build.sh and config/crd).
     #[arg(long, default_value_os_t = repo_root())]
     repo: PathBuf,
-    /// Directory of CRD YAML to install [default: <repo>/config/crd].
+    /// Directory of CRD YAML to install [default: the repository's config/crd].
     #[arg(long)]
     crd_dir: Option<PathBuf>,
     /// Install no CRDs (and so run no operator, which needs them).
