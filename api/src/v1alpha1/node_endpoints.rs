@@ -77,66 +77,65 @@ impl NodeEndpointsSpec {
 
     /// Whether the apiserver would take this spec as far as the list-wide
     /// limits go (count, named ports per pod and in all, size); each
-    /// endpoint's own fields are checked by the schema alone.
+    /// endpoint's own fields are checked by the schema alone. The error is
+    /// the first limit the endpoints break, in their order.
     pub fn check_limits(&self) -> Result<(), ShardLimit> {
-        if self.endpoints.len() > MAX_NODE_ENDPOINTS {
-            return Err(ShardLimit::Endpoints(self.endpoints.len()));
-        }
-        if let Some(e) = self
-            .endpoints
-            .iter()
-            .find(|e| e.named_ports.len() > MAX_ENDPOINT_NAMED_PORTS)
-        {
-            return Err(ShardLimit::EndpointNamedPorts {
-                pod: format!("{}/{}", e.namespace, e.name),
-                count: e.named_ports.len(),
-            });
-        }
-        let ports: usize = self.endpoints.iter().map(|e| e.named_ports.len()).sum();
-        if ports > MAX_NODE_NAMED_PORTS {
-            return Err(ShardLimit::NamedPorts(ports));
-        }
-        let bytes = self.estimated_bytes();
-        if bytes > MAX_NODE_ENDPOINTS_BYTES {
-            return Err(ShardLimit::Bytes(bytes));
-        }
-        Ok(())
+        let mut budget = Budget::default();
+        self.endpoints.iter().try_for_each(|e| budget.take(e))
     }
-}
 
-impl NodeEndpointsSpec {
     /// The spec of `endpoints`, in their order, leaving out each one that
     /// would break a limit of [`NodeEndpointsSpec::check_limits`] (with the
     /// limit it breaks): what a node can still write when it holds more than
     /// a shard can list.
     pub fn fitting(endpoints: Vec<PodEndpoint>) -> (Self, Vec<(PodEndpoint, ShardLimit)>) {
         let (mut kept, mut left_out) = (Vec::new(), Vec::new());
-        let (mut ports, mut bytes) = (0, 0);
+        let mut budget = Budget::default();
         for e in endpoints {
-            let limit = if kept.len() >= MAX_NODE_ENDPOINTS {
-                Some(ShardLimit::Endpoints(kept.len() + 1))
-            } else if e.named_ports.len() > MAX_ENDPOINT_NAMED_PORTS {
-                Some(ShardLimit::EndpointNamedPorts {
-                    pod: format!("{}/{}", e.namespace, e.name),
-                    count: e.named_ports.len(),
-                })
-            } else if ports + e.named_ports.len() > MAX_NODE_NAMED_PORTS {
-                Some(ShardLimit::NamedPorts(ports + e.named_ports.len()))
-            } else if bytes + e.estimated_bytes() > MAX_NODE_ENDPOINTS_BYTES {
-                Some(ShardLimit::Bytes(bytes + e.estimated_bytes()))
-            } else {
-                None
-            };
-            match limit {
-                Some(limit) => left_out.push((e, limit)),
-                None => {
-                    ports += e.named_ports.len();
-                    bytes += e.estimated_bytes();
-                    kept.push(e);
-                }
+            match budget.take(&e) {
+                Ok(()) => kept.push(e),
+                Err(limit) => left_out.push((e, limit)),
             }
         }
         (NodeEndpointsSpec { endpoints: kept }, left_out)
+    }
+}
+
+/// The list-wide limits, spent endpoint by endpoint: the one place they
+/// are counted.
+#[derive(Default)]
+struct Budget {
+    endpoints: usize,
+    named_ports: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    /// Counts `e` in, or says which limit it would break (counting nothing).
+    fn take(&mut self, e: &PodEndpoint) -> Result<(), ShardLimit> {
+        let (ports, bytes) = (
+            self.named_ports + e.named_ports.len(),
+            self.bytes + e.estimated_bytes(),
+        );
+        if self.endpoints >= MAX_NODE_ENDPOINTS {
+            return Err(ShardLimit::Endpoints(self.endpoints + 1));
+        }
+        if e.named_ports.len() > MAX_ENDPOINT_NAMED_PORTS {
+            return Err(ShardLimit::EndpointNamedPorts {
+                pod: format!("{}/{}", e.namespace, e.name),
+                count: e.named_ports.len(),
+            });
+        }
+        if ports > MAX_NODE_NAMED_PORTS {
+            return Err(ShardLimit::NamedPorts(ports));
+        }
+        if bytes > MAX_NODE_ENDPOINTS_BYTES {
+            return Err(ShardLimit::Bytes(bytes));
+        }
+        self.endpoints += 1;
+        self.named_ports = ports;
+        self.bytes = bytes;
+        Ok(())
     }
 }
 
