@@ -16,7 +16,6 @@ use std::net::IpAddr;
 
 use k8s_openapi::{
     api::core::v1::Pod, apimachinery::pkg::apis::meta::v1::LabelSelector as K8sLabelSelector,
-    apimachinery::pkg::util::intstr::IntOrString,
 };
 use kube::ResourceExt as _;
 use trellis_api::v1alpha1::{
@@ -24,8 +23,8 @@ use trellis_api::v1alpha1::{
 };
 
 use super::oracle::{
-    BundleRule, Connection, Direction, Protocol, Side, Snapshot, cidr_contains, labels, named_port,
-    selects,
+    BundleRule, Connection, Direction, Protocol, Side, Snapshot, cidr_contains, labels,
+    namespace_labels, port_spec_matches, selects,
 };
 
 /// What the bundles of `tier` say about one side of `c`: `None` when none decides (no rule
@@ -87,13 +86,10 @@ fn subject_selects(snapshot: &Snapshot, subject: &Subject, pod: &Pod) -> bool {
 }
 
 fn namespace_selected(snapshot: &Snapshot, selector: &LabelSelector, pod: &Pod) -> bool {
-    let ns_labels = snapshot
-        .namespaces
-        .iter()
-        .find(|n| n.metadata.name == pod.metadata.namespace)
-        .map(|n| labels(&n.metadata.labels))
-        .unwrap_or_default();
-    selects(Some(&k8s_selector(selector)), ns_labels)
+    selects(
+        Some(&k8s_selector(selector)),
+        namespace_labels(snapshot, pod),
+    )
 }
 
 /// A peer is exactly one of pods, namespaces or an ipBlock (the schema refuses anything
@@ -122,18 +118,14 @@ fn ports_match(ports: &[PolicyPort], receiver: &Pod, protocol: Protocol, port: u
                 PortProtocol::Udp => "UDP",
                 PortProtocol::Sctp => "SCTP",
             };
-            if rule_protocol != protocol.as_k8s() {
-                return false;
-            }
-            let port = i32::from(port);
-            match (&p.port, p.end_port) {
-                (None, _) => true,
-                (Some(IntOrString::Int(first)), None) => port == *first,
-                (Some(IntOrString::Int(first)), Some(last)) => (*first..=last).contains(&port),
-                (Some(IntOrString::String(name)), _) => {
-                    named_port(receiver, name, rule_protocol) == Some(port)
-                }
-            }
+            port_spec_matches(
+                rule_protocol,
+                p.port.as_ref(),
+                p.end_port,
+                receiver,
+                protocol,
+                port,
+            )
         })
 }
 

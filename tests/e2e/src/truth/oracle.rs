@@ -323,15 +323,7 @@ fn peer_matches(
     let namespace_ok = match &selector.namespace_selector {
         // No namespaceSelector: the policy's own namespace.
         None => peer_ns == policy_ns,
-        Some(ns_selector) => {
-            let ns_labels = snapshot
-                .namespaces
-                .iter()
-                .find(|n| n.metadata.name.as_deref() == Some(peer_ns))
-                .map(|n| labels(&n.metadata.labels))
-                .unwrap_or_default();
-            selects(Some(ns_selector), ns_labels)
-        }
+        Some(ns_selector) => selects(Some(ns_selector), namespace_labels(snapshot, peer)),
     };
     let pod_ok = match &selector.pod_selector {
         // No podSelector: every pod of the selected namespaces.
@@ -362,11 +354,32 @@ fn ports_match(
 
 fn port_matches(rule: &NetworkPolicyPort, receiver: &Pod, protocol: Protocol, port: u16) -> bool {
     let rule_protocol = rule.protocol.as_deref().unwrap_or("TCP");
+    port_spec_matches(
+        rule_protocol,
+        rule.port.as_ref(),
+        rule.end_port,
+        receiver,
+        protocol,
+        port,
+    )
+}
+
+/// One port of a rule (NetworkPolicy's or a PolicyBundle's, which read alike): its protocol,
+/// then no port (every port), a number, a range to `end_port`, or the receiver's container
+/// port of that name and protocol.
+pub(super) fn port_spec_matches(
+    rule_protocol: &str,
+    rule_port: Option<&IntOrString>,
+    end_port: Option<i32>,
+    receiver: &Pod,
+    protocol: Protocol,
+    port: u16,
+) -> bool {
     if rule_protocol != protocol.as_k8s() {
         return false;
     }
     let port = i32::from(port);
-    match (&rule.port, rule.end_port) {
+    match (rule_port, end_port) {
         // No port: every port of the protocol.
         (None, _) => true,
         (Some(IntOrString::Int(first)), None) => port == *first,
@@ -434,6 +447,16 @@ pub fn cidr_contains(cidr: &str, ip: IpAddr) -> bool {
     }
     let shift = width - length;
     network.checked_shr(shift).unwrap_or(0) == ip.checked_shr(shift).unwrap_or(0)
+}
+
+/// The labels of `pod`'s namespace (none when the snapshot lacks it).
+pub(super) fn namespace_labels(snapshot: &Snapshot, pod: &Pod) -> BTreeMap<String, String> {
+    snapshot
+        .namespaces
+        .iter()
+        .find(|n| n.metadata.name == pod.metadata.namespace)
+        .map(|n| labels(&n.metadata.labels))
+        .unwrap_or_default()
 }
 
 pub(super) fn labels(labels: &Option<BTreeMap<String, String>>) -> BTreeMap<String, String> {
