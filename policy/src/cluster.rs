@@ -136,12 +136,7 @@ pub fn pod_networks<'a>(
     pools: impl IntoIterator<Item = &'a IPPool>,
     addresses: impl IntoIterator<Item = IpAddr>,
 ) -> Option<Vec<IpNet>> {
-    let mut nets: Vec<IpNet> = pools
-        .into_iter()
-        .filter_map(|p| parse_cidr(&p.spec.cidr))
-        .collect();
-    nets.sort();
-    nets.dedup();
+    let nets = pool_networks(pools);
     if nets.is_empty() {
         return None;
     }
@@ -149,6 +144,19 @@ pub fn pod_networks<'a>(
     addresses
         .all(|a| nets.iter().any(|n| n.contains(&a)))
         .then_some(nets)
+}
+
+/// The pools' ranges (all pools, disabled ones too), sorted, each once; a
+/// `cidr` that is not one is skipped. [`pod_networks`] is these when every
+/// pod address is in one.
+pub fn pool_networks<'a>(pools: impl IntoIterator<Item = &'a IPPool>) -> Vec<IpNet> {
+    let mut nets: Vec<IpNet> = pools
+        .into_iter()
+        .filter_map(|p| parse_cidr(&p.spec.cidr))
+        .collect();
+    nets.sort();
+    nets.dedup();
+    nets
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //!  PolicyBundle (all) ──┤
 //!  Namespace (all) ─────┤
 //!  SecurityIdentity ────┼──▶ stores ──▶ Snapshot (values, for the pure compiler)
-//!  NodeEndpoints ───────┤        └────▶ changed (Notify) ──▶ engine resync
+//!  NodeEndpoints ───────┼──▶ ShardFeed (what changed, see super::shards)        └────▶ changed (Notify) ──▶ engine resync
 //!  Pod (this node) ─────┤
 //!  NetworkConfig ───────┤
 //!  IPPool (all) ────────┘   (where pod addresses can be: design 0006)
@@ -18,8 +18,8 @@
 //! its changes ([`Revision`]), so the engine can tell in O(1) that the
 //! policies are the ones it compiled last time.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -28,8 +28,10 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 use trellis_api::v1alpha1::{IPPool, NetworkConfig, NodeEndpoints, PolicyBundle, SecurityIdentity};
+
+use super::shards::ShardFeed;
 
 /// The caches, and the tasks that fill them.
 #[derive(Clone)]
@@ -42,7 +44,13 @@ pub struct Cluster {
     pub pools: Store<IPPool>,
     pub namespaces: Store<Namespace>,
     pub identities: Store<SecurityIdentity>,
-    pub shards: Store<NodeEndpoints>,
+    /// Changes of `identities` so far.
+    pub identities_revision: Revision,
+    /// The shards that changed since the engine last took them (no store:
+    /// the engine keeps what it needs of them, see [`super::shards`]).
+    pub shards: Arc<Mutex<ShardFeed>>,
+    /// Whether `shards` has passed on its first list.
+    shards_ready: watch::Receiver<bool>,
     pub pods: Store<Pod>,
     pub configs: Store<NetworkConfig>,
     /// Notified after every change of any cache.
@@ -56,6 +64,11 @@ impl std::fmt::Debug for Cluster {
         f.debug_struct("Cluster").finish_non_exhaustive()
     }
 }
+
+/// A cache's watch task ended before its first list.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+#[error("a cache of the cluster stopped before its first list")]
+pub struct CacheStopped;
 
 /// How many events a cache has taken. Bumped after the store took each one,
 /// so what a reader finds in the store after reading revision `n` includes
@@ -115,15 +128,14 @@ impl Cluster {
             &changed,
             &mut tasks,
         );
-        let (identities, _) = cache(
+        let (identities, identities_revision) = cache(
             Api::<SecurityIdentity>::all(client.clone()),
             watcher::Config::default(),
             &changed,
             &mut tasks,
         );
-        let (shards, _) = cache(
+        let (shards, shards_ready) = feed(
             Api::<NodeEndpoints>::all(client.clone()),
-            watcher::Config::default(),
             &changed,
             &mut tasks,
         );
@@ -146,7 +158,9 @@ impl Cluster {
             pools,
             namespaces,
             identities,
+            identities_revision,
             shards,
+            shards_ready,
             pods,
             configs,
             changed,
@@ -154,16 +168,22 @@ impl Cluster {
         }
     }
 
-    /// Waits until every cache holds its initial list.
-    pub async fn ready(&self) -> Result<(), reflector::store::WriterDropped> {
-        self.policies.wait_until_ready().await?;
-        self.bundles.wait_until_ready().await?;
-        self.pools.wait_until_ready().await?;
-        self.namespaces.wait_until_ready().await?;
-        self.identities.wait_until_ready().await?;
-        self.shards.wait_until_ready().await?;
-        self.pods.wait_until_ready().await?;
-        self.configs.wait_until_ready().await?;
+    /// Waits until every cache holds its initial list; an error when a
+    /// watch task is gone (the engine is shutting down).
+    pub async fn ready(&self) -> Result<(), CacheStopped> {
+        let stopped = |_| CacheStopped;
+        self.policies.wait_until_ready().await.map_err(stopped)?;
+        self.bundles.wait_until_ready().await.map_err(stopped)?;
+        self.pools.wait_until_ready().await.map_err(stopped)?;
+        self.namespaces.wait_until_ready().await.map_err(stopped)?;
+        self.identities.wait_until_ready().await.map_err(stopped)?;
+        let mut shards_ready = self.shards_ready.clone();
+        shards_ready
+            .wait_for(|r| *r)
+            .await
+            .map_err(|_| CacheStopped)?;
+        self.pods.wait_until_ready().await.map_err(stopped)?;
+        self.configs.wait_until_ready().await.map_err(stopped)?;
         Ok(())
     }
 
@@ -171,6 +191,42 @@ impl Cluster {
     pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<Pod>> {
         self.pods.get(&ObjectRef::new(name).within(namespace))
     }
+}
+
+/// A watch of every `NodeEndpoints` shard feeding a [`ShardFeed`] (no
+/// store), notifying `changed` after every change; the receiver turns
+/// true once the first list is in the feed.
+fn feed(
+    api: Api<NodeEndpoints>,
+    changed: &Arc<Notify>,
+    tasks: &mut Vec<tokio::task::JoinHandle<()>>,
+) -> (Arc<Mutex<ShardFeed>>, watch::Receiver<bool>) {
+    let feed = Arc::new(Mutex::new(ShardFeed::new()));
+    let (ready_tx, ready) = watch::channel(false);
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(|o| o.managed_fields_mut().clear());
+    let (changed, into) = (changed.clone(), feed.clone());
+    tasks.push(tokio::spawn(async move {
+        let mut stream = std::pin::pin!(stream);
+        while let Some(event) = stream.next().await {
+            match event {
+                Ok(event) => {
+                    let ready = {
+                        let mut f = into.lock().unwrap_or_else(PoisonError::into_inner);
+                        f.event(event);
+                        f.is_ready()
+                    };
+                    ready_tx.send_if_modified(|r| !std::mem::replace(r, ready) && ready);
+                    changed.notify_one();
+                }
+                Err(e) => {
+                    tracing::warn!(kind = "NodeEndpoints", error = %e, "watch error; retrying with backoff")
+                }
+            }
+        }
+    }));
+    (feed, ready)
 }
 
 /// A reflector of `api` whose every event bumps its revision and notifies

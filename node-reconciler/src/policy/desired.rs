@@ -146,7 +146,7 @@ pub struct Claim {
 impl Claim {
     /// Local before host before remote (we made the local pods' veths; a
     /// remote shard can be stale), then the smaller identity.
-    fn rank(&self) -> (u8, u32) {
+    pub(crate) fn rank(&self) -> (u8, u32) {
         let by = match self.by {
             Claimant::Local { .. } => 0,
             Claimant::Host => 1,
@@ -436,12 +436,30 @@ pub fn desired(world: &World, installed: &PolicyIds) -> Desired {
 /// [`desired`], compiling only the label sets `cache` does not hold (the
 /// caller keeps the cache valid with [`CompileCache::for_input`]).
 pub fn desired_cached(world: &World, installed: &PolicyIds, cache: &mut CompileCache) -> Desired {
+    let mut want = desired_tables(world.input, world.locals, installed, cache);
+    let locals = unique_locals(world.locals, &mut Vec::new());
+    want.ipcache = ipcache(world, &locals, &mut want.conflicts);
+    want.conflicts.sort();
+    want
+}
+
+/// [`desired_cached`] but for the IP cache: `ipcache` is left empty, and
+/// `conflicts` holds only those between local endpoints. The engine keeps
+/// the IP cache in an [`super::ipcache::IpCacheIndex`] instead, fed with
+/// [`local_claims`], the host's and the shards' claims, which is what this
+/// module's IP cache is computed from.
+pub fn desired_tables(
+    input: &Input,
+    locals: &[Local],
+    installed: &PolicyIds,
+    cache: &mut CompileCache,
+) -> Desired {
     debug_assert!(
-        cache.key.is_none() || cache.identities == world.input.identities,
+        cache.key.is_none() || cache.identities == input.identities,
         "CompileCache::for_input was not told these identities"
     );
     let mut conflicts = Vec::new();
-    let locals = unique_locals(world.locals, &mut conflicts);
+    let locals = unique_locals(locals, &mut conflicts);
 
     // One compilation per (labels, named ports): the identity does not
     // change the tables. Ids by content, across endpoints and directions,
@@ -462,10 +480,10 @@ pub fn desired_cached(world: &World, installed: &PolicyIds, cache: &mut CompileC
                     Some(c) => Arc::clone(&c.compiled),
                     None => {
                         cache.compilations += 1;
-                        let c = Arc::new(compile_endpoint(world.input, ep));
+                        let c = Arc::new(compile_endpoint(input, ep));
                         let cached = Cached {
                             compiled: Arc::clone(&c),
-                            deps: IdentityDependencies::of(world.input, ep),
+                            deps: IdentityDependencies::of(input, ep),
                         };
                         cache.compiled.insert(key, cached);
                         c
@@ -492,15 +510,29 @@ pub fn desired_cached(world: &World, installed: &PolicyIds, cache: &mut CompileC
     cache
         .compiled
         .retain(|(labels, ports), _| groups.contains_key(&(labels, ports)));
-    let ipcache = ipcache(world, &locals, &mut conflicts);
     conflicts.sort();
     Desired {
         endpoints,
         tables: ids.tables,
-        ipcache,
+        ipcache: BTreeMap::new(),
         compiled,
         conflicts,
     }
+}
+
+/// The IP cache claims of `locals`: each address of each endpoint that
+/// [`desired_tables`] keeps (one per ifindex).
+pub fn local_claims(locals: &[Local]) -> Vec<(IpAddr, Claim)> {
+    unique_locals(locals, &mut Vec::new())
+        .into_iter()
+        .flat_map(|l| {
+            let claim = Claim {
+                by: Claimant::Local { ifindex: l.ifindex },
+                identity: l.endpoint.identity,
+            };
+            l.addresses.iter().map(move |a| (*a, claim))
+        })
+        .collect()
 }
 
 /// One local endpoint per ifindex (the smaller identity wins), sorted by

@@ -19,6 +19,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
+
+use ipnet::IpNet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -38,11 +40,15 @@ use trellis_api::v1alpha1::{
 use trellis_cni::proto::PodRef;
 use trellis_common::process::until_true;
 use trellis_policy::compile::{Input, LocalEndpoint};
-use trellis_policy::identity::{IdentityInfo, IdentityKind, NamedPorts, SecurityLabels, WORLD};
+use trellis_policy::identity::{HOST, IdentityKind, NamedPorts, SecurityLabels, WORLD};
 
 use super::cluster::Cluster;
-use super::desired::{CompileCache, Desired, Invalidated, Local, World, desired_cached};
-use super::sync::{Installed, MapOp, apply, plan};
+use super::desired::{
+    Claim, Claimant, CompileCache, Desired, Invalidated, Local, desired_tables, local_claims,
+};
+use super::ipcache::{IpCacheIndex, Source};
+use super::shards::{NamedIndex, ShardFeed, shard_claims};
+use super::sync::{Installed, IpCachePlan, MapOp, apply, plan_with};
 use crate::agent::{FIELD_MANAGER, owner_of_node};
 use crate::bpf::Datapath;
 use crate::endpoint::{Admission, EndpointError, EndpointPolicy};
@@ -96,6 +102,32 @@ struct State {
     cache: CompileCache,
     /// By host veth name.
     locals: BTreeMap<String, LocalState>,
+    /// The IP cache as the shards, the endpoints, the node's addresses and
+    /// the policies' prefixes make it, kept change by change.
+    ipcache: IpCacheIndex,
+    /// The named ports of each identity over every shard.
+    named: NamedIndex,
+    /// Plan the whole IP cache at the next sync rather than the keys the
+    /// index touched: the mirror was read from the maps (a start), so it
+    /// may differ anywhere.
+    ipcache_full: bool,
+    /// What `input.input.identities` was made from (`None`: not yet).
+    identities_of: Option<IdentitiesOf>,
+    /// The compile cache's key the last sync gave it.
+    cache_key: Option<u64>,
+}
+
+/// What the compiler's identities are made of: when these are equal, so
+/// are they, and a sync neither rebuilds nor diffs them.
+#[derive(Debug, PartialEq, Eq)]
+struct IdentitiesOf {
+    /// The `SecurityIdentity` cache's revision (read before the cache).
+    objects: u64,
+    /// [`NamedIndex::revision`].
+    shards: u64,
+    /// The local endpoints' named ports per identity (they count before
+    /// the shard carries them).
+    local: BTreeMap<u32, NamedPorts>,
 }
 
 /// The policy engine of one node.
@@ -162,6 +194,11 @@ impl Engine {
                 input: CompilerInput::default(),
                 cache: CompileCache::default(),
                 locals: BTreeMap::new(),
+                ipcache: IpCacheIndex::new(),
+                named: NamedIndex::new(),
+                ipcache_full: true,
+                identities_of: None,
+                cache_key: None,
             })),
             started: watch::Sender::new(false),
             shard: Arc::new(Notify::new()),
@@ -279,9 +316,21 @@ impl Engine {
         let host = self.host_addresses().await?;
         let snapshot = self.snapshot();
         let state = self.state.clone();
+        let node = self.node.clone();
         let (report, errors) = tokio::task::spawn_blocking(move || {
             let mut s = lock(&state);
             let s = &mut *s;
+            // The shards that changed since the last sync: the IP cache
+            // (other nodes' pods; this node's come from its endpoints) and
+            // the named ports of every node's pods.
+            let changes = lock_feed(&snapshot.shards).take();
+            for (name, shard) in changes {
+                let (claims, named) = shard.as_deref().map(shard_claims).unwrap_or_default();
+                s.named.set_shard(&name, named);
+                if name != node {
+                    s.ipcache.set_source(Source::Shard(name), claims);
+                }
+            }
             let locals: Vec<Local> = s
                 .locals
                 .values()
@@ -294,31 +343,52 @@ impl Engine {
                 })
                 .collect();
             let unresolved = s.locals.len() - locals.len();
+            s.ipcache.set_source(Source::Local, local_claims(&locals));
+            let host_claim = Claim {
+                by: Claimant::Host,
+                identity: HOST,
+            };
+            s.ipcache.set_source(
+                Source::Host,
+                host.iter().map(|a| (*a, host_claim)).collect(),
+            );
             s.input.refresh(snapshot.policies_of, || PolicyObjects {
                 policies: cloned(&snapshot.policies),
                 bundles: cloned(&snapshot.bundles),
                 pools: cloned(&snapshot.pools),
             });
-            s.input.input.identities = snapshot.identities(&locals);
-            let pod_addresses = snapshot
-                .remote
-                .iter()
-                .map(|(a, _)| *a)
-                .chain(locals.iter().flat_map(|l| l.addresses.iter().copied()));
-            s.input.input.pod_networks =
-                trellis_policy::cluster::pod_networks(&s.input.pools, pod_addresses);
-            let invalidated = s.cache.for_input(
-                input_key(&s.input.hash, &s.input.input),
-                &s.input.input.identities,
-            );
-            let world = World {
-                input: &s.input.input,
-                locals: &locals,
-                remote: &snapshot.remote,
-                host: &host,
+            s.ipcache.set_cidrs(&s.input.input.cidrs);
+            s.ipcache.set_pod_nets(s.input.pod_nets.clone());
+            s.input.input.pod_networks = s.ipcache.pod_networks();
+            let identities_of = IdentitiesOf {
+                objects: snapshot.identities_revision,
+                shards: s.named.revision(),
+                local: local_named_ports(&locals),
+            };
+            let identities_changed = s.identities_of.as_ref() != Some(&identities_of);
+            if identities_changed {
+                let mut named = s.named.named();
+                for (id, ports) in &identities_of.local {
+                    named.entry(*id).or_default().extend(ports);
+                }
+                // Sorted by id: the compile cache diffs them by id.
+                let objects = trellis_policy::cluster::identity_infos(
+                    snapshot.identities.state().iter().map(|i| &**i),
+                );
+                s.input.input.identities =
+                    trellis_policy::cluster::with_named_ports(&objects, &named);
+                s.identities_of = Some(identities_of);
+            }
+            let key = input_key(&s.input.hash, &s.input.input);
+            let invalidated = if identities_changed || s.cache_key != Some(key) {
+                s.cache_key = Some(key);
+                s.cache.for_input(key, &s.input.input.identities)
+            } else {
+                Invalidated::default()
             };
             let compilations = s.cache.compilations;
-            let want = desired_cached(&world, &s.installed.ids(), &mut s.cache);
+            let mut want =
+                desired_tables(&s.input.input, &locals, &s.installed.ids(), &mut s.cache);
             let compiled = s.cache.compilations - compilations;
             if compiled > 0 || invalidated != Invalidated::default() {
                 tracing::debug!(
@@ -329,7 +399,17 @@ impl Engine {
                     "policy compiled"
                 );
             }
-            let mut ops = plan(&want, &s.installed);
+            want.conflicts.extend(s.ipcache.conflicts().cloned());
+            want.conflicts.sort();
+            // The IP cache: every key after a start, else only those the
+            // index touched since the last sync.
+            let touched = s.ipcache.take_touched();
+            let scope = if s.ipcache_full {
+                IpCachePlan::All(s.ipcache.want())
+            } else {
+                IpCachePlan::Keys(s.ipcache.want(), &touched)
+            };
+            let mut ops = plan_with(&want, scope, &s.installed);
             // An endpoint not resolved yet keeps what it has (adopted after
             // a restart: enforcement stays as the previous run left it; its
             // tables cannot go while its entry names them).
@@ -345,6 +425,16 @@ impl Engine {
                 });
             }
             let failed = apply(&mut s.dp, &mut s.installed, &ops);
+            // What is still not as wanted (a failed write, a removal held
+            // back for a pending endpoint) is planned again next time.
+            let planned: Vec<IpNet> = if s.ipcache_full {
+                let want = s.ipcache.want().keys();
+                want.chain(s.installed.ipcache.keys()).copied().collect()
+            } else {
+                touched.into_iter().collect()
+            };
+            s.ipcache.settle(&planned, &s.installed.ipcache);
+            s.ipcache_full = false;
             let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op}: {e}")).collect();
             let mut report = report_of(&want, &errors);
             report.hash = errors.is_empty().then(|| s.input.hash.clone());
@@ -368,38 +458,26 @@ impl Engine {
     }
 
     /// The values the compiler needs, taken from the caches (the policies
-    /// only if they changed since the last sync: see [`CompilerInput`]).
+    /// only if they changed since the last sync: see [`CompilerInput`]; the
+    /// identities likewise, see [`IdentitiesOf`]).
     fn snapshot(&self) -> Snapshot {
-        // Before the policies are read (in the sync, if at all).
+        // Before the caches are read (in the sync, if at all).
         let revision = self.cluster.policies_revision.get();
+        let identities_revision = self.cluster.identities_revision.get();
         let enforcement = self
             .cluster
             .configs
             .get(&ObjectRef::new("default"))
             .map(|c| c.spec.policy_enforcement)
             .unwrap_or_default();
-        // The nodes' shards: named ports per identity, and the other nodes'
-        // pod addresses (this node's own come from its endpoints).
-        let shards = self.cluster.shards.state();
-        let read = trellis_policy::cluster::read_shards(shards.iter().map(|s| &**s));
-        let remote = read
-            .addresses
-            .into_iter()
-            .filter(|a| a.node != self.node)
-            .map(|a| (a.address, a.identity))
-            .collect();
-        // Sorted by id: the compile cache diffs them by id.
-        let identities = trellis_policy::cluster::identity_infos(
-            self.cluster.identities.state().iter().map(|i| &**i),
-        );
         Snapshot {
             policies_of: (revision, enforcement),
             policies: self.cluster.policies.clone(),
             bundles: self.cluster.bundles.clone(),
             pools: self.cluster.pools.clone(),
-            identities,
-            named: read.named,
-            remote,
+            identities_revision,
+            identities: self.cluster.identities.clone(),
+            shards: self.cluster.shards.clone(),
         }
     }
 
@@ -762,7 +840,7 @@ impl EndpointPolicy for Engine {
     }
 }
 
-/// The caches' contents a sync compiles against.
+/// The caches a sync compiles against.
 struct Snapshot {
     /// Which policies, bundles, pools and mode: the revision of their
     /// caches (read before the caches) and the mode.
@@ -771,26 +849,30 @@ struct Snapshot {
     policies: Store<NetworkPolicy>,
     bundles: Store<PolicyBundle>,
     pools: Store<IPPool>,
-    identities: Vec<IdentityInfo>,
-    /// Named ports per identity, from every shard.
-    named: BTreeMap<u32, NamedPorts>,
-    /// Other nodes' pod addresses.
-    remote: Vec<(IpAddr, u32)>,
+    /// The identities' revision (read before the cache) and the cache,
+    /// read only when the revision or named ports changed.
+    identities_revision: u64,
+    identities: Store<SecurityIdentity>,
+    /// The shards that changed since the last sync.
+    shards: Arc<Mutex<ShardFeed>>,
 }
 
-impl Snapshot {
-    /// The compiler's identities; the local endpoints' named ports count
-    /// for their identities even before the shard carries them.
-    fn identities(&self, locals: &[Local]) -> Vec<IdentityInfo> {
-        let mut named = self.named.clone();
-        for l in locals {
+/// The named ports of the local endpoints, per identity.
+fn local_named_ports(locals: &[Local]) -> BTreeMap<u32, NamedPorts> {
+    let mut named: BTreeMap<u32, NamedPorts> = BTreeMap::new();
+    for l in locals {
+        if !l.endpoint.named_ports.is_empty() {
             named
                 .entry(l.endpoint.identity)
                 .or_default()
                 .extend(&l.endpoint.named_ports);
         }
-        trellis_policy::cluster::with_named_ports(&self.identities, &named)
     }
+    named
+}
+
+fn lock_feed(feed: &Mutex<ShardFeed>) -> std::sync::MutexGuard<'_, ShardFeed> {
+    feed.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The objects the compiler's policy input is made of, read from the caches.
@@ -821,8 +903,9 @@ struct CompilerInput {
     /// [`trellis_policy::generation::policy_hash`] of them: what the node
     /// enforces once they are in the maps.
     hash: String,
-    /// The IP pools (for `input.pod_networks`).
-    pools: Vec<IPPool>,
+    /// Where pod addresses can be, as the pools say (for
+    /// `input.pod_networks`).
+    pod_nets: Vec<IpNet>,
     input: Input,
 }
 
@@ -840,9 +923,12 @@ impl CompilerInput {
             pools,
         } = read();
         self.hash = trellis_policy::generation::policy_hash(enforcement, &policies, &bundles);
-        // Identities and pod networks: set by every sync, after this.
+        // Identities are kept (see `IdentitiesOf`); pod networks are set by
+        // every sync, after this.
+        let identities = std::mem::take(&mut self.input.identities);
         self.input = trellis_policy::cluster::policy_input(enforcement, policies, bundles);
-        self.pools = pools;
+        self.input.identities = identities;
+        self.pod_nets = trellis_policy::cluster::pool_networks(&pools);
         self.of = Some(of);
     }
 }

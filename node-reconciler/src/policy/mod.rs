@@ -24,6 +24,12 @@
 //! are on its veth ("no traffic before policy"); every change of the caches
 //! syncs the maps again.
 //!
+//! The engine does not compute the IP cache from scratch: [`shards`] hands
+//! it the shards that changed, and [`ipcache::IpCacheIndex`] keeps the
+//! cache claim by claim (the rules of [`desired::desired`], held equal to
+//! it by `tests/ipcache_index.rs`), so a sync plans only the keys that
+//! changed ([`sync::plan_with`]).
+//!
 //! [`desired`] is pure. [`sync`] holds the mirror of what the maps contain,
 //! the pure [`sync::plan`] and the executor [`sync::apply`], which writes
 //! through the small [`sync::PolicyMaps`] trait ([`crate::bpf::Datapath`]
@@ -33,6 +39,8 @@
 pub mod cluster;
 pub mod desired;
 pub mod engine;
+pub mod ipcache;
+pub mod shards;
 pub mod sync;
 /// Test support, not an API: the builders of the unit tests of `desired`
 /// and `sync`, which the integration tests (`tests/policy_maps.rs`) build

@@ -271,13 +271,56 @@ impl fmt::Display for MapOp {
 /// (5) entries of tables no longer named, (6) IP cache removals. Nothing
 /// for what is already equal, so a converged node plans nothing. Pure.
 pub fn plan(desired: &Desired, installed: &Installed) -> Vec<MapOp> {
+    plan_with(desired, IpCachePlan::All(&desired.ipcache), installed)
+}
+
+/// Which IP cache [`plan_with`] plans, and how much of it.
+#[derive(Debug, Clone, Copy)]
+pub enum IpCachePlan<'a> {
+    /// Every key of the desired cache and of the mirror (after a start,
+    /// when the mirror was read from the maps).
+    All(&'a BTreeMap<IpNet, IpCacheEntry>),
+    /// Only these keys: the others are known to be equal already (an
+    /// [`super::ipcache::IpCacheIndex`]'s touched keys).
+    Keys(&'a BTreeMap<IpNet, IpCacheEntry>, &'a BTreeSet<IpNet>),
+}
+
+/// [`plan`] with the IP cache given apart from `desired` (whose `ipcache`
+/// is then not read), planned in full or for some keys only: the ops are
+/// those of [`plan`] restricted to those keys.
+pub fn plan_with(desired: &Desired, ipcache: IpCachePlan, installed: &Installed) -> Vec<MapOp> {
     let mut ops = Vec::new();
-    for (net, entry) in &desired.ipcache {
-        if installed.ipcache.get(net) != Some(entry) {
-            ops.push(MapOp::SetIpCache {
-                net: *net,
-                entry: *entry,
-            });
+    let mut removals = Vec::new();
+    let mut plan_key = |net: &IpNet, want: Option<&IpCacheEntry>| match want {
+        Some(entry) => {
+            if installed.ipcache.get(net) != Some(entry) {
+                ops.push(MapOp::SetIpCache {
+                    net: *net,
+                    entry: *entry,
+                });
+            }
+        }
+        None => {
+            if installed.ipcache.contains_key(net) {
+                removals.push(MapOp::RemoveIpCache { net: *net });
+            }
+        }
+    };
+    match ipcache {
+        IpCachePlan::All(want) => {
+            for (net, entry) in want {
+                plan_key(net, Some(entry));
+            }
+            for net in installed.ipcache.keys() {
+                if !want.contains_key(net) {
+                    plan_key(net, None);
+                }
+            }
+        }
+        IpCachePlan::Keys(want, keys) => {
+            for net in keys {
+                plan_key(net, want.get(net));
+            }
         }
     }
     for (policy, table) in &desired.tables {
@@ -328,11 +371,7 @@ pub fn plan(desired: &Desired, installed: &Installed) -> Vec<MapOp> {
             }
         }
     }
-    for net in installed.ipcache.keys() {
-        if !desired.ipcache.contains_key(net) {
-            ops.push(MapOp::RemoveIpCache { net: *net });
-        }
-    }
+    ops.extend(removals);
     ops
 }
 
