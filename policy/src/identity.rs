@@ -14,6 +14,7 @@
 //!  allocate → the first id that is free or already holds these labels
 //! ```
 
+use std::borrow::Borrow;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -168,9 +169,9 @@ pub fn preferred_identity(labels: &SecurityLabels) -> u32 {
 /// A label set can hold an identity off its probe path (after a race lost
 /// with a different view of the taken ids), so callers look the labels up in
 /// their index first and allocate only when they are not there.
-pub fn allocate<'a>(
+pub fn allocate<L: Borrow<SecurityLabels>>(
     labels: &SecurityLabels,
-    taken: impl Fn(u32) -> Option<&'a SecurityLabels>,
+    taken: impl FnMut(u32) -> Option<L>,
 ) -> Result<u32, IdentitySpaceFull> {
     allocate_in(labels, POD_RANGE, taken)
 }
@@ -179,10 +180,10 @@ pub fn allocate<'a>(
 const POD_RANGE: RangeInclusive<u32> = POD_FIRST..=POD_LAST;
 
 /// [`allocate`] within `range` (tests use small ranges).
-fn allocate_in<'a>(
+fn allocate_in<L: Borrow<SecurityLabels>>(
     labels: &SecurityLabels,
     range: RangeInclusive<u32>,
-    taken: impl Fn(u32) -> Option<&'a SecurityLabels>,
+    mut taken: impl FnMut(u32) -> Option<L>,
 ) -> Result<u32, IdentitySpaceFull> {
     let (first, last) = (*range.start(), *range.end());
     let start = preferred_in(labels.stable_hash(), &range);
@@ -190,7 +191,7 @@ fn allocate_in<'a>(
     loop {
         match taken(id) {
             None => return Ok(id),
-            Some(held) if held == labels => return Ok(id),
+            Some(held) if held.borrow() == labels => return Ok(id),
             Some(_) => {}
         }
         id = if id == last { first } else { id + 1 };
@@ -446,7 +447,7 @@ mod tests {
     fn allocate_takes_the_preferred_id_when_free_or_already_ours() {
         let l = payments();
         let preferred = preferred_identity(&l);
-        assert_eq!(allocate(&l, |_| None), Ok(preferred));
+        assert_eq!(allocate(&l, |_| None::<&SecurityLabels>), Ok(preferred));
         let same = payments();
         assert_eq!(
             allocate(&l, |id| (id == preferred).then_some(&same)),

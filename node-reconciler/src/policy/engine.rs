@@ -581,22 +581,30 @@ impl Engine {
         let api = Api::<SecurityIdentity>::all(self.client.clone());
         // Ids found taken by another label set that the cache has not shown yet.
         let mut seen: BTreeMap<u32, SecurityLabels> = BTreeMap::new();
-        for _ in 0..IDENTITY_ATTEMPTS {
-            let cached: BTreeMap<u32, SecurityLabels> = self
+        // The label set an id holds: found by name in the cache (an id is
+        // the object's name), not by reading the whole cache, so resolving
+        // a pod costs the probe, not the number of identities.
+        let held = |seen: &BTreeMap<u32, SecurityLabels>, id: u32| -> Option<SecurityLabels> {
+            if let Some(labels) = seen.get(&id) {
+                return Some(labels.clone());
+            }
+            let object = self
                 .cluster
                 .identities
-                .state()
-                .iter()
-                .filter_map(|i| trellis_policy::objects::identity_of(i).ok())
-                .collect();
-            let id = trellis_policy::identity::allocate(labels, |id| {
-                seen.get(&id).or_else(|| cached.get(&id))
-            })
-            .map_err(|e| EndpointError::Policy {
-                reason: e.to_string(),
-                transient: false,
-            })?;
-            if cached.get(&id) == Some(labels) || seen.get(&id) == Some(labels) {
+                .get(&ObjectRef::new(&id.to_string()))?;
+            trellis_policy::objects::identity_of(&object)
+                .ok()
+                .map(|(_, labels)| labels)
+        };
+        for _ in 0..IDENTITY_ATTEMPTS {
+            let id =
+                trellis_policy::identity::allocate(labels, |id| held(&seen, id)).map_err(|e| {
+                    EndpointError::Policy {
+                        reason: e.to_string(),
+                        transient: false,
+                    }
+                })?;
+            if held(&seen, id).as_ref() == Some(labels) {
                 return Ok(id);
             }
             let object = trellis_policy::objects::security_identity(id, labels).map_err(|e| {
