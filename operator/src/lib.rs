@@ -13,10 +13,13 @@
 //!
 //! A second loop, `policy_controller`, rolls what the nodes report up into
 //! `PolicyBundle.status` (`policy_status`: desired / realised / lagging
-//! nodes, `Accepted`, `Realized`, `Conflicting`).
+//! nodes, `Accepted`, `Realized`, `Conflicting`). A third,
+//! `identity_gc_controller`, deletes the SecurityIdentities no
+//! `NodeEndpoints` shard has named for a grace period (`identity_gc`).
 //!
-//! `ipam`, `desired`, `status`, `conditions`, `plan` and `policy_status` are pure
-//! (values in, values out; no client, no clock) and tested in microseconds;
+//! `ipam`, `desired`, `status`, `conditions`, `plan`, `policy_status` and
+//! `identity_gc` are pure (values in, values out; no client, no clock: the
+//! collection's "now" is an argument) and tested in microseconds;
 //! `controller` and `apply` are the thin shell that does the I/O; `lease`
 //! elects the one replica that writes; `ops` serves metrics and health.
 
@@ -25,6 +28,8 @@ pub mod apply;
 pub use trellis_common::conditions;
 pub mod controller;
 pub mod desired;
+pub mod identity_gc;
+pub mod identity_gc_controller;
 pub mod ipam;
 pub mod lease;
 pub mod ops;

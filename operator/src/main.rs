@@ -11,6 +11,7 @@ use tokio::sync::{Notify, watch};
 use trellis_common::process::{LogFormat, client, init_tracing, shutdown_signal, until_true};
 use trellis_operator::apply::Writer;
 use trellis_operator::controller::{self, LoopConfig};
+use trellis_operator::identity_gc_controller::{self, GcConfig};
 use trellis_operator::lease::{Elector, LeaseConfig};
 use trellis_operator::ops::{self, ErrorKind, Health, Metrics, WriteKind};
 use trellis_operator::policy_controller::{self, PolicyLoopConfig, PolicyStores};
@@ -43,6 +44,11 @@ struct Args {
     /// Seconds between full passes when nothing changes.
     #[arg(long, default_value_t = 300)]
     resync_seconds: u64,
+    /// Delete a SecurityIdentity once no node's NodeEndpoints has named it
+    /// for this many seconds (as seen by the leader since it took the
+    /// lease); 0 turns the collection off.
+    #[arg(long, default_value_t = 600)]
+    identity_gc_grace_seconds: u64,
 }
 
 #[tokio::main]
@@ -125,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
+    let gc_policy_stores = policy_stores.clone();
     let mut policy_task = {
         let (client, stores, leading, shutdown) = (
             client.clone(),
@@ -164,6 +171,38 @@ async fn main() -> anyhow::Result<()> {
         ))
     };
 
+    let gc = GcConfig::new(Duration::from_secs(args.identity_gc_grace_seconds));
+    match gc {
+        Some(cfg) => tracing::info!(
+            grace_s = cfg.grace.as_secs(),
+            interval_s = cfg.interval.as_secs(),
+            "collecting SecurityIdentities that no NodeEndpoints names for the grace period"
+        ),
+        None => {
+            tracing::info!("SecurityIdentity collection is off (--identity-gc-grace-seconds 0)")
+        }
+    }
+    let mut gc_task = {
+        let (client, leading, shutdown) = (client.clone(), leading.clone(), shutdown.clone());
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let Some(cfg) = gc else {
+                // Off: a task that ends only with the process, like the others.
+                std::future::pending::<()>().await;
+                return;
+            };
+            identity_gc_controller::run(
+                client,
+                gc_policy_stores,
+                leading,
+                shutdown,
+                cfg,
+                move |pass: &identity_gc_controller::GcPass| on_gc_pass(&metrics, pass),
+            )
+            .await;
+        })
+    };
+
     // Ready (for /readyz) once the caches are synced; the loop starts then.
     let mut controller_task = {
         let (health, shutdown) = (health.clone(), shutdown.clone());
@@ -200,12 +239,15 @@ async fn main() -> anyhow::Result<()> {
         },
         res = &mut controller_task => Err(anyhow::anyhow!("controller loop ended unexpectedly: {res:?}")),
         res = &mut policy_task => Err(anyhow::anyhow!("policy status loop ended unexpectedly: {res:?}")),
+        res = &mut gc_task => Err(anyhow::anyhow!("identity collection loop ended unexpectedly: {res:?}")),
     };
 
     // Stop writing first, then give the lease back so a standby takes over at once.
     let _ = shutdown_tx.send(true);
     let _ = controller_task.await;
     let _ = policy_task.await;
+    gc_task.abort();
+    let _ = gc_task.await;
     if !election.is_finished() {
         match election.await {
             Ok(Err(e)) => tracing::warn!(error = %e, "releasing the lease failed"),
@@ -241,6 +283,39 @@ fn count_writes(metrics: &Metrics, p: &trellis_operator::plan::Plan) {
             metrics.wrote(kind);
         }
     }
+}
+
+fn on_gc_pass(metrics: &Metrics, pass: &identity_gc_controller::GcPass) {
+    let plan = &pass.plan;
+    metrics.set_identities(plan.identities, plan.unreferenced.len());
+    for skipped in &plan.skipped {
+        tracing::warn!(%skipped, "ignored an object the schema should have refused");
+    }
+    for (c, outcome) in &pass.outcomes {
+        match outcome {
+            identity_gc_controller::Outcome::Deleted => {
+                metrics.collected_identity();
+                tracing::info!(id = c.id, labels = %c.labels,
+                    unreferenced_s = c.unreferenced_for.as_secs(),
+                    "security identity collected: no NodeEndpoints named it for the grace period");
+            }
+            identity_gc_controller::Outcome::Skipped(code) => tracing::debug!(
+                id = c.id,
+                code,
+                "security identity not collected: gone or re-created meanwhile"
+            ),
+            identity_gc_controller::Outcome::Failed(e) => {
+                metrics.error(error_kind(e));
+                tracing::warn!(error = %e, transient = e.is_transient(), "security identity delete failed; retrying next pass");
+            }
+        }
+    }
+    tracing::debug!(
+        identities = plan.identities,
+        unreferenced = plan.unreferenced.len(),
+        took_ms = pass.took.as_millis() as u64,
+        "identity collection pass"
+    );
 }
 
 fn error_kind(e: &trellis_operator::apply::WriteError) -> ErrorKind {

@@ -65,10 +65,11 @@ pub enum WriteKind {
     PoolFinalizer,
     NetworkConfigStatus,
     Event,
+    SecurityIdentityDelete,
 }
 
 impl WriteKind {
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 8] = [
         Self::NodeNetworkSpec,
         Self::NodeNetworkStatus,
         Self::NodeNetworkDelete,
@@ -76,6 +77,7 @@ impl WriteKind {
         Self::PoolFinalizer,
         Self::NetworkConfigStatus,
         Self::Event,
+        Self::SecurityIdentityDelete,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -87,6 +89,7 @@ impl WriteKind {
             Self::PoolFinalizer => "pool_finalizer",
             Self::NetworkConfigStatus => "network_config_status",
             Self::Event => "event",
+            Self::SecurityIdentityDelete => "security_identity_delete",
         }
     }
 }
@@ -133,6 +136,9 @@ struct MetricsInner {
     ipam_blocks_capacity: Gauge,
     ipam_nodes_without_block: Gauge,
     leader: Gauge,
+    identities: Gauge,
+    identities_unreferenced: Gauge,
+    identities_collected: Counter,
 }
 
 impl Default for Metrics {
@@ -153,7 +159,10 @@ impl Metrics {
             ipam_blocks_capacity,
             ipam_nodes_without_block,
             leader,
+            identities,
+            identities_unreferenced,
         ] = std::array::from_fn(|_| Gauge::default());
+        let identities_collected = Counter::default();
 
         // Every label value exists from the start at 0, so `rate()` and
         // dashboards see a series before the first error of each kind.
@@ -197,6 +206,21 @@ impl Metrics {
             "1 while this replica holds the leader lease",
             leader.clone(),
         );
+        registry.register(
+            "identities",
+            "SecurityIdentities, as of the leader's last collection pass",
+            identities.clone(),
+        );
+        registry.register(
+            "identities_unreferenced",
+            "SecurityIdentities no NodeEndpoints shard names, as of the leader's last collection pass (collected once unreferenced for the grace period)",
+            identities_unreferenced.clone(),
+        );
+        registry.register(
+            "identities_collected",
+            "SecurityIdentities deleted because no NodeEndpoints shard named them for the grace period",
+            identities_collected.clone(),
+        );
 
         let inner = MetricsInner {
             registry,
@@ -208,6 +232,9 @@ impl Metrics {
             ipam_blocks_capacity,
             ipam_nodes_without_block,
             leader,
+            identities,
+            identities_unreferenced,
+            identities_collected,
         };
         Self {
             inner: Arc::new(inner),
@@ -244,6 +271,20 @@ impl Metrics {
 
     pub fn set_leader(&self, leader: bool) {
         self.inner.leader.set(i64::from(leader));
+    }
+
+    /// Sets the identity gauges after a collection pass.
+    pub fn set_identities(&self, identities: usize, unreferenced: usize) {
+        let gauge = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
+        self.inner.identities.set(gauge(identities));
+        self.inner.identities_unreferenced.set(gauge(unreferenced));
+    }
+
+    /// Counts one deleted identity (a delete the apiserver answered with
+    /// success; one already gone or re-created is not counted).
+    pub fn collected_identity(&self) {
+        self.inner.identities_collected.inc();
+        self.wrote(WriteKind::SecurityIdentityDelete);
     }
 
     /// The registry in OpenMetrics text, ending in `# EOF`.
@@ -286,6 +327,8 @@ mod tests {
         metrics.wrote(WriteKind::PoolStatus);
         metrics.set_ipam(5, u128::MAX, 2);
         metrics.set_leader(true);
+        metrics.set_identities(7, 3);
+        metrics.collected_identity();
         let text = metrics.encode().expect("encode");
 
         // OpenMetrics names the counter family without `_total` and its
@@ -305,6 +348,11 @@ mod tests {
             "trellis_operator_ipam_blocks_capacity 9223372036854775807",
             "trellis_operator_ipam_nodes_without_block 2",
             "trellis_operator_leader 1",
+            "trellis_operator_identities 7",
+            "trellis_operator_identities_unreferenced 3",
+            "# TYPE trellis_operator_identities_collected counter",
+            "trellis_operator_identities_collected_total 1",
+            "trellis_operator_writes_total{kind=\"security_identity_delete\"} 1",
             "# EOF",
         ] {
             assert!(has_line(&text, line), "missing {line:?} in\n{text}");

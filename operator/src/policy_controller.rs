@@ -15,6 +15,7 @@
 //! shard write) must not replan blocks.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::networking::v1::NetworkPolicy;
@@ -23,7 +24,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Client, Resource};
 use serde_json::json;
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, watch};
 use tokio::task::JoinHandle;
 use trellis_api::v1alpha1::{
     NETWORK_CONFIG_NAME, NodeEndpoints, PolicyBundle, PolicyBundleStatus, PolicyEnforcement,
@@ -35,13 +36,17 @@ use crate::apply::{FIELD_MANAGER, WRITE_TIMEOUT, WriteError, WriteFailure};
 use crate::controller::{CachesNotSynced, Stores};
 use crate::policy_status::{self, Input, Rollup};
 
-/// The caches the rollup reads besides the shared [`Stores`].
+/// The caches the rollup reads besides the shared [`Stores`] (the identity
+/// collection, [`crate::identity_gc_controller`], reads two of them too).
 #[derive(Clone)]
 pub struct PolicyStores {
     pub policies: Store<NetworkPolicy>,
     pub bundles: Store<PolicyBundle>,
     pub endpoints: Store<NodeEndpoints>,
     pub identities: Store<SecurityIdentity>,
+    /// One shared wait for the four caches, as [`Stores`] has: a store
+    /// wakes only one of several concurrent `wait_until_ready` callers.
+    synced: Arc<OnceCell<bool>>,
 }
 
 impl PolicyStores {
@@ -53,16 +58,24 @@ impl PolicyStores {
             bundles: stores.watch_more(client, &mut tasks),
             endpoints: stores.watch_more(client, &mut tasks),
             identities: stores.watch_more(client, &mut tasks),
+            synced: Arc::new(OnceCell::new()),
         };
         (out, tasks)
     }
 
-    async fn ready(&self) -> Result<(), CachesNotSynced> {
-        let ok = self.policies.wait_until_ready().await.is_ok()
-            && self.bundles.wait_until_ready().await.is_ok()
-            && self.endpoints.wait_until_ready().await.is_ok()
-            && self.identities.wait_until_ready().await.is_ok();
-        if ok { Ok(()) } else { Err(CachesNotSynced) }
+    /// Waits until the four caches hold their initial lists; safe from any
+    /// number of tasks at once.
+    pub async fn ready(&self) -> Result<(), CachesNotSynced> {
+        let ok = self
+            .synced
+            .get_or_init(|| async {
+                self.policies.wait_until_ready().await.is_ok()
+                    && self.bundles.wait_until_ready().await.is_ok()
+                    && self.endpoints.wait_until_ready().await.is_ok()
+                    && self.identities.wait_until_ready().await.is_ok()
+            })
+            .await;
+        if *ok { Ok(()) } else { Err(CachesNotSynced) }
     }
 }
 
@@ -132,7 +145,7 @@ pub fn compute(stores: &Stores, policy: &PolicyStores, now: &Time) -> Rollup {
     )
 }
 
-fn owned<K: Clone>(v: Vec<std::sync::Arc<K>>) -> Vec<K> {
+pub(crate) fn owned<K: Clone>(v: Vec<std::sync::Arc<K>>) -> Vec<K> {
     v.into_iter().map(|a| (*a).clone()).collect()
 }
 

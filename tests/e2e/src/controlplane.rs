@@ -722,7 +722,8 @@ async fn start_operator(
     loop {
         attempt += 1;
         let port = free_port()?;
-        let args = operator::args(&kubeconfig, &opts.identity, port);
+        let mut args = operator::args(&kubeconfig, &opts.identity, port);
+        args.extend(opts.extra_args.iter().cloned());
         let mut process = sandbox.spawn(name, binary, &args, &env)?;
         let ready = wait_ready(&mut process, timeout, || {
             operator::readyz(port, PROBE_TIMEOUT)

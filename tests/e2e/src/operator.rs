@@ -8,6 +8,7 @@
 //!         ▼
 //! trellis-operator --kubeconfig <state>/operator.kubeconfig --identity trellis-operator-0
 //!                  --leader-election-namespace trellis-system --metrics-addr 127.0.0.1:<free>
+//!                  [OperatorOptions::extra_args]
 //!         │
 //!         └── ready when GET http://127.0.0.1:<port>/readyz answers 200 (caches synced)
 //! ```
@@ -40,6 +41,8 @@ pub struct OperatorOptions {
     /// `RUST_LOG` for the operator; `None` removes an inherited `RUST_LOG`, so it logs at its
     /// own default level whatever the sandbox runs with.
     pub log_filter: Option<String>,
+    /// More flags, after those of [`args`] (e.g. `--identity-gc-grace-seconds 2`).
+    pub extra_args: Vec<String>,
 }
 
 impl Default for OperatorOptions {
@@ -48,6 +51,7 @@ impl Default for OperatorOptions {
             binary: None,
             identity: DEFAULT_IDENTITY.to_string(),
             log_filter: None,
+            extra_args: Vec::new(),
         }
     }
 }

@@ -528,6 +528,7 @@ const QUESTIONS: &[Question] = &[
     yes(OPERATOR, "watch nodeendpoints.network.trellis.dev"),
     yes(OPERATOR, "list securityidentities.network.trellis.dev"),
     yes(OPERATOR, "watch securityidentities.network.trellis.dev"),
+    yes(OPERATOR, "delete securityidentities.network.trellis.dev"),
     yes(
         OPERATOR,
         "create leases.coordination.k8s.io -n trellis-system",
@@ -563,6 +564,9 @@ const QUESTIONS: &[Question] = &[
     ),
     no(OPERATOR, "patch nodeendpoints.network.trellis.dev"),
     no(OPERATOR, "create securityidentities.network.trellis.dev"),
+    no(OPERATOR, "patch securityidentities.network.trellis.dev"),
+    no(OPERATOR, "update securityidentities.network.trellis.dev"),
+    no(OPERATOR, "delete nodeendpoints.network.trellis.dev"),
     no(OPERATOR, "patch policybundles.network.trellis.dev"),
     no(OPERATOR, "create policybundles.network.trellis.dev"),
     no(OPERATOR, "patch networkpolicies.networking.k8s.io -A"),
