@@ -115,6 +115,10 @@ struct State {
     identities_of: Option<IdentitiesOf>,
     /// The compile cache's key the last sync gave it.
     cache_key: Option<u64>,
+    /// Endpoints (by host veth name) whose pod the last resync could not
+    /// resolve, and why: they keep the identity and policy they had, and
+    /// the report says so.
+    unresolvable: BTreeMap<String, String>,
 }
 
 /// What the compiler's identities are made of: when these are equal, so
@@ -199,6 +203,7 @@ impl Engine {
                 ipcache_full: true,
                 identities_of: None,
                 cache_key: None,
+                unresolvable: BTreeMap::new(),
             })),
             started: watch::Sender::new(false),
             shard: Arc::new(Notify::new()),
@@ -288,7 +293,9 @@ impl Engine {
         shard.abort();
     }
 
-    /// Resolves every endpoint (labels may have changed) and syncs.
+    /// Resolves every endpoint (labels may have changed) and syncs. A pod
+    /// that cannot be resolved (the apiserver unreachable, labels that make
+    /// no identity) keeps what it had and is reported; the others go on.
     async fn resync(&self) -> Result<(), EndpointError> {
         let locals: Vec<(String, Option<PodRef>)> = lock(&self.state)
             .locals
@@ -296,15 +303,33 @@ impl Engine {
             .map(|(k, v)| (k.clone(), v.pod.clone()))
             .collect();
         for (ifname, pod) in locals {
-            let resolved = self.resolve(pod.as_ref()).await?;
+            let resolved = self.resolve(pod.as_ref()).await;
             let mut s = lock(&self.state);
-            if let Some(l) = s.locals.get_mut(&ifname)
-                && l.pod == pod
-            {
-                if l.resolved.as_ref() != Some(&resolved) {
-                    self.shard.notify_one();
+            let s = &mut *s;
+            let Some(l) = s.locals.get_mut(&ifname).filter(|l| l.pod == pod) else {
+                continue;
+            };
+            match resolved {
+                Ok(resolved) => {
+                    if l.resolved.as_ref() != Some(&resolved) {
+                        self.shard.notify_one();
+                    }
+                    l.resolved = Some(resolved);
+                    s.unresolvable.remove(&ifname);
                 }
-                l.resolved = Some(resolved);
+                Err(e) => {
+                    let who = pod.as_ref().map_or_else(
+                        || ifname.clone(),
+                        |p| format!("pod {}/{}", p.namespace, p.name),
+                    );
+                    let why = format!(
+                        "{who}: its identity cannot be resolved, so it keeps the identity and policy it had: {e}"
+                    );
+                    if s.unresolvable.get(&ifname) != Some(&why) {
+                        tracing::warn!(endpoint = %ifname, error = %e, "{why}");
+                    }
+                    s.unresolvable.insert(ifname, why);
+                }
             }
         }
         self.sync().await
@@ -436,7 +461,7 @@ impl Engine {
             s.ipcache.settle(&planned, &s.installed.ipcache);
             s.ipcache_full = false;
             let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op}: {e}")).collect();
-            let mut report = report_of(&want, &errors);
+            let mut report = report_of(&want, &errors, s.unresolvable.values());
             report.hash = errors.is_empty().then(|| s.input.hash.clone());
             (report, errors)
         })
@@ -825,7 +850,11 @@ impl EndpointPolicy for Engine {
 
     fn release<'a>(&'a self, host_ifname: &'a str) -> BoxFuture<'a, Result<(), EndpointError>> {
         Box::pin(async move {
-            let known = lock(&self.state).locals.remove(host_ifname).is_some();
+            let known = {
+                let mut s = lock(&self.state);
+                s.unresolvable.remove(host_ifname);
+                s.locals.remove(host_ifname).is_some()
+            };
             if known {
                 self.shard.notify_one();
                 // Before the first sync the maps stay as they are; the first
@@ -941,12 +970,17 @@ impl CompilerInput {
     }
 }
 
-fn report_of(want: &Desired, errors: &[String]) -> PolicyReport {
+fn report_of<'a>(
+    want: &Desired,
+    errors: &[String],
+    unresolvable: impl Iterator<Item = &'a String>,
+) -> PolicyReport {
     let diagnostics: BTreeSet<String> = want
         .compiled
         .values()
         .flat_map(|c| c.diagnostics.iter().map(ToString::to_string))
         .chain(want.conflicts.iter().map(ToString::to_string))
+        .chain(unresolvable.cloned())
         .collect();
     let diagnostics: Vec<String> = diagnostics.into_iter().collect();
     let (ready, message) = if errors.is_empty() {
