@@ -17,7 +17,7 @@
 //! before the caches hold their initial lists and the endpoints of the
 //! previous run are adopted, so a restart leaves enforcement as it was.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use ipnet::IpNet;
@@ -146,9 +146,20 @@ pub struct Engine {
     /// The node's namespace (`--host-netns`); `None`: ours.
     host_netns: Option<PathBuf>,
     state: Arc<Mutex<State>>,
+    /// The identities' label sets, for resolving a pod without a probe.
+    by_labels: Mutex<LabelIndex>,
     started: watch::Sender<bool>,
     shard: Arc<Notify>,
     report: watch::Sender<PolicyReport>,
+}
+
+/// Label set → identity, as the `SecurityIdentity` cache holds them, rebuilt
+/// when the cache's revision moves (a new or deleted identity), not per pod.
+#[derive(Debug, Default)]
+struct LabelIndex {
+    revision: Option<u64>,
+    /// The smallest id of each label set (two can exist after a lost race).
+    ids: HashMap<SecurityLabels, u32>,
 }
 
 impl std::fmt::Debug for Engine {
@@ -205,6 +216,7 @@ impl Engine {
                 cache_key: None,
                 unresolvable: BTreeMap::new(),
             })),
+            by_labels: Mutex::new(LabelIndex::default()),
             started: watch::Sender::new(false),
             shard: Arc::new(Notify::new()),
             report: watch::Sender::new(PolicyReport {
@@ -603,6 +615,12 @@ impl Engine {
     /// (design 0005: deterministic id, probing past ids that hold another
     /// label set; a racing node creating the same one is fine).
     async fn identity_of(&self, labels: &SecurityLabels) -> Result<u32, EndpointError> {
+        // A label set the cluster has already: its identity, wherever it is
+        // (off its probe path after a race lost with another view of the
+        // taken ids, design 0005), without a probe.
+        if let Some(id) = self.known_identity(labels) {
+            return Ok(id);
+        }
         let api = Api::<SecurityIdentity>::all(self.client.clone());
         // Ids found taken by another label set that the cache has not shown yet.
         let mut seen: BTreeMap<u32, SecurityLabels> = BTreeMap::new();
@@ -669,6 +687,30 @@ impl Engine {
         Err(transient(format!(
             "no free security identity for {labels} after {IDENTITY_ATTEMPTS} attempts"
         )))
+    }
+
+    /// The identity the cache holds for `labels` (the smallest, if two do).
+    fn known_identity(&self, labels: &SecurityLabels) -> Option<u32> {
+        // Before the cache: what it holds then is at least this revision.
+        let revision = self.cluster.identities_revision.get();
+        let mut index = self
+            .by_labels
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if index.revision != Some(revision) {
+            index.ids.clear();
+            for object in self.cluster.identities.state() {
+                if let Ok((id, found)) = trellis_policy::objects::identity_of(&object) {
+                    index
+                        .ids
+                        .entry(found)
+                        .and_modify(|have| *have = (*have).min(id))
+                        .or_insert(id);
+                }
+            }
+            index.revision = Some(revision);
+        }
+        index.ids.get(labels).copied()
     }
 
     /// Writes this node's `NodeEndpoints` when its endpoints changed, at
