@@ -180,8 +180,9 @@ pub fn interval(grace: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::mk_shard;
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-    use trellis_api::v1alpha1::{NodeEndpointsSpec, PodEndpoint, SecurityIdentitySpec};
+    use trellis_api::v1alpha1::SecurityIdentitySpec;
 
     const GRACE: Duration = Duration::from_secs(600);
 
@@ -211,26 +212,6 @@ mod tests {
         i.metadata.uid = Some(format!("uid-{id}-again"));
         i.metadata.resource_version = Some("7".into());
         i
-    }
-
-    /// Node `node`'s shard, with one pod per identity of `ids`.
-    fn mk_shard(node: &str, ids: &[i32]) -> NodeEndpoints {
-        NodeEndpoints::new(
-            node,
-            NodeEndpointsSpec {
-                endpoints: ids
-                    .iter()
-                    .enumerate()
-                    .map(|(i, id)| PodEndpoint {
-                        namespace: "shop".into(),
-                        name: format!("{node}-pod-{i}"),
-                        addresses: vec![format!("10.244.0.{}", i + 2)],
-                        identity: *id,
-                        named_ports: vec![],
-                    })
-                    .collect(),
-            },
-        )
     }
 
     fn ids(plan: &GcPlan) -> Vec<u32> {

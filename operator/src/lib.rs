@@ -37,3 +37,5 @@ pub mod plan;
 pub mod policy_controller;
 pub mod policy_status;
 pub mod status;
+#[cfg(test)]
+mod test_support;

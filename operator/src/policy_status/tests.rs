@@ -5,12 +5,12 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use trellis_api::v1alpha1::{
-    IpBlock, LabelSelector as TLabelSelector, NetworkStatusStatus, NodeEndpointsSpec, Peer,
-    PodEndpoint, PolicyBundleSpec, PolicyPort, PolicyRule, RuleAction, SecurityIdentitySpec,
-    Subject, Tier,
+    IpBlock, LabelSelector as TLabelSelector, NetworkStatusStatus, Peer, PolicyBundleSpec,
+    PolicyPort, PolicyRule, RuleAction, SecurityIdentitySpec, Subject, Tier,
 };
 
 use super::*;
+use crate::test_support::mk_shard;
 
 fn time(s: &str) -> Time {
     serde_json::from_value(serde_json::Value::String(s.into())).unwrap()
@@ -70,26 +70,6 @@ fn mk_identity(id: u32, app: &str) -> SecurityIdentity {
             namespace: "shop".into(),
             namespace_labels: labels(&[("kubernetes.io/metadata.name", "shop")]),
             pod_labels: labels(&[("app", app)]),
-        },
-    )
-}
-
-/// A shard for `node` with one pod per identity.
-fn mk_shard(node: &str, identities: &[u32]) -> NodeEndpoints {
-    NodeEndpoints::new(
-        node,
-        NodeEndpointsSpec {
-            endpoints: identities
-                .iter()
-                .enumerate()
-                .map(|(i, id)| PodEndpoint {
-                    namespace: "shop".into(),
-                    name: format!("{node}-pod-{i}"),
-                    addresses: vec![format!("10.244.0.{}", i + 2)],
-                    identity: i32::try_from(*id).unwrap(),
-                    named_ports: vec![],
-                })
-                .collect(),
         },
     )
 }

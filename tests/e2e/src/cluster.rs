@@ -6,6 +6,7 @@
 //!  start_cluster(opts, nodes, pools)   the sandbox of `opts` with `nodes` numbered nodes, the
 //!                                      operator and a trellis-node each; then `pools` applied
 //!  apply_namespace(client, name)       Namespace <name> labelled ns=<name> (server-side apply)
+//!  apply_policy(client, policy)        a NetworkPolicy (server-side apply, forced)
 //!  app_pod(namespace, name, node, app) a PodSpec labelled app=<app>
 //!  add_pods(pods, specs)               every pod at once; each with its address, in order
 //! ```
@@ -14,6 +15,7 @@ use std::net::IpAddr;
 
 use futures::future::join_all;
 use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
     Api, Client,
     api::{Patch, PatchParams},
@@ -53,6 +55,27 @@ pub async fn apply_namespace(client: &Client, name: &str, field_manager: &str) -
         )
         .await
         .map_err(|e| Error::kube(format!("apply Namespace {name}"), e))?;
+    Ok(())
+}
+
+/// Applies `policy` in its namespace (server-side, as `field_manager`, forced).
+pub async fn apply_policy(
+    client: &Client,
+    policy: &NetworkPolicy,
+    field_manager: &str,
+) -> Result<()> {
+    let (namespace, name) = (
+        policy.metadata.namespace.clone().unwrap_or_default(),
+        policy.metadata.name.clone().unwrap_or_default(),
+    );
+    Api::<NetworkPolicy>::namespaced(client.clone(), &namespace)
+        .patch(
+            &name,
+            &PatchParams::apply(field_manager).force(),
+            &Patch::Apply(policy),
+        )
+        .await
+        .map_err(|e| Error::kube(format!("apply NetworkPolicy {namespace}/{name}"), e))?;
     Ok(())
 }
 

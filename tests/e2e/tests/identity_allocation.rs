@@ -19,8 +19,8 @@ use kube::{
 };
 use trellis_api::v1alpha1::{NodeEndpoints, SecurityIdentity};
 use trellis_e2e::{
-    ControlPlane, PodName, StartOptions,
-    cluster::{app_pod, apply_namespace},
+    PodName, StartOptions,
+    cluster::{app_pod, apply_namespace, start_cluster},
     samples,
     truth::world::{FIELD_MANAGER, wait_nodes_ready},
     wait_for,
@@ -54,15 +54,11 @@ async fn shard_identity(client: &Client, name: &str) -> u32 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_label_set_keeps_the_identity_the_cluster_has_off_its_probe_path() {
-    let opts = StartOptions::for_test(TEST)
-        .with_cluster(1)
-        .expect("one numbered node");
-    let cp = ControlPlane::start(opts).await.expect("the sandbox starts");
-    let client = cp.client();
     let pools = samples::ippools(samples::IPPOOL_SAMPLE).expect("IPPool sample");
-    samples::apply_ippools(&client, &pools, FIELD_MANAGER)
+    let cp = start_cluster(StartOptions::for_test(TEST), 1, &pools, FIELD_MANAGER)
         .await
-        .expect("apply the IPPools");
+        .expect("the sandbox starts with its IPPools");
+    let client = cp.client();
     wait_nodes_ready(&client, 1).await;
     apply_namespace(&client, NAMESPACE, FIELD_MANAGER)
         .await

@@ -30,13 +30,13 @@ use std::{
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
     Api, Client,
-    api::{DeleteParams, ListParams, Patch, PatchParams, PostParams},
+    api::{DeleteParams, ListParams, PostParams},
 };
 use serde_json::json;
 use trellis_api::v1alpha1::{NodeEndpoints, SecurityIdentity};
 use trellis_e2e::{
-    ControlPlane, OperatorOptions, PodName, StartOptions,
-    cluster::{add_pods, app_pod, apply_namespace},
+    OperatorOptions, PodName, StartOptions,
+    cluster::{add_pods, app_pod, apply_namespace, apply_policy, start_cluster},
     operator, samples,
     truth::{
         Observed, Protocol, policy,
@@ -225,9 +225,7 @@ async fn metric(port: u16, name: &str) -> Option<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unused_identities_are_collected_and_used_ones_stay() {
     let t0 = Instant::now();
-    let mut opts = StartOptions::for_test(TEST)
-        .with_cluster(2)
-        .expect("two numbered nodes");
+    let mut opts = StartOptions::for_test(TEST);
     opts.operator = Some(OperatorOptions {
         extra_args: vec![
             "--identity-gc-grace-seconds".into(),
@@ -235,12 +233,11 @@ async fn unused_identities_are_collected_and_used_ones_stay() {
         ],
         ..OperatorOptions::default()
     });
-    let cp = ControlPlane::start(opts).await.expect("the sandbox starts");
-    let client = cp.client();
     let pools = samples::ippools(samples::IPPOOL_SAMPLE).expect("IPPool sample");
-    samples::apply_ippools(&client, &pools, FIELD_MANAGER)
+    let cp = start_cluster(opts, 2, &pools, FIELD_MANAGER)
         .await
-        .expect("apply the IPPools");
+        .expect("the sandbox starts with its IPPools");
+    let client = cp.client();
     wait_nodes_ready(&client, 2).await;
     apply_namespace(&client, NAMESPACE, FIELD_MANAGER)
         .await
@@ -281,12 +278,7 @@ async fn unused_identities_are_collected_and_used_ones_stay() {
             }],
         }),
     );
-    Api::<NetworkPolicy>::namespaced(client.clone(), NAMESPACE)
-        .patch(
-            POLICY,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&np),
-        )
+    apply_policy(&client, &np, FIELD_MANAGER)
         .await
         .expect("apply the NetworkPolicy");
     // Before the policy reaches node A the stranger gets through: not checked yet.

@@ -51,7 +51,6 @@ use futures::StreamExt as _;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
     Api, Client, ResourceExt as _,
-    api::{Patch, PatchParams},
     runtime::{WatchStreamExt as _, watcher},
 };
 use serde_json::json;
@@ -64,7 +63,7 @@ use tokio::{
 use trellis_api::v1alpha1::{NETWORKSTATUS_POLICY_READY, NetworkStatus, NodeEndpoints};
 use trellis_e2e::{
     Nodes, StartOptions, agent,
-    cluster::{add_pods, app_pod, apply_namespace, start_cluster},
+    cluster::{add_pods, app_pod, apply_namespace, apply_policy, start_cluster},
     process::Outcome,
     samples,
     truth::{
@@ -709,12 +708,7 @@ async fn denied_port_stays_closed_across_node_agent_crashes() {
             }],
         }),
     );
-    Api::<NetworkPolicy>::namespaced(client.clone(), NAMESPACE)
-        .patch(
-            POLICY,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&np),
-        )
+    apply_policy(&client, &np, FIELD_MANAGER)
         .await
         .expect("apply the NetworkPolicy");
     let hash = wait_for("node A to enforce a new policy set", TIMEOUT, || async {

@@ -28,8 +28,8 @@ use kube::{
 use serde_json::json;
 use trellis_api::v1alpha1::{MAX_IDENTITY_LABELS, NETWORKSTATUS_POLICY_READY, NetworkStatus};
 use trellis_e2e::{
-    ControlPlane, StartOptions,
-    cluster::{add_pods, app_pod, apply_namespace},
+    StartOptions,
+    cluster::{add_pods, app_pod, apply_namespace, apply_policy, start_cluster},
     samples,
     truth::{
         Protocol, policy,
@@ -73,15 +73,11 @@ async fn relabel(client: &Client, name: &str, labels: BTreeMap<String, Option<St
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_that_cannot_be_resolved_does_not_stop_the_nodes_policy() {
-    let opts = StartOptions::for_test(TEST)
-        .with_cluster(2)
-        .expect("two numbered nodes");
-    let cp = ControlPlane::start(opts).await.expect("the sandbox starts");
-    let client = cp.client();
     let pools = samples::ippools(samples::IPPOOL_SAMPLE).expect("IPPool sample");
-    samples::apply_ippools(&client, &pools, FIELD_MANAGER)
+    let cp = start_cluster(StartOptions::for_test(TEST), 2, &pools, FIELD_MANAGER)
         .await
-        .expect("apply the IPPools");
+        .expect("the sandbox starts with its IPPools");
+    let client = cp.client();
     wait_nodes_ready(&client, 2).await;
     apply_namespace(&client, NAMESPACE, FIELD_MANAGER)
         .await
@@ -148,12 +144,7 @@ async fn a_pod_that_cannot_be_resolved_does_not_stop_the_nodes_policy() {
             "policyTypes": ["Egress"],
         }),
     );
-    Api::<NetworkPolicy>::namespaced(client.clone(), NAMESPACE)
-        .patch(
-            "client-sends-nothing",
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&deny_egress),
-        )
+    apply_policy(&client, &deny_egress, FIELD_MANAGER)
         .await
         .expect("apply the NetworkPolicy");
     wait_for(
