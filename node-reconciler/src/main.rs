@@ -143,6 +143,7 @@ async fn main() -> anyhow::Result<()> {
         args.host_netns.clone(),
         host_addresses,
         &args.bpffs_root,
+        metrics.clone(),
     )
     .await
     {

@@ -18,6 +18,7 @@ use trellis_common::ops::OpsError;
 use trellis_cni::proto::{Command, code};
 
 use crate::plan::Op;
+use crate::policy::sync::MapOp;
 
 /// Reconcile durations from 100 µs (nothing to do) to 10 s.
 const DURATION_BUCKETS: [f64; 14] = [
@@ -144,6 +145,70 @@ label_enum!(
     }
 );
 
+label_enum!(
+    /// A write to the policy maps ([`MapOp`]'s kinds).
+    PolicyWrite {
+        SetIpCache => "set_ipcache",
+        SetTable => "set_table",
+        SetEndpoint => "set_endpoint",
+        RemoveEndpoint => "remove_endpoint",
+        RemoveTable => "remove_table",
+        RemoveEntries => "remove_entries",
+        RemoveIpCache => "remove_ipcache",
+    }
+);
+
+label_enum!(
+    /// Whether a write was accepted.
+    WriteResult {
+        Ok => "ok",
+        Failed => "failed",
+    }
+);
+
+impl PolicyWrite {
+    pub fn of(op: &MapOp) -> Self {
+        match op {
+            MapOp::SetIpCache { .. } => Self::SetIpCache,
+            MapOp::SetTable { .. } => Self::SetTable,
+            MapOp::SetEndpoint { .. } => Self::SetEndpoint,
+            MapOp::RemoveEndpoint { .. } => Self::RemoveEndpoint,
+            MapOp::RemoveTable { .. } => Self::RemoveTable,
+            MapOp::RemoveEntries { .. } => Self::RemoveEntries,
+            MapOp::RemoveIpCache { .. } => Self::RemoveIpCache,
+        }
+    }
+}
+
+label_enum!(
+    /// A step of a CNI ADD in `trellis-node`, in order.
+    AddPhase {
+        Prepare => "prepare",
+        Allocate => "allocate",
+        Wire => "wire",
+        Identity => "identity",
+        PolicySync => "policy_sync",
+        Attach => "attach",
+        Record => "record",
+    }
+);
+
+/// What one policy sync did, for [`Metrics::policy_synced`].
+#[derive(Debug, Clone, Default)]
+pub struct PolicySync<'a> {
+    /// The ops planned and applied, and those of them that failed.
+    pub ops: &'a [MapOp],
+    pub failed: &'a [MapOp],
+    /// Endpoint compilations done (compile cache misses).
+    pub compiled: u64,
+    /// Entries the IP cache should hold.
+    pub ipcache: usize,
+    /// Identities the compiler knows.
+    pub identities: usize,
+    /// From the sync's start to the maps written.
+    pub took: Duration,
+}
+
 impl WriteKind {
     pub fn of(op: &Op) -> Self {
         match op {
@@ -187,6 +252,17 @@ struct CniLabels {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct AddPhaseLabels {
+    phase: AddPhase,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
+struct PolicyWriteLabels {
+    op: PolicyWrite,
+    result: WriteResult,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
 struct CniCommandLabels {
     command: CniCommand,
 }
@@ -221,8 +297,15 @@ struct Inner {
     ready: Gauge,
     cni_requests: Family<CniLabels, Counter>,
     cni_request_duration: HistogramFamily<CniCommandLabels>,
+    add_phase_duration: HistogramFamily<AddPhaseLabels>,
     endpoints: Gauge,
     endpoints_deleting: Gauge,
+    policy_syncs: Counter,
+    policy_sync_duration: Histogram,
+    policy_writes: Family<PolicyWriteLabels, Counter>,
+    policy_compilations: Counter,
+    ipcache_entries: Gauge,
+    identities: Gauge,
 }
 
 impl Default for Metrics {
@@ -252,8 +335,23 @@ impl Metrics {
             drop(netlink_events.get_or_create(&NotificationLabels { effect }));
         }
         let status_writes = Counter::default();
-        let [peers, routes, ready, endpoints, endpoints_deleting] =
-            std::array::from_fn(|_| Gauge::default());
+        let [
+            peers,
+            routes,
+            ready,
+            endpoints,
+            endpoints_deleting,
+            ipcache_entries,
+            identities,
+        ] = std::array::from_fn(|_| Gauge::default());
+        let [policy_syncs, policy_compilations] = std::array::from_fn(|_| Counter::default());
+        let policy_sync_duration = Histogram::new(DURATION_BUCKETS);
+        let policy_writes = Family::<PolicyWriteLabels, Counter>::default();
+        for &op in PolicyWrite::ALL {
+            for &result in WriteResult::ALL {
+                drop(policy_writes.get_or_create(&PolicyWriteLabels { op, result }));
+            }
+        }
         let cni_requests = Family::<CniLabels, Counter>::default();
         let cni_request_duration: HistogramFamily<CniCommandLabels> =
             Family::new_with_constructor(cni_histogram);
@@ -263,6 +361,11 @@ impl Metrics {
                 result: CniResult::Ok,
             }));
             drop(cni_request_duration.get_or_create(&CniCommandLabels { command }));
+        }
+        let add_phase_duration: HistogramFamily<AddPhaseLabels> =
+            Family::new_with_constructor(cni_histogram);
+        for &phase in AddPhase::ALL {
+            drop(add_phase_duration.get_or_create(&AddPhaseLabels { phase }));
         }
 
         registry.register(
@@ -314,6 +417,12 @@ impl Metrics {
             Unit::Seconds,
             cni_request_duration.clone(),
         );
+        registry.register_with_unit(
+            "cni_add_phase_duration",
+            "Time of each step of a CNI ADD in trellis-node: prepare (checks, the pod's namespace), allocate (addresses, record), wire (veth, addresses, routes), identity (the pod's labels and identity), policy_sync (the policy maps), attach (the policy programs on the veth), record",
+            Unit::Seconds,
+            add_phase_duration.clone(),
+        );
         registry.register(
             "endpoints",
             "Pod endpoints in phase Ready on this node",
@@ -323,6 +432,37 @@ impl Metrics {
             "endpoints_deleting",
             "Pod endpoints whose DEL answered and whose veth is still being deleted",
             endpoints_deleting.clone(),
+        );
+        registry.register(
+            "policy_syncs",
+            "Policy syncs: the policy maps computed and written (every CNI ADD and DEL, every change of the cluster's policy objects, shards or identities)",
+            policy_syncs.clone(),
+        );
+        registry.register_with_unit(
+            "policy_sync_duration",
+            "Duration of a policy sync: what changed folded in, tables compiled where needed, the maps planned and written",
+            Unit::Seconds,
+            policy_sync_duration.clone(),
+        );
+        registry.register(
+            "policy_map_writes",
+            "Writes to the policy maps, by kind and whether the kernel accepted them",
+            policy_writes.clone(),
+        );
+        registry.register(
+            "policy_compilations",
+            "Endpoint policy compilations (one per label set and named ports whose cached compilation a change dropped)",
+            policy_compilations.clone(),
+        );
+        registry.register(
+            "policy_ipcache_entries",
+            "Entries the policy IP cache holds: every pod address of the cluster, the node's addresses, the policies' prefixes",
+            ipcache_entries.clone(),
+        );
+        registry.register(
+            "policy_identities",
+            "Security identities the policy compiler knows",
+            identities.clone(),
         );
         Metrics {
             inner: Arc::new(Inner {
@@ -338,10 +478,55 @@ impl Metrics {
                 ready,
                 cni_requests,
                 cni_request_duration,
+                add_phase_duration,
                 endpoints,
                 endpoints_deleting,
+                policy_syncs,
+                policy_sync_duration,
+                policy_writes,
+                policy_compilations,
+                ipcache_entries,
+                identities,
             }),
         }
+    }
+
+    /// Records one step of a CNI ADD.
+    pub fn add_phase(&self, phase: AddPhase, took: Duration) {
+        self.inner
+            .add_phase_duration
+            .get_or_create(&AddPhaseLabels { phase })
+            .observe(took.as_secs_f64());
+    }
+
+    /// Records one policy sync.
+    pub fn policy_synced(&self, sync: &PolicySync) {
+        let inner = &self.inner;
+        inner.policy_syncs.inc();
+        inner.policy_sync_duration.observe(sync.took.as_secs_f64());
+        // Per kind: every op planned, those that failed; the rest went in.
+        let count = |ops: &[MapOp], kind: PolicyWrite| -> u64 {
+            ops.iter().filter(|op| PolicyWrite::of(op) == kind).count() as u64
+        };
+        for &op in PolicyWrite::ALL {
+            let failed = count(sync.failed, op);
+            let ok = count(sync.ops, op).saturating_sub(failed);
+            for (n, result) in [(ok, WriteResult::Ok), (failed, WriteResult::Failed)] {
+                if n > 0 {
+                    inner
+                        .policy_writes
+                        .get_or_create(&PolicyWriteLabels { op, result })
+                        .inc_by(n);
+                }
+            }
+        }
+        inner.policy_compilations.inc_by(sync.compiled);
+        inner
+            .ipcache_entries
+            .set(i64::try_from(sync.ipcache).unwrap_or(i64::MAX));
+        inner
+            .identities
+            .set(i64::try_from(sync.identities).unwrap_or(i64::MAX));
     }
 
     pub fn cni_request(&self, command: CniCommand, result: CniResult, took: Duration) {
@@ -439,6 +624,11 @@ mod tests {
             "trellis_node_cni_request_duration_seconds_count{command=\"gc\"} 0",
             "trellis_node_endpoints 0",
             "trellis_node_netlink_events_total{effect=\"ignored\"} 0",
+            "trellis_node_policy_syncs_total 0",
+            "trellis_node_cni_add_phase_duration_seconds_count{phase=\"policy_sync\"} 0",
+            "trellis_node_policy_map_writes_total{op=\"remove_ipcache\",result=\"failed\"} 0",
+            "trellis_node_policy_compilations_total 0",
+            "trellis_node_policy_ipcache_entries 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -457,8 +647,27 @@ mod tests {
         m.set_endpoints(3);
         m.netlink_events(NotificationEffect::Wake, 2);
         m.netlink_events(NotificationEffect::Ignored, 5);
+        let net = "10.0.0.1/32".parse().expect("a prefix");
+        let set = MapOp::SetIpCache {
+            net,
+            entry: crate::bpf::abi::IpCacheEntry {
+                identity: 300,
+                cidr_identity: 0,
+            },
+        };
+        let remove = MapOp::RemoveIpCache { net };
+        m.policy_synced(&PolicySync {
+            ops: &[set.clone(), set.clone(), remove.clone()],
+            failed: std::slice::from_ref(&set),
+            compiled: 2,
+            ipcache: 150_000,
+            identities: 40,
+            took: Duration::from_micros(60),
+        });
+        m.add_phase(AddPhase::Wire, Duration::from_millis(3));
         let text = m.encode().expect("encode");
         for line in [
+            "trellis_node_cni_add_phase_duration_seconds_count{phase=\"wire\"} 1",
             "trellis_node_reconciles_total{trigger=\"kernel\"} 1",
             "trellis_node_netlink_writes_total{kind=\"link\"} 2",
             "trellis_node_peers 4",
@@ -471,6 +680,14 @@ mod tests {
             "trellis_node_endpoints 3",
             "trellis_node_netlink_events_total{effect=\"wake\"} 2",
             "trellis_node_netlink_events_total{effect=\"ignored\"} 5",
+            "trellis_node_policy_syncs_total 1",
+            "trellis_node_policy_sync_duration_seconds_count 1",
+            "trellis_node_policy_map_writes_total{op=\"set_ipcache\",result=\"ok\"} 1",
+            "trellis_node_policy_map_writes_total{op=\"set_ipcache\",result=\"failed\"} 1",
+            "trellis_node_policy_map_writes_total{op=\"remove_ipcache\",result=\"ok\"} 1",
+            "trellis_node_policy_compilations_total 2",
+            "trellis_node_policy_ipcache_entries 150000",
+            "trellis_node_policy_identities 40",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

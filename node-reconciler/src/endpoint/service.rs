@@ -40,7 +40,7 @@ use super::naming;
 use super::record::{Phase, RECORD_VERSION, Record};
 use super::store::Store;
 use super::{Admission, EndpointPolicy, NodeFacts};
-use crate::metrics::Metrics;
+use crate::metrics::{AddPhase, Metrics};
 use crate::netns::NetnsHandle;
 
 /// The node's pod endpoints.
@@ -241,6 +241,7 @@ impl Endpoints {
         let _whole = self.whole.read().await;
         let _one = self.locks.lock(&attachment).await;
         let facts = self.usable_facts()?;
+        let mut phase = PhaseClock::new(&self.core.metrics);
 
         if self.core.teardown(&attachment).await? {
             tracing::info!("the attachment had an endpoint; made again");
@@ -263,6 +264,7 @@ impl Endpoints {
             tracing::info!(what, "turned on in the node's namespace");
         }
         let pod_ns = open_netns(&netns).await?;
+        phase.done(AddPhase::Prepare);
 
         let owner = attachment.clone();
         let blocks = facts.blocks.clone();
@@ -285,6 +287,7 @@ impl Endpoints {
         if let Err(e) = self.core.put(&record).await {
             return Err(self.roll_back(&attachment, e).await);
         }
+        phase.done(AddPhase::Allocate);
         let wiring = Wiring {
             host_ifname,
             ifname: attachment.ifname.clone(),
@@ -296,6 +299,7 @@ impl Endpoints {
             Ok(w) => w,
             Err(e) => return Err(self.roll_back(&attachment, e.into()).await),
         };
+        phase.done(AddPhase::Wire);
         if let Some(policy) = &self.core.policy {
             let admission = Admission {
                 attachment: attachment.clone(),
@@ -307,6 +311,8 @@ impl Endpoints {
             if let Err(e) = policy.admit(&admission).await {
                 return Err(self.roll_back(&attachment, e).await);
             }
+            // The policy timed its own steps (identity, policy_sync, attach).
+            phase.skip();
         }
         record.phase = Phase::Ready;
         record.host_mac = Some(wired.host_mac);
@@ -315,6 +321,7 @@ impl Endpoints {
             return Err(self.roll_back(&attachment, e).await);
         }
         self.core.publish_count().await;
+        phase.done(AddPhase::Record);
         tracing::info!(
             addresses = ?record.addresses,
             host_ifname = %record.host_ifname,
@@ -795,6 +802,32 @@ impl Drop for AttachmentGuard {
         {
             map.remove(&self.key);
         }
+    }
+}
+
+/// Times the steps of an ADD, each from the end of the one before.
+struct PhaseClock<'a> {
+    metrics: &'a Metrics,
+    since: std::time::Instant,
+}
+
+impl<'a> PhaseClock<'a> {
+    fn new(metrics: &'a Metrics) -> Self {
+        PhaseClock {
+            metrics,
+            since: std::time::Instant::now(),
+        }
+    }
+
+    /// Records `phase` as ended now.
+    fn done(&mut self, phase: AddPhase) {
+        self.metrics.add_phase(phase, self.since.elapsed());
+        self.skip();
+    }
+
+    /// Starts the next step now (the time since was recorded elsewhere).
+    fn skip(&mut self) {
+        self.since = std::time::Instant::now();
     }
 }
 

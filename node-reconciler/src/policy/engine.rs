@@ -23,7 +23,7 @@ use std::net::IpAddr;
 use ipnet::IpNet;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -52,6 +52,7 @@ use super::sync::{Installed, IpCachePlan, MapOp, apply, plan_with};
 use crate::agent::{FIELD_MANAGER, owner_of_node};
 use crate::bpf::Datapath;
 use crate::endpoint::{Admission, EndpointError, EndpointPolicy};
+use crate::metrics::{AddPhase, Metrics, PolicySync};
 use crate::netns::NetnsHandle;
 
 /// A full sync at least this often.
@@ -148,6 +149,7 @@ pub struct Engine {
     state: Arc<Mutex<State>>,
     /// The identities' label sets, for resolving a pod without a probe.
     by_labels: Mutex<LabelIndex>,
+    metrics: Metrics,
     started: watch::Sender<bool>,
     shard: Arc<Notify>,
     report: watch::Sender<PolicyReport>,
@@ -183,6 +185,7 @@ impl Engine {
         host_netns: Option<PathBuf>,
         host_addresses: watch::Receiver<Option<Vec<IpAddr>>>,
         bpffs_root: &Path,
+        metrics: Metrics,
     ) -> anyhow::Result<Arc<Engine>> {
         let root = bpffs_root.to_path_buf();
         let (dp, installed) = tokio::task::spawn_blocking(move || {
@@ -217,6 +220,7 @@ impl Engine {
                 unresolvable: BTreeMap::new(),
             })),
             by_labels: Mutex::new(LabelIndex::default()),
+            metrics,
             started: watch::Sender::new(false),
             shard: Arc::new(Notify::new()),
             report: watch::Sender::new(PolicyReport {
@@ -350,10 +354,12 @@ impl Engine {
     /// Computes the desired maps from the caches and the endpoints, and
     /// writes the difference.
     async fn sync(&self) -> Result<(), EndpointError> {
+        let started = Instant::now();
         let host = self.host_addresses().await?;
         let snapshot = self.snapshot();
         let state = self.state.clone();
         let node = self.node.clone();
+        let metrics = self.metrics.clone();
         let (report, errors) = tokio::task::spawn_blocking(move || {
             let mut s = lock(&state);
             let s = &mut *s;
@@ -472,6 +478,15 @@ impl Engine {
             };
             s.ipcache.settle(&planned, &s.installed.ipcache);
             s.ipcache_full = false;
+            let failed_ops: Vec<MapOp> = failed.iter().map(|(op, _)| op.clone()).collect();
+            metrics.policy_synced(&PolicySync {
+                ops: &ops,
+                failed: &failed_ops,
+                compiled,
+                ipcache: s.ipcache.want().len(),
+                identities: s.input.input.identities.len(),
+                took: started.elapsed(),
+            });
             let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op}: {e}")).collect();
             let mut report = report_of(&want, &errors, s.unresolvable.values());
             report.hash = errors.is_empty().then(|| s.input.hash.clone());
@@ -863,7 +878,13 @@ impl EndpointPolicy for Engine {
     fn admit<'a>(&'a self, a: &'a Admission) -> BoxFuture<'a, Result<(), EndpointError>> {
         Box::pin(async move {
             self.wait_started().await?;
+            let mut clock = Instant::now();
+            let mut done = |phase: AddPhase| {
+                self.metrics.add_phase(phase, clock.elapsed());
+                clock = Instant::now();
+            };
             let resolved = self.resolve(a.pod.as_ref()).await?;
+            done(AddPhase::Identity);
             take_in(
                 &mut lock(&self.state).locals,
                 &a.host_ifname,
@@ -875,6 +896,7 @@ impl EndpointPolicy for Engine {
                 },
             )?;
             self.sync().await?;
+            done(AddPhase::PolicySync);
             let state = self.state.clone();
             let netns = self.host_netns.clone();
             let ifname = a.host_ifname.clone();
@@ -885,6 +907,7 @@ impl EndpointPolicy for Engine {
                     reason: format!("hooking the policy programs onto {}: {e}", a.host_ifname),
                     transient: false,
                 })?;
+            done(AddPhase::Attach);
             self.shard.notify_one();
             Ok(())
         })

@@ -30,7 +30,7 @@ use trellis_api::v1alpha1::{MAX_IDENTITY_LABELS, NETWORKSTATUS_POLICY_READY, Net
 use trellis_e2e::{
     StartOptions,
     cluster::{add_pods, app_pod, apply_namespace, apply_policy, start_cluster},
-    samples,
+    operator, samples,
     truth::{
         Protocol, policy,
         traffic::{PROBE_TIMEOUT, probe, serve},
@@ -168,4 +168,31 @@ async fn a_pod_that_cannot_be_resolved_does_not_stop_the_nodes_policy() {
     )
     .await;
     assert_eq!(reason, "Enforced", "nothing left to report: {message}");
+
+    // The engine's work shows in node 2's /metrics.
+    let port = cp
+        .nodes()
+        .agent_metrics_port(NODE_B)
+        .expect("node 2's agent")
+        .expect("a metrics port");
+    let (status, text) = operator::http_get(port, "/metrics", Duration::from_secs(5))
+        .await
+        .expect("node 2's /metrics");
+    assert_eq!(status, 200, "{text}");
+    let value = |line: &str| -> f64 {
+        text.lines()
+            .find_map(|l| l.strip_prefix(line)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {line} in node 2's /metrics:\n{text}"))
+    };
+    assert!(value("trellis_node_policy_syncs_total") >= 3.0);
+    // Three pods, the node's own addresses.
+    assert!(value("trellis_node_policy_ipcache_entries") >= 4.0);
+    assert!(
+        value("trellis_node_policy_map_writes_total{op=\"set_endpoint\",result=\"ok\"}") >= 2.0
+    );
+    assert_eq!(
+        value("trellis_node_cni_add_phase_duration_seconds_count{phase=\"attach\"}"),
+        2.0,
+        "the client's and the odd pod's ADDs"
+    );
 }
