@@ -47,7 +47,7 @@ use kube::{Client, ResourceExt as _};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use trellis_e2e::{
-    ControlPlane, NetworkConfigList, Pod, Runtime, RuntimeConf, StartOptions,
+    ControlPlane, NetworkConfigList, Pod, PodSpec, Runtime, RuntimeConf, StartOptions,
     cni_runtime::{self, Command},
     datapath, operator, samples,
     support::{Stats, quantile},
@@ -86,7 +86,9 @@ struct Args {
 const POOL: &str = "default-ipv4";
 const FIELD_MANAGER: &str = "trellis-bench";
 const NODE: &str = "trellis-node-1";
-/// The Kubernetes namespace the pods claim (`K8S_POD_NAMESPACE`); no Pod objects are made.
+/// The Kubernetes namespace the pods claim (`K8S_POD_NAMESPACE`). The Trellis network's
+/// pods have Pod objects (bound to the node, made before anything is timed), as every pod
+/// of a cluster has: trellis-node reads a pod's labels from its cache of the node's pods.
 const POD_NAMESPACE: &str = "trellis-bench";
 /// The reference network: its name, bridge and host-local range (outside 10.244.0.0/16, the
 /// sample pools, and the sandbox's 192.0.2.0/24 underlay).
@@ -228,20 +230,26 @@ async fn measure(cp: &ControlPlane, args: &Args) -> anyhow::Result<Report> {
     );
     let total = warmup + n + profile;
     let made = Instant::now();
+    trellis_e2e::controlplane::ensure_namespace(&client, POD_NAMESPACE)
+        .await
+        .with_context(|| format!("create namespace {POD_NAMESPACE}"))?;
     let tag = datapath::sandbox_tag(sandbox.dir());
     let mut slots: [Vec<Pod>; 2] = [Vec::new(), Vec::new()];
     for (k, net) in nets.iter().enumerate() {
         for i in 0..total {
-            let pod = bench_pod(&tag, net.tag, i)?;
+            let mut pod = bench_pod(&tag, net.tag, i)?;
             let (s, record) = (sandbox.clone(), pod.clone());
             tokio::task::spawn_blocking(move || datapath::create_pod_netns(&s, &record))
                 .await
                 .context("creating a pod namespace")??;
+            if k == 0 {
+                pod.uid = Some(pod_object(&client, &pod.name).await?);
+            }
             slots[k].push(pod);
         }
     }
     eprintln!(
-        "{} pod namespaces made in {:.1}s (not timed)",
+        "{} pod namespaces and {total} Pod objects made in {:.1}s (not timed)",
         2 * total,
         made.elapsed().as_secs_f64()
     );
@@ -262,6 +270,7 @@ async fn measure(cp: &ControlPlane, args: &Args) -> anyhow::Result<Report> {
     }
 
     let before_add = server_times(port).await?;
+    let steps_before = add_steps(port).await?;
     let loop_start = Counters::scrape(port).await?;
     let cpu_start = agent_pid.map(cpu_ms);
     let add_phase = Instant::now();
@@ -277,6 +286,7 @@ async fn measure(cp: &ControlPlane, args: &Args) -> anyhow::Result<Report> {
     let cpu_added = agent_pid.map(cpu_ms);
     let loop_added = Counters::scrape(port).await?;
     let before_del = server_times(port).await?;
+    let steps_after = add_steps(port).await?;
     let endpoints = endpoint_count(port).await?;
     let del_phase = Instant::now();
     for i in warmup..warmup + n {
@@ -335,6 +345,13 @@ async fn measure(cp: &ControlPlane, args: &Args) -> anyhow::Result<Report> {
         times,
         server_add: per_request(&before_add, &before_del, "add"),
         server_del: per_request(&before_del, &after_del, "del"),
+        add_steps: steps_after
+            .keys()
+            .map(|step| {
+                let mean = per_request(&steps_before, &steps_after, step);
+                (step.clone(), mean)
+            })
+            .collect(),
         agent_pid,
         agent_cpu: match (cpu_start, cpu_added, cpu_deleted) {
             (Some(Ok(a)), Some(Ok(b)), Some(Ok(c))) => Some((b - a, c - b)),
@@ -516,6 +533,19 @@ async fn settle(port: u16, timeout: Duration) -> anyhow::Result<()> {
     }
 }
 
+/// Creates Pod `name` of the bench's namespace, bound to the node; its UID.
+async fn pod_object(client: &Client, name: &str) -> anyhow::Result<String> {
+    let created =
+        kube::Api::<k8s_openapi::api::core::v1::Pod>::namespaced(client.clone(), POD_NAMESPACE)
+            .create(
+                &kube::api::PostParams::default(),
+                &PodSpec::new(name, NODE).in_namespace(POD_NAMESPACE).pod(),
+            )
+            .await
+            .with_context(|| format!("create Pod {POD_NAMESPACE}/{name}"))?;
+    created.metadata.uid.context("a created Pod has a UID")
+}
+
 /// Pod `i` of the network tagged `net`: its sandbox record (namespace
 /// `trellis-<tag>-pod_trellis-bench_<net>-<i>`, recorded so that the sandbox's teardown
 /// deletes it whatever happens) and a runtime's container ID.
@@ -550,13 +580,28 @@ async fn add(runtime: &Runtime, net: &Net, rt: &RuntimeConf) -> anyhow::Result<V
 /// `trellis_node_cni_request_duration_seconds` of the agent: per command, (sum in seconds,
 /// count).
 async fn server_times(port: u16) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
-    const NAME: &str = "trellis_node_cni_request_duration_seconds";
+    histogram(port, "trellis_node_cni_request_duration_seconds", "command").await
+}
+
+/// The steps of trellis-node's ADDs (`trellis_node_cni_add_phase_duration_seconds`): per
+/// step, (sum in seconds, count).
+async fn add_steps(port: u16) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
+    histogram(port, "trellis_node_cni_add_phase_duration_seconds", "phase").await
+}
+
+/// Histogram `name` of the agent: per value of its label `label`, (sum, count).
+async fn histogram(
+    port: u16,
+    name: &str,
+    label: &str,
+) -> anyhow::Result<BTreeMap<String, (f64, f64)>> {
     let text = metrics(port).await?;
+    let key = format!("{label}=\"");
     let mut out: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for line in text.lines() {
-        let (is_sum, rest) = if let Some(rest) = line.strip_prefix(&format!("{NAME}_sum{{")) {
+        let (is_sum, rest) = if let Some(rest) = line.strip_prefix(&format!("{name}_sum{{")) {
             (true, rest)
-        } else if let Some(rest) = line.strip_prefix(&format!("{NAME}_count{{")) {
+        } else if let Some(rest) = line.strip_prefix(&format!("{name}_count{{")) {
             (false, rest)
         } else {
             continue;
@@ -566,7 +611,7 @@ async fn server_times(port: u16) -> anyhow::Result<BTreeMap<String, (f64, f64)>>
         };
         let Some(command) = labels
             .split(',')
-            .find_map(|l| l.strip_prefix("command=\""))
+            .find_map(|l| l.strip_prefix(key.as_str()))
             .and_then(|c| c.strip_suffix('"'))
         else {
             continue;
@@ -843,6 +888,8 @@ struct Report {
     /// trellis-node's own mean time per ADD / DEL over the measured phases (ms).
     server_add: f64,
     server_del: f64,
+    /// trellis-node's mean time per step of an ADD over the ADD phase (ms), by step.
+    add_steps: BTreeMap<String, f64>,
     agent_pid: Option<u32>,
     /// trellis-node's CPU time (ms) over the ADD phase and over the DEL phase.
     agent_cpu: Option<(f64, f64)>,
@@ -898,6 +945,21 @@ impl Report {
                 .map(|p| format!(" (pid {p})"))
                 .unwrap_or_default()
         );
+        // In the order an ADD takes them.
+        let order = [
+            "prepare",
+            "allocate",
+            "wire",
+            "identity",
+            "policy_sync",
+            "attach",
+            "record",
+        ];
+        let steps: Vec<String> = order
+            .iter()
+            .filter_map(|s| Some(format!("{s} {:.2}", self.add_steps.get(*s)?)))
+            .collect();
+        println!("  its ADD by step (mean, ms): {}", steps.join(", "));
         if let Some((add, del)) = self.agent_cpu {
             let n = self.pods as f64;
             println!(
