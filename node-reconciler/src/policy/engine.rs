@@ -488,7 +488,9 @@ impl Engine {
                 took: started.elapsed(),
             });
             let errors: Vec<String> = failed.iter().map(|(op, e)| format!("{op}: {e}")).collect();
-            let mut report = report_of(&want, &errors, s.unresolvable.values());
+            let left_out = left_out_of_shard(&s.locals);
+            let problems = s.unresolvable.values().chain(&left_out);
+            let mut report = report_of(&want, &errors, problems);
             report.hash = errors.is_empty().then(|| s.input.hash.clone());
             (report, errors)
         })
@@ -1035,6 +1037,22 @@ impl CompilerInput {
     }
 }
 
+/// A diagnostic for each local pod the node's `NodeEndpoints` cannot hold
+/// (only endpoints adopted from a run with other limits: admission keeps
+/// the others from starting; see [`NodeEndpointsSpec::fitting`]).
+fn left_out_of_shard(locals: &BTreeMap<String, LocalState>) -> Vec<String> {
+    let (_, left_out) = NodeEndpointsSpec::fitting(shard_endpoints(locals));
+    left_out
+        .iter()
+        .map(|(e, limit)| {
+            format!(
+                "pod {}/{} is left out of this node's NodeEndpoints ({limit}): other nodes take its traffic as from outside the cluster",
+                e.namespace, e.name
+            )
+        })
+        .collect()
+}
+
 fn report_of<'a>(
     want: &Desired,
     errors: &[String],
@@ -1184,6 +1202,27 @@ mod tests {
         no_pod.pod = None;
         take_in(&mut locals, "trellisnopod", no_pod).expect("not in the shard");
         assert_eq!(shard_endpoints(&locals).len(), MAX_NODE_ENDPOINTS);
+        assert!(left_out_of_shard(&locals).is_empty(), "everything fits");
+    }
+
+    #[test]
+    fn an_adopted_pod_the_shard_cannot_hold_is_reported() {
+        // Adopted from a run with other limits: not through take_in.
+        let mut locals = BTreeMap::new();
+        locals.insert("trellis0".to_owned(), pod_local(0, 0));
+        locals.insert(
+            "trellis1".to_owned(),
+            pod_local(1, MAX_ENDPOINT_NAMED_PORTS + 1),
+        );
+        let problems = left_out_of_shard(&locals);
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert!(
+            problems[0].contains("payments/checkout-1") && problems[0].contains("named"),
+            "{problems:?}"
+        );
+        let report = report_of(&Desired::default(), &[], problems.iter());
+        assert!(report.ready, "the maps hold the policy");
+        assert_eq!(report.diagnostics, problems);
     }
 
     #[test]
