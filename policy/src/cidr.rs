@@ -29,12 +29,14 @@ pub fn parse_cidr(s: &str) -> Option<IpNet> {
 ///
 /// Ids follow the sorted order of the prefixes (IPv4 first, then by address
 /// and length), so the same set of prefixes gives the same ids whatever the
-/// order of the policies they came from.
+/// order of the policies they came from; [`CidrTable::renumbered_like`]
+/// keeps the ids of an earlier table instead, for a node whose policies
+/// change.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct CidrTable {
     ids: BTreeMap<IpNet, u32>,
-    /// The prefixes in id order (`prefixes[id − CIDR_FIRST]`).
-    prefixes: Vec<IpNet>,
+    /// Id → prefix.
+    prefixes: BTreeMap<u32, IpNet>,
     /// Prefix lengths in use, longest first, per family.
     v4_lens: Vec<u8>,
     v6_lens: Vec<u8>,
@@ -68,6 +70,41 @@ impl CidrTable {
         sorted.dedup();
         // Never more than 2^32 − 2^24 prefixes in practice; stop rather than wrap.
         let ids: BTreeMap<IpNet, u32> = sorted.into_iter().zip(CIDR_FIRST..=u32::MAX).collect();
+        CidrTable::with_ids(ids)
+    }
+
+    /// This table's prefixes under the ids `previous` gave them; a prefix
+    /// `previous` does not hold gets the smallest id that `previous` does
+    /// not use (so not the id of a prefix it drops either), in prefix
+    /// order. A node renumbers its table like the one before whenever its
+    /// policies change, so a change moves no id it did not add or remove:
+    /// the IP cache entries of addresses whose prefixes stayed stay as they
+    /// are (one write per address in a changed prefix, not one per address
+    /// in the cluster), and no id means one prefix to the tables being
+    /// replaced and another to their successors. The ids then depend on the
+    /// node's history; nothing outside the node reads them.
+    pub fn renumbered_like(&self, previous: &CidrTable) -> CidrTable {
+        let mut ids: BTreeMap<IpNet, u32> = self
+            .ids
+            .keys()
+            .filter_map(|p| Some((*p, previous.identity_of(p)?)))
+            .collect();
+        let mut next = CIDR_FIRST;
+        for p in self.ids.keys() {
+            if ids.contains_key(p) {
+                continue;
+            }
+            while previous.prefixes.contains_key(&next) {
+                next = next.saturating_add(1);
+            }
+            ids.insert(*p, next);
+            next = next.saturating_add(1);
+        }
+        CidrTable::with_ids(ids)
+    }
+
+    /// The table of exactly these (prefix, id) pairs (host bits cleared).
+    fn with_ids(ids: BTreeMap<IpNet, u32>) -> Self {
         let lens = |v4: bool| {
             let mut lens: Vec<u8> = ids
                 .keys()
@@ -80,7 +117,7 @@ impl CidrTable {
         };
         let (v4_lens, v6_lens) = (lens(true), lens(false));
         CidrTable {
-            prefixes: ids.keys().copied().collect(),
+            prefixes: ids.iter().map(|(p, id)| (*id, *p)).collect(),
             ids,
             v4_lens,
             v6_lens,
@@ -111,8 +148,7 @@ impl CidrTable {
 
     /// The prefix of CIDR identity `id`.
     pub fn prefix_of(&self, id: u32) -> Option<IpNet> {
-        let index = usize::try_from(id.checked_sub(CIDR_FIRST)?).ok()?;
-        self.prefixes.get(index).copied()
+        self.prefixes.get(&id).copied()
     }
 
     /// An address inside `within` whose [`CidrTable::cidr_identity`] is
@@ -151,7 +187,7 @@ impl CidrTable {
 
     /// Every (prefix, identity), in identity order.
     pub fn iter(&self) -> impl Iterator<Item = (IpNet, u32)> + '_ {
-        self.ids.iter().map(|(p, id)| (*p, *id))
+        self.prefixes.iter().map(|(id, p)| (*p, *id))
     }
 
     /// How many prefixes.
@@ -377,5 +413,57 @@ mod tests {
             CidrTable::from_policies([&a, &b]),
             CidrTable::from_policies([&b, &a])
         );
+    }
+
+    #[test]
+    fn renumbering_keeps_the_ids_of_prefixes_that_stay() {
+        let before =
+            CidrTable::from_prefixes(["10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/16"].map(net));
+        let id = |t: &CidrTable, p: &str| t.identity_of(&net(p)).expect("in the table");
+        // 10.0.0.0/8 goes, 10.0.5.0/24 comes (sorted before 10.1.0.0/16).
+        let fresh =
+            CidrTable::from_prefixes(["10.0.5.0/24", "10.1.0.0/16", "192.168.0.0/16"].map(net));
+        let kept = fresh.renumbered_like(&before);
+        assert_eq!(id(&kept, "10.1.0.0/16"), id(&before, "10.1.0.0/16"));
+        assert_eq!(id(&kept, "192.168.0.0/16"), id(&before, "192.168.0.0/16"));
+        // The new prefix does not take the id that went free in the same
+        // change (10.0.0.0/8's): the tables being replaced read it so.
+        assert_eq!(id(&kept, "10.0.5.0/24"), CIDR_FIRST + 3);
+        // One change later it is free.
+        let later = CidrTable::from_prefixes(["10.0.5.0/24", "10.2.0.0/16"].map(net))
+            .renumbered_like(&kept);
+        assert_eq!(id(&later, "10.2.0.0/16"), CIDR_FIRST);
+        // A prefix sorted before the others: fresh numbering moves every
+        // one of them, renumbering none.
+        let added = CidrTable::from_prefixes(
+            ["1.0.0.0/8", "10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/16"].map(net),
+        );
+        let added_kept = added.renumbered_like(&before);
+        for p in ["10.0.0.0/8", "10.1.0.0/16", "192.168.0.0/16"] {
+            assert_ne!(id(&added, p), id(&before, p), "{p} fresh");
+            assert_eq!(id(&added_kept, p), id(&before, p), "{p} renumbered");
+        }
+        assert_eq!(id(&added_kept, "1.0.0.0/8"), CIDR_FIRST + 3);
+        // Every lookup agrees with the ids.
+        for (p, i) in kept.iter() {
+            assert_eq!(kept.prefix_of(i), Some(p));
+            assert_eq!(kept.cidr_identity(p.addr()), i);
+        }
+        assert_eq!(kept.cidr_identity(ip("10.0.5.7")), id(&kept, "10.0.5.0/24"));
+        assert_eq!(kept.cidr_identity(ip("10.9.0.1")), WORLD);
+        assert_eq!(kept.len(), 3);
+        // Like nothing: the fresh numbering; like itself: itself.
+        assert_eq!(fresh.renumbered_like(&CidrTable::default()), fresh);
+        assert_eq!(kept.renumbered_like(&kept), kept);
+        // New prefixes skip every id in use.
+        let grown = CidrTable::from_prefixes(
+            ["1.0.0.0/8", "2.0.0.0/8", "3.0.0.0/8", "192.168.0.0/16"].map(net),
+        )
+        .renumbered_like(&before);
+        let ids: Vec<u32> = grown.iter().map(|(_, i)| i).collect();
+        assert_eq!(id(&grown, "192.168.0.0/16"), id(&before, "192.168.0.0/16"));
+        assert_eq!(ids.len(), 4);
+        let distinct: std::collections::BTreeSet<u32> = ids.iter().copied().collect();
+        assert_eq!(distinct.len(), 4, "{ids:?}");
     }
 }

@@ -1030,8 +1030,12 @@ impl CompilerInput {
         // Identities are kept (see `IdentitiesOf`); pod networks are set by
         // every sync, after this.
         let identities = std::mem::take(&mut self.input.identities);
+        let previous = std::mem::take(&mut self.input.cidrs);
         self.input = trellis_policy::cluster::policy_input(enforcement, policies, bundles);
         self.input.identities = identities;
+        // Prefixes that stay keep their CIDR identities: the IP cache
+        // entries of addresses in them are not rewritten.
+        self.input.cidrs = self.input.cidrs.renumbered_like(&previous);
         self.pod_nets = trellis_policy::cluster::pool_networks(&pools);
         self.of = Some(of);
     }
@@ -1274,5 +1278,43 @@ mod tests {
             input.hash,
             trellis_policy::generation::policy_hash(PolicyEnforcement::Always, &[], &[])
         );
+    }
+
+    #[test]
+    fn a_policy_change_keeps_the_cidr_identities_of_prefixes_that_stay() {
+        let egress_to = |cidrs: &[&str]| {
+            let to: Vec<serde_json::Value> = cidrs
+                .iter()
+                .map(|c| serde_json::json!({"ipBlock": {"cidr": c}}))
+                .collect();
+            crate::policy::testing::mk_policy(serde_json::json!({
+                "metadata": {"namespace": "shop", "name": "out"},
+                "spec": {"podSelector": {}, "policyTypes": ["Egress"], "egress": [{"to": to}]}
+            }))
+        };
+        let objects = |policies: Vec<NetworkPolicy>| {
+            move || PolicyObjects {
+                policies,
+                bundles: Vec::new(),
+                pools: Vec::new(),
+            }
+        };
+        let mut input = CompilerInput::default();
+        input.refresh(
+            (1, PolicyEnforcement::Default),
+            objects(vec![egress_to(&["10.0.0.0/8"])]),
+        );
+        let before = input.input.cidrs.clone();
+        // A prefix sorted before it: numbered afresh, 10.0.0.0/8 would move.
+        input.refresh(
+            (2, PolicyEnforcement::Default),
+            objects(vec![egress_to(&["1.0.0.0/8", "10.0.0.0/8"])]),
+        );
+        let ten = "10.0.0.0/8".parse().expect("a prefix");
+        assert_eq!(
+            input.input.cidrs.identity_of(&ten),
+            before.identity_of(&ten)
+        );
+        assert_eq!(input.input.cidrs.len(), 2);
     }
 }
