@@ -2,7 +2,12 @@
 # Measures CNI ADD + DEL latency per pod for Trellis against the reference
 # bridge + host-local plugins, on the same sandbox node in the same run:
 #
-#   scripts/bench-cni.sh [PODS] [RUNS]      (default 200 pods per network, 3 runs)
+#   scripts/bench-cni.sh [PODS] [RUNS] [REMOTE]   (default 200 pods per network, 3 runs,
+#                                                  0 pods on other nodes)
+#
+# REMOTE publishes that many pods of other nodes (NodeEndpoints shards of 110)
+# before anything is timed: the node's policy then carries a cluster of that
+# size (its IP cache holds every one of them).
 #
 # Each run is a fresh sandbox (etcd, kube-apiserver, CRDs, trellis-operator,
 # one node: its network namespace and trellis-node; release builds) with the
@@ -29,6 +34,7 @@ set -euo pipefail
 
 pods=${1:-200}
 runs=${2:-3}
+remote=${3:-0}
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$repo"
 
@@ -54,8 +60,8 @@ for run in $(seq "$runs"); do
   # The plugins under test alone (the issue's comparison: trellis against bridge +
   # host-local), then the chains as installed (portmap after both).
   for mode in --without-portmap ""; do
-    echo "== run $run of $runs ($pods pods per network${mode:+, without portmap})"
-    out=$("$bench" --pods "$pods" --state-dir "$scratch/sandbox" $mode)
+    echo "== run $run of $runs ($pods pods per network, $remote on other nodes${mode:+, without portmap})"
+    out=$("$bench" --pods "$pods" --remote-pods "$remote" --state-dir "$scratch/sandbox" $mode)
     printf '%s\n' "$out" | grep -v '^RESULT '
     results+=("$(printf '%s\n' "$out" | grep '^RESULT ')")
   done
@@ -70,16 +76,16 @@ for chain in plugins installed; do
     plugins) echo "trellis against bridge + host-local (no portmap in either):" ;;
     installed) echo "the installed chains (portmap after both):" ;;
   esac
-  echo "| run | pods | Trellis ADD+DEL p50 | p99 | mean | reference ADD+DEL p50 | p99 | mean | ratio p50 | ratio p99 | ratio mean | ADD ratio p50 | DEL ratio p50 |"
-  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+  echo "| run | pods | remote pods | Trellis ADD+DEL p50 | p99 | mean | reference ADD+DEL p50 | p99 | mean | ratio p50 | ratio p99 | ratio mean | ADD ratio p50 | DEL ratio p50 | node policy_sync |"
+  echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"
   i=0
   for r in "${results[@]}"; do
     [[ $(field "$r" chain) == "$chain" ]] || continue
     i=$((i + 1))
     add_ratio=$(awk -v t="$(field "$r" t_add_p50)" -v b="$(field "$r" r_add_p50)" 'BEGIN { printf "%.2f", t / b }')
     del_ratio=$(awk -v t="$(field "$r" t_del_p50)" -v b="$(field "$r" r_del_p50)" 'BEGIN { printf "%.2f", t / b }')
-    echo "| $i | $(field "$r" pods) | $(field "$r" t_p50) ms | $(field "$r" t_p99) ms | $(field "$r" t_mean) ms" \
+    echo "| $i | $(field "$r" pods) | $(field "$r" remote_pods) | $(field "$r" t_p50) ms | $(field "$r" t_p99) ms | $(field "$r" t_mean) ms" \
       "| $(field "$r" r_p50) ms | $(field "$r" r_p99) ms | $(field "$r" r_mean) ms" \
-      "| $(field "$r" ratio_p50)x | $(field "$r" ratio_p99)x | $(field "$r" ratio_mean)x | ${add_ratio}x | ${del_ratio}x |"
+      "| $(field "$r" ratio_p50)x | $(field "$r" ratio_p99)x | $(field "$r" ratio_mean)x | ${add_ratio}x | ${del_ratio}x | $(field "$r" policy_sync) ms |"
   done
 done

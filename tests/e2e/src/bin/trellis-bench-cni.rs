@@ -43,6 +43,7 @@ use std::{
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
+use futures::StreamExt as _;
 use kube::{Client, ResourceExt as _};
 use serde_json::{Map, Value, json};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -81,6 +82,11 @@ struct Args {
     /// host-local), instead of the chains as installed.
     #[arg(long)]
     without_portmap: bool,
+    /// Pods on other nodes, published before anything is timed as the `NodeEndpoints` shards
+    /// of 110 pods that nodes write (addresses in 10.128.0.0/10, a disabled IPPool of its
+    /// own; 500 identities): what the node's policy sync carries in a cluster of that size.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+    remote_pods: u32,
 }
 
 const POOL: &str = "default-ipv4";
@@ -221,6 +227,9 @@ async fn measure(cp: &ControlPlane, args: &Args) -> anyhow::Result<Report> {
         .agent_metrics_port(NODE)?
         .context("the node's agent has no metrics port")?;
     let agent_pid = nodes.agent(NODE)?.map(|r| r.pid);
+    if args.remote_pods > 0 {
+        publish_remote_pods(&client, port, args.remote_pods as usize, timeout).await?;
+    }
 
     // Every pod namespace first: creating them is not what is measured.
     let (warmup, n, profile) = (
@@ -340,6 +349,7 @@ async fn measure(cp: &ControlPlane, args: &Args) -> anyhow::Result<Report> {
 
     Ok(Report {
         portmap: !args.without_portmap,
+        remote_pods: args.remote_pods,
         pods: n,
         warmup,
         times,
@@ -531,6 +541,103 @@ async fn settle(port: u16, timeout: Duration) -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// Pods per remote shard (a node's pods).
+const REMOTE_PER_NODE: usize = 110;
+/// Where the remote pods' addresses are: a pool of its own, disabled (no node gets blocks
+/// from it; its range still counts as where pod addresses are).
+const REMOTE_POOL: &str = "trellis-bench-remote";
+const REMOTE_CIDR: &str = "10.128.0.0/10";
+
+/// Publishes `n` pods of other nodes as `NodeEndpoints` shards of [`REMOTE_PER_NODE`] pods,
+/// then waits until the node's IP cache holds them all (its
+/// `trellis_node_policy_ipcache_entries`). Not timed as part of the bench.
+async fn publish_remote_pods(
+    client: &Client,
+    port: u16,
+    n: usize,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let pool: trellis_api::v1alpha1::IPPool = serde_json::from_value(json!({
+        "apiVersion": "network.trellis.dev/v1alpha1",
+        "kind": "IPPool",
+        "metadata": {"name": REMOTE_POOL},
+        "spec": {"cidr": REMOTE_CIDR, "blockSize": 26, "disabled": true},
+    }))
+    .context("the remote pods' IPPool")?;
+    samples::apply_ippools(client, &[pool], FIELD_MANAGER).await?;
+    let before = ipcache_entries(port).await?;
+    let api = kube::Api::<trellis_api::v1alpha1::NodeEndpoints>::all(client.clone());
+    let shards = n.div_ceil(REMOTE_PER_NODE);
+    let mut writes = futures::stream::iter((0..shards).map(|k| {
+        let api = api.clone();
+        async move {
+            let first = k * REMOTE_PER_NODE;
+            let endpoints: Vec<Value> = (first..n.min(first + REMOTE_PER_NODE))
+                .map(|i| {
+                    // 10.128.0.0 + i + 1: inside 10.128.0.0/10 for up to 4M pods.
+                    let a = 0x0a80_0000u32 + u32::try_from(i + 1).unwrap_or(u32::MAX);
+                    json!({
+                        "namespace": "trellis-bench-remote",
+                        "name": format!("r-{i}"),
+                        "addresses": [std::net::Ipv4Addr::from(a).to_string()],
+                        "identity": 0x0010_0000 + i % 500,
+                    })
+                })
+                .collect();
+            let name = format!("trellis-bench-remote-{k:05}");
+            let body = json!({
+                "apiVersion": "network.trellis.dev/v1alpha1",
+                "kind": "NodeEndpoints",
+                "metadata": {"name": name},
+                "spec": {"endpoints": endpoints},
+            });
+            api.patch(
+                &name,
+                &kube::api::PatchParams::apply(FIELD_MANAGER).force(),
+                &kube::api::Patch::Apply(&body),
+            )
+            .await
+            .with_context(|| format!("apply NodeEndpoints {name}"))
+        }
+    }))
+    .buffer_unordered(16);
+    while let Some(written) = writes.next().await {
+        written?;
+    }
+    let written = started.elapsed();
+    let deadline = Instant::now() + timeout;
+    loop {
+        let have = ipcache_entries(port).await?;
+        if have >= before + n as f64 {
+            break;
+        }
+        if Instant::now() >= deadline {
+            bail!(
+                "the node's IP cache holds {have} entries after {timeout:?}, want {before} + {n}"
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    eprintln!(
+        "{n} remote pods in {shards} NodeEndpoints shards written in {:.1}s, in the node's IP \
+         cache {:.1}s later (not timed)",
+        written.as_secs_f64(),
+        (started.elapsed() - written).as_secs_f64()
+    );
+    Ok(())
+}
+
+/// `trellis_node_policy_ipcache_entries` of the agent.
+async fn ipcache_entries(port: u16) -> anyhow::Result<f64> {
+    let text = metrics(port).await?;
+    Ok(text
+        .lines()
+        .find_map(|l| l.strip_prefix("trellis_node_policy_ipcache_entries "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0))
 }
 
 /// Creates Pod `name` of the bench's namespace, bound to the node; its UID.
@@ -881,6 +988,8 @@ fn line(v: &[f64]) -> String {
 struct Report {
     /// Whether both chains had portmap (as installed) or not (the plugins alone).
     portmap: bool,
+    /// Pods on other nodes the node's policy carried (`--remote-pods`).
+    remote_pods: u32,
     pods: usize,
     warmup: usize,
     /// trellis, reference.
@@ -903,9 +1012,10 @@ impl Report {
         let [t, r] = &self.times;
         let (tb, rb) = (t.both(), r.both());
         println!(
-            "{} pods per network on one node ({} warm-up pods each not counted), ADDs in turns, \
-             then DELs in turns; through cni_runtime::Runtime in the node's namespace:",
-            self.pods, self.warmup
+            "{} pods per network on one node ({} warm-up pods each not counted; {} pods on other \
+             nodes), ADDs in turns, then DELs in turns; through cni_runtime::Runtime in the node's \
+             namespace:",
+            self.pods, self.warmup, self.remote_pods
         );
         let chain = if self.portmap { " + portmap" } else { "" };
         for (label, times, both) in [
@@ -1005,7 +1115,8 @@ impl Report {
              t_p50={:.1} t_p99={:.1} t_mean={:.1} r_add_p50={:.1} r_add_p99={:.1} \
              r_del_p50={:.1} r_del_p99={:.1} r_p50={:.1} r_p99={:.1} r_mean={:.1} \
              ratio_p50={r50:.2} ratio_p99={r99:.2} ratio_mean={rmean:.2} server_add={:.2} \
-             server_del={:.2} agent_cpu_add={:.1} agent_cpu_del={:.1}",
+             server_del={:.2} agent_cpu_add={:.1} agent_cpu_del={:.1} remote_pods={} \
+             policy_sync={:.2}",
             if self.portmap { "installed" } else { "plugins" },
             self.pods,
             ta.p50,
@@ -1028,6 +1139,11 @@ impl Report {
                 .map_or(f64::NAN, |(a, _)| a / self.pods as f64),
             self.agent_cpu
                 .map_or(f64::NAN, |(_, d)| d / self.pods as f64),
+            self.remote_pods,
+            self.add_steps
+                .get("policy_sync")
+                .copied()
+                .unwrap_or(f64::NAN),
         );
     }
 }
