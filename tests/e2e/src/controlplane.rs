@@ -112,15 +112,17 @@ impl StartOptions {
     }
 
     /// What `trellis-sandbox up` runs: the namespace `trellis-system`, `nodes` numbered nodes
-    /// and the operator (with default options), with the datapath: a namespace and a
-    /// `trellis-node` for each node.
-    pub fn with_cluster(self, nodes: usize) -> Result<Self> {
+    /// and the operator, with the datapath: a namespace and a `trellis-node` for each node.
+    /// Operator and agent options already set are kept; unset ones get the defaults.
+    pub fn with_cluster(mut self, nodes: usize) -> Result<Self> {
+        let operator = self.operator.take().unwrap_or_default();
+        let agents = self.agents.take().unwrap_or_default();
         Ok(StartOptions {
             system_namespace: true,
             nodes: crate::nodes::numbered(nodes)?,
-            operator: Some(OperatorOptions::default()),
+            operator: Some(operator),
             datapath: true,
-            agents: Some(AgentOptions::default()),
+            agents: Some(agents),
             ..self
         })
     }
