@@ -15,6 +15,14 @@ cd "$repo"
 
 bash scripts/install-deps.sh
 
+# The build and the sandboxes need disk; a full disk shows up as an obscure linker
+# or etcd error, so say how much there is up front.
+avail_kib=$(df --output=avail -k . | tail -1)
+echo "== disk: $((avail_kib / 1024 / 1024)) GiB free in $repo"
+if ((avail_kib < 8 * 1024 * 1024)); then
+  echo "warning: under 8 GiB free; the build (~5 GiB) and the e2e sandboxes may run out" >&2
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all --check
 
