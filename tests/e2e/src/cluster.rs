@@ -9,6 +9,10 @@
 //!  apply_policy(client, policy)        a NetworkPolicy (server-side apply, forced)
 //!  app_pod(namespace, name, node, app) a PodSpec labelled app=<app>
 //!  add_pods(pods, specs)               every pod at once; each with its address, in order
+//!  ingress_from_app(ns, name, to, from, port)
+//!                                      a NetworkPolicy: app=<to> accepts TCP <port> from
+//!                                      app=<from> only
+//!  shard_identity(client, node, pod)   the identity a node's NodeEndpoints gives a pod
 //! ```
 
 use std::net::IpAddr;
@@ -20,12 +24,13 @@ use kube::{
     Api, Client,
     api::{Patch, PatchParams},
 };
-use trellis_api::v1alpha1::IPPool;
+use serde_json::json;
+use trellis_api::v1alpha1::{IPPool, NodeEndpoints};
 
 use crate::{
     controlplane::{ControlPlane, StartOptions},
     error::{Error, Result},
-    pods::{Pod, PodSpec, Pods},
+    pods::{Pod, PodName, PodSpec, Pods},
     samples,
 };
 
@@ -107,4 +112,42 @@ pub async fn add_pods(pods: &Pods, specs: &[PodSpec]) -> Result<Vec<(Pod, IpAddr
     }
     Error::from_list(errors)?;
     Ok(out)
+}
+
+/// NetworkPolicy `namespace/name`: pods labelled `app=<to>` are isolated for ingress and accept
+/// TCP `port` from pods labelled `app=<from>` in the same namespace, nothing else.
+pub fn ingress_from_app(
+    namespace: &str,
+    name: &str,
+    to: &str,
+    from: &str,
+    port: u16,
+) -> NetworkPolicy {
+    crate::truth::policy(
+        namespace,
+        name,
+        json!({
+            "podSelector": {"matchLabels": {"app": to}},
+            "policyTypes": ["Ingress"],
+            "ingress": [{
+                "from": [{"podSelector": {"matchLabels": {"app": from}}}],
+                "ports": [{"protocol": "TCP", "port": port}],
+            }],
+        }),
+    )
+}
+
+/// The identity number `node`'s NodeEndpoints shard gives `pod`; `None` while the shard does
+/// not exist, cannot be read, or does not list the pod.
+pub async fn shard_identity(client: &Client, node: &str, pod: &PodName) -> Option<u32> {
+    let shard = Api::<NodeEndpoints>::all(client.clone())
+        .get_opt(node)
+        .await
+        .ok()??;
+    shard
+        .spec
+        .endpoints
+        .iter()
+        .find(|e| e.namespace == pod.namespace && e.name == pod.name)
+        .and_then(|e| u32::try_from(e.identity).ok())
 }

@@ -17,10 +17,10 @@ use kube::{
     Api, Client,
     api::{DeleteParams, PostParams},
 };
-use trellis_api::v1alpha1::{NodeEndpoints, SecurityIdentity};
+use trellis_api::v1alpha1::SecurityIdentity;
 use trellis_e2e::{
     PodName, StartOptions,
-    cluster::{app_pod, apply_namespace, start_cluster},
+    cluster::{app_pod, apply_namespace, shard_identity, start_cluster},
     samples,
     truth::world::{FIELD_MANAGER, wait_nodes_ready},
     wait_for,
@@ -32,22 +32,12 @@ const NAMESPACE: &str = "trellis-idalloc";
 const TIMEOUT: Duration = Duration::from_secs(60);
 
 /// The identity `NODE`'s shard gives pod `name`, once it lists it.
-async fn shard_identity(client: &Client, name: &str) -> u32 {
+async fn wait_shard_identity(client: &Client, name: &str) -> u32 {
+    let pod = PodName::new(NAMESPACE, name);
     wait_for(
         &format!("{NODE}'s NodeEndpoints to list {NAMESPACE}/{name}"),
         TIMEOUT,
-        || async {
-            let shard = Api::<NodeEndpoints>::all(client.clone())
-                .get_opt(NODE)
-                .await
-                .ok()??;
-            shard
-                .spec
-                .endpoints
-                .iter()
-                .find(|e| e.namespace == NAMESPACE && e.name == name)
-                .and_then(|e| u32::try_from(e.identity).ok())
-        },
+        || shard_identity(client, NODE, &pod),
     )
     .await
 }
@@ -69,7 +59,7 @@ async fn a_label_set_keeps_the_identity_the_cluster_has_off_its_probe_path() {
     pods.add(&app_pod(NAMESPACE, "first", NODE, "twin"))
         .await
         .expect("add the first pod");
-    let preferred = shard_identity(&client, "first").await;
+    let preferred = wait_shard_identity(&client, "first").await;
     let original = identities
         .get(&preferred.to_string())
         .await
@@ -112,7 +102,7 @@ async fn a_label_set_keeps_the_identity_the_cluster_has_off_its_probe_path() {
         .await
         .expect("add the second pod");
     assert_eq!(
-        shard_identity(&client, "second").await,
+        wait_shard_identity(&client, "second").await,
         elsewhere,
         "the label set's identity is the one the cluster has"
     );

@@ -27,19 +27,20 @@ use std::{
     time::{Duration, Instant},
 };
 
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
     Api, Client,
     api::{DeleteParams, ListParams, PostParams},
 };
-use serde_json::json;
-use trellis_api::v1alpha1::{NodeEndpoints, SecurityIdentity};
+use trellis_api::v1alpha1::SecurityIdentity;
 use trellis_e2e::{
     OperatorOptions, PodName, StartOptions,
-    cluster::{add_pods, app_pod, apply_namespace, apply_policy, start_cluster},
+    cluster::{
+        add_pods, app_pod, apply_namespace, apply_policy, ingress_from_app, shard_identity,
+        start_cluster,
+    },
     operator, samples,
     truth::{
-        Observed, Protocol, policy,
+        Observed, Protocol,
         traffic::{PROBE_TIMEOUT, probe, serve},
         world::{FIELD_MANAGER, wait_nodes_ready},
     },
@@ -61,26 +62,13 @@ const ROUNDS: usize = 3;
 /// Bound of every wait on the cluster.
 const TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The identity number `node`'s shard gives pod `name`, if it lists it.
-async fn shard_identity(client: &Client, node: &str, name: &str) -> Option<u32> {
-    let shard = Api::<NodeEndpoints>::all(client.clone())
-        .get_opt(node)
-        .await
-        .ok()??;
-    shard
-        .spec
-        .endpoints
-        .iter()
-        .find(|e| e.namespace == NAMESPACE && e.name == name)
-        .and_then(|e| u32::try_from(e.identity).ok())
-}
-
 /// Waits until `node`'s shard lists pod `name`; its identity.
 async fn wait_shard_identity(client: &Client, node: &str, name: &str) -> u32 {
+    let pod = PodName::new(NAMESPACE, name);
     wait_for(
         &format!("{node}'s NodeEndpoints to list {NAMESPACE}/{name}"),
         TIMEOUT,
-        || shard_identity(client, node, name),
+        || shard_identity(client, node, &pod),
     )
     .await
 }
@@ -266,18 +254,7 @@ async fn unused_identities_are_collected_and_used_ones_stay() {
     let target = SocketAddr::new(server_ip, PORT);
     let (client_ns, stranger_ns) = (client_pod.netns_path(), stranger.netns_path());
 
-    let np: NetworkPolicy = policy(
-        NAMESPACE,
-        POLICY,
-        json!({
-            "podSelector": {"matchLabels": {"app": "server"}},
-            "policyTypes": ["Ingress"],
-            "ingress": [{
-                "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                "ports": [{"protocol": "TCP", "port": PORT}],
-            }],
-        }),
-    );
+    let np = ingress_from_app(NAMESPACE, POLICY, "server", "client", PORT);
     apply_policy(&client, &np, FIELD_MANAGER)
         .await
         .expect("apply the NetworkPolicy");
@@ -340,7 +317,7 @@ async fn unused_identities_are_collected_and_used_ones_stay() {
         t0.elapsed()
     );
     assert_eq!(
-        shard_identity(&client, NODE_A, "ephemeral").await,
+        shard_identity(&client, NODE_A, &PodName::new(NAMESPACE, "ephemeral")).await,
         None,
         "the shard no longer lists the removed pod"
     );
@@ -380,7 +357,7 @@ async fn unused_identities_are_collected_and_used_ones_stay() {
             "SecurityIdentity {id} came back with other labels"
         );
         assert_eq!(
-            shard_identity(&client, node, pod).await,
+            shard_identity(&client, node, &PodName::new(NAMESPACE, pod)).await,
             Some(*id),
             "{pod} keeps its identity number"
         );

@@ -48,12 +48,10 @@ use std::{
 };
 
 use futures::StreamExt as _;
-use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
     Api, Client, ResourceExt as _,
     runtime::{WatchStreamExt as _, watcher},
 };
-use serde_json::json;
 use tokio::{
     io::{AsyncReadExt as _, AsyncWriteExt as _},
     net::TcpStream,
@@ -63,11 +61,10 @@ use tokio::{
 use trellis_api::v1alpha1::{NETWORKSTATUS_POLICY_READY, NetworkStatus, NodeEndpoints};
 use trellis_e2e::{
     Nodes, StartOptions, agent,
-    cluster::{add_pods, app_pod, apply_namespace, apply_policy, start_cluster},
+    cluster::{add_pods, app_pod, apply_namespace, apply_policy, ingress_from_app, start_cluster},
     process::Outcome,
     samples,
     truth::{
-        case::policy,
         traffic::in_netns,
         world::{FIELD_MANAGER, wait_nodes_ready},
     },
@@ -696,18 +693,7 @@ async fn denied_port_stays_closed_across_node_agent_crashes() {
     let before_hash = policy_state(&client, NODE_A).await.and_then(|(_, h)| h);
 
     // The policy: the server accepts TCP 80 from app=client and nothing else.
-    let np: NetworkPolicy = policy(
-        NAMESPACE,
-        POLICY,
-        json!({
-            "podSelector": {"matchLabels": {"app": "server"}},
-            "policyTypes": ["Ingress"],
-            "ingress": [{
-                "from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
-                "ports": [{"protocol": "TCP", "port": ALLOWED_PORT}],
-            }],
-        }),
-    );
+    let np = ingress_from_app(NAMESPACE, POLICY, "server", "client", ALLOWED_PORT);
     apply_policy(&client, &np, FIELD_MANAGER)
         .await
         .expect("apply the NetworkPolicy");
