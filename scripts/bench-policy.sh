@@ -3,8 +3,10 @@
 # measured against a baseline in the same run, so the ratios hold on any machine:
 #
 #   scripts/bench-policy.sh datapath [RUNS]           per-packet cost, 10 vs 65,536 entries
-#   scripts/bench-policy.sh traffic [ROUNDS] [SECS]   pod-to-pod TCP throughput and 1-byte
+#   scripts/bench-policy.sh traffic [ROUNDS] [SECS] [HOOK]
+#                                                     pod-to-pod TCP throughput and 1-byte
 #                                                     request/response, with vs without the programs
+#                                                     (HOOK: auto, trellis-node's; tcx; clsact)
 #   scripts/bench-policy.sh realize [CHANGES]         NetworkPolicy change → enforced on 3 nodes
 #   scripts/bench-policy.sh bundle [CHANGES] [NODES]  PolicyBundle applied → its status Realized
 #                                                     on every node (default: 3 nodes)
@@ -84,11 +86,11 @@ cleanup() {
 trap cleanup EXIT
 
 traffic() {
-  local rounds=${1:-7} seconds=${2:-5}
+  local rounds=${1:-7} seconds=${2:-5} hook=${3:-auto}
   [[ -n $scratch ]] || build_sandbox
-  machine "traffic: $rounds rounds of $seconds s"
+  machine "traffic: $rounds rounds of $seconds s, hook $hook"
   "$target/release/trellis-bench-policy" traffic --rounds "$rounds" --seconds "$seconds" \
-    --state-dir "$scratch/sandbox"
+    --hook "$hook" --state-dir "$scratch/sandbox"
 }
 
 realize() {

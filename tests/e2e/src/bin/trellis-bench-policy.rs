@@ -13,11 +13,12 @@
 //!   servers iperf3 -s in the server's namespace (ip netns exec); a 1-byte echo server
 //!           (a thread of this process inside the server's namespace)
 //!   rounds  R times, the two states in ABBA order:
-//!             with     the programs on both pods' host veths, in trellis-node's pinned TCX
-//!                      links (this process's load of the same object, with the node's maps,
-//!                      swapped in once at the start, as a trellis-node restart does)
+//!             with     the programs on both pods' host veths, on the hook trellis-node uses
+//!                      (clsact filters; this process's load of the same object, with the
+//!                      node's maps, swapped in once at the start, as a trellis-node restart
+//!                      does)
 //!             without  both programs detached from both veths (Datapath::detach on that
-//!                      load: the links are unpinned and released), same pods, same path
+//!                      load), same pods, same path
 //!           each: iperf3 -c (one TCP stream, S s, first second omitted), then request/
 //!           response (1 byte each way on one TCP_NODELAY connection, S s); before each, a
 //!           check that the state is what it says (a SYN to the server's closed port 5203
@@ -76,7 +77,7 @@ use std::{
 };
 
 use anyhow::{Context as _, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser, Subcommand, ValueEnum};
 use futures::StreamExt as _;
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use kube::{
@@ -96,7 +97,7 @@ use trellis_e2e::{
     datapath, operator, samples,
     support::{Stats, quantile},
 };
-use trellis_node::bpf::Datapath;
+use trellis_node::bpf::{AttachMode, Datapath};
 
 #[derive(Parser)]
 #[command(
@@ -144,8 +145,28 @@ struct TrafficArgs {
     /// ipBlock /32s in the server's policy: entries in its ingress table (plus the client's).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=60000))]
     entries: u32,
+    /// The hook of the "with" state: auto (trellis-node's choice: clsact), tcx or clsact.
+    #[arg(long, value_enum, default_value_t = HookArg::Auto)]
+    hook: HookArg,
     #[command(flatten)]
     common: Common,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum HookArg {
+    Auto,
+    Tcx,
+    Clsact,
+}
+
+impl HookArg {
+    fn mode(self) -> AttachMode {
+        match self {
+            HookArg::Auto => AttachMode::Auto,
+            HookArg::Tcx => AttachMode::Tcx,
+            HookArg::Clsact => AttachMode::Clsact,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -698,6 +719,7 @@ fn attempt(addr: SocketAddr, timeout: Duration) -> anyhow::Result<Reach> {
 /// maps and link pins).
 struct Hook {
     pod: String,
+    mode: AttachMode,
     dp: Datapath,
     netns: PathBuf,
     ifname: String,
@@ -705,7 +727,13 @@ struct Hook {
 }
 
 impl Hook {
-    async fn new(cp: &ControlPlane, node: &str, pod: &str, ip: IpAddr) -> anyhow::Result<Hook> {
+    async fn new(
+        cp: &ControlPlane,
+        node: &str,
+        pod: &str,
+        ip: IpAddr,
+        mode: AttachMode,
+    ) -> anyhow::Result<Hook> {
         let nodes = cp.nodes();
         let netns_name = nodes.netns(node)?;
         let route = datapath::ip_json(&netns_name, &["route", "get", &ip.to_string()]).await?;
@@ -723,6 +751,7 @@ impl Hook {
             .with_context(|| format!("loading the programs on {node}'s pins {}", root.display()))?;
         Ok(Hook {
             pod: pod.to_owned(),
+            mode,
             dp,
             netns: nodes.netns_path(node)?,
             ifname,
@@ -738,7 +767,14 @@ impl Hook {
         let context = || format!("{what} the programs on {} ({})", self.ifname, self.pod);
         let on_clsact = tokio::task::block_in_place(|| {
             if attached {
-                let a = self.dp.attach(Some(&self.netns), &self.ifname)?;
+                // A hook chosen by hand: off the other one first, so the programs never
+                // run twice.
+                if self.mode != AttachMode::Auto {
+                    self.dp.detach(Some(&self.netns), &self.ifname)?;
+                }
+                let a = self
+                    .dp
+                    .attach_with(Some(&self.netns), &self.ifname, self.mode)?;
                 Ok(a.hook == trellis_node::bpf::Hook::Clsact)
             } else {
                 self.dp
@@ -949,8 +985,8 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
     drop(statuses);
 
     let mut hooks = [
-        Hook::new(cp, CLIENT_NODE, "client", client_ip).await?,
-        Hook::new(cp, SERVER_NODE, "server", server_ip).await?,
+        Hook::new(cp, CLIENT_NODE, "client", client_ip, args.hook.mode()).await?,
+        Hook::new(cp, SERVER_NODE, "server", server_ip, args.hook.mode()).await?,
     ];
     let entries = table_entries(&hooks[1])?;
     if entries < args.entries as usize {
@@ -1098,16 +1134,23 @@ fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: 
     let rr = |s: &[Sample]| s.iter().map(|x| x.rr).collect::<Vec<_>>();
     let (wg, og) = (median(&gbps(with)), median(&gbps(without)));
     let (wr, or) = (median(&rr(with)), median(&rr(without)));
-    // Ratios of the two states within each round.
-    let per_round = |f: fn(&Sample) -> f64| -> (f64, f64) {
+    // Ratios of the two states within each round (adjacent in time, so drift of the
+    // machine over the run cancels): range and median.
+    let per_round = |f: fn(&Sample) -> f64| -> (f64, f64, f64) {
         let r: Vec<f64> = with.iter().zip(without).map(|(a, b)| f(a) / f(b)).collect();
         (
             r.iter().copied().fold(f64::INFINITY, f64::min),
             r.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+            median(&r),
         )
     };
-    let (tlo, thi) = per_round(|s| s.gbps);
-    let (rlo, rhi) = per_round(|s| s.rr);
+    let (tlo, thi, tmed) = per_round(|s| s.gbps);
+    let (rlo, rhi, rmed) = per_round(|s| s.rr);
+    let hook = match args.hook {
+        HookArg::Auto => "trellis-node's hook",
+        HookArg::Tcx => "TCX",
+        HookArg::Clsact => "clsact",
+    };
     println!();
     println!(
         "Pod to pod across nodes ({CLIENT_NODE} → {SERVER_NODE}), {} rounds of {} s each, \
@@ -1119,7 +1162,7 @@ fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: 
     );
     println!("|---|---|---|---|---|");
     println!(
-        "| with the programs, {entries} entries | {wg:.2} Gbit/s | {} | {wr:.0} /s | {} |",
+        "| with the programs ({hook}), {entries} entries | {wg:.2} Gbit/s | {} | {wr:.0} /s | {} |",
         joined(gbps(with), 2),
         joined(rr(with), 0)
     );
@@ -1133,6 +1176,7 @@ fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: 
         wg / og,
         wr / or
     );
+    println!("| median of the per-round ratios | {tmed:.3}x | | {rmed:.3}x | |");
     let retrans = |s: &[Sample]| s.iter().map(|x| x.retransmits).sum::<u64>();
     println!(
         "retransmits: {} with, {} without; packets the programs counted per round with them: {}",
@@ -1146,11 +1190,16 @@ fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: 
     println!(
         "RESULT bench=traffic rounds={} seconds={} entries={entries} with_gbps={wg:.3} \
          without_gbps={og:.3} gbps_ratio={:.3} with_rr={wr:.0} without_rr={or:.0} rr_ratio={:.3} \
+         gbps_round_ratio={tmed:.3} rr_round_ratio={rmed:.3} hook={} \
          with_gbps_runs={} without_gbps_runs={} with_rr_runs={} without_rr_runs={}",
         args.rounds,
         args.seconds,
         wg / og,
         wr / or,
+        args.hook
+            .to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default(),
         joined(gbps(with), 3),
         joined(gbps(without), 3),
         joined(rr(with), 0),
