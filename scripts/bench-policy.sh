@@ -3,10 +3,11 @@
 # measured against a baseline in the same run, so the ratios hold on any machine:
 #
 #   scripts/bench-policy.sh datapath [RUNS]           per-packet cost, 10 vs 65,536 entries
-#   scripts/bench-policy.sh traffic [ROUNDS] [SECS] [HOOK]
+#   scripts/bench-policy.sh traffic [ROUNDS] [SECS] [HOOK] [rr]
 #                                                     pod-to-pod TCP throughput and 1-byte
 #                                                     request/response, with vs without the programs
-#                                                     (HOOK: auto, trellis-node's; tcx; clsact)
+#                                                     (HOOK: auto, trellis-node's; tcx; clsact;
+#                                                     rr: request/response only, no iperf3)
 #   scripts/bench-policy.sh realize [CHANGES]         NetworkPolicy change → enforced on 3 nodes
 #   scripts/bench-policy.sh bundle [CHANGES] [NODES]  PolicyBundle applied → its status Realized
 #                                                     on every node (default: 3 nodes)
@@ -86,11 +87,17 @@ cleanup() {
 trap cleanup EXIT
 
 traffic() {
-  local rounds=${1:-7} seconds=${2:-5} hook=${3:-auto}
+  local rounds=${1:-7} seconds=${2:-5} hook=${3:-auto} only=${4:-}
+  local extra=()
+  case $only in
+    "") ;;
+    rr) extra=(--rr-only) ;;
+    *) echo "traffic: the fourth argument is 'rr' (request/response only) or nothing, not '$only'" >&2; return 2 ;;
+  esac
   [[ -n $scratch ]] || build_sandbox
-  machine "traffic: $rounds rounds of $seconds s, hook $hook"
+  machine "traffic: $rounds rounds of $seconds s, hook $hook${only:+, $only only}"
   "$target/release/trellis-bench-policy" traffic --rounds "$rounds" --seconds "$seconds" \
-    --hook "$hook" --state-dir "$scratch/sandbox"
+    --hook "$hook" "${extra[@]}" --state-dir "$scratch/sandbox"
 }
 
 realize() {

@@ -148,6 +148,10 @@ struct TrafficArgs {
     /// The hook of the "with" state: auto (trellis-node's choice: clsact), tcx or clsact.
     #[arg(long, value_enum, default_value_t = HookArg::Auto)]
     hook: HookArg,
+    /// Request/response only, no iperf3: shorter rounds, so more pairs of rounds in the
+    /// same time (throughput is reported as not measured).
+    #[arg(long)]
+    rr_only: bool,
     #[command(flatten)]
     common: Common,
 }
@@ -1023,7 +1027,11 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
             }
             check_state(&client_netns, server_ip, attached).await?;
             let before: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
-            let (gbps, retransmits) = iperf(&client.netns, server_ip, args.seconds).await?;
+            let (gbps, retransmits) = if args.rr_only {
+                (f64::NAN, 0)
+            } else {
+                iperf(&client.netns, server_ip, args.seconds).await?
+            };
             let seconds = args.seconds;
             let rr = join(in_netns(&client_netns, move || {
                 request_response(SocketAddr::new(server_ip, RR_PORT), seconds)
@@ -1151,6 +1159,14 @@ fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: 
         HookArg::Tcx => "TCX",
         HookArg::Clsact => "clsact",
     };
+    // Throughput's cells, or what --rr-only left of them.
+    let tp = |cell: String| {
+        if args.rr_only {
+            "not measured".to_owned()
+        } else {
+            cell
+        }
+    };
     println!();
     println!(
         "Pod to pod across nodes ({CLIENT_NODE} → {SERVER_NODE}), {} rounds of {} s each, \
@@ -1162,21 +1178,27 @@ fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: 
     );
     println!("|---|---|---|---|---|");
     println!(
-        "| with the programs ({hook}), {entries} entries | {wg:.2} Gbit/s | {} | {wr:.0} /s | {} |",
-        joined(gbps(with), 2),
+        "| with the programs ({hook}), {entries} entries | {} | {} | {wr:.0} /s | {} |",
+        tp(format!("{wg:.2} Gbit/s")),
+        tp(joined(gbps(with), 2)),
         joined(rr(with), 0)
     );
     println!(
-        "| without the programs | {og:.2} Gbit/s | {} | {or:.0} /s | {} |",
-        joined(gbps(without), 2),
+        "| without the programs | {} | {} | {or:.0} /s | {} |",
+        tp(format!("{og:.2} Gbit/s")),
+        tp(joined(gbps(without), 2)),
         joined(rr(without), 0)
     );
     println!(
-        "| ratio with / without | {:.3}x | {tlo:.2}–{thi:.2} | {:.3}x | {rlo:.2}–{rhi:.2} |",
-        wg / og,
+        "| ratio with / without | {} | {} | {:.3}x | {rlo:.2}–{rhi:.2} |",
+        tp(format!("{:.3}x", wg / og)),
+        tp(format!("{tlo:.2}–{thi:.2}")),
         wr / or
     );
-    println!("| median of the per-round ratios | {tmed:.3}x | | {rmed:.3}x | |");
+    println!(
+        "| median of the per-round ratios | {} | | {rmed:.3}x | |",
+        tp(format!("{tmed:.3}x"))
+    );
     let retrans = |s: &[Sample]| s.iter().map(|x| x.retransmits).sum::<u64>();
     println!(
         "retransmits: {} with, {} without; packets the programs counted per round with them: {}",
