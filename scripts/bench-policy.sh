@@ -27,7 +27,10 @@
 #   entries (1,000 ipBlock /32s) plus the client's ports; iperf3 (one stream) and a 1-byte
 #   ping-pong on one connection, alternating (ABBA) between the programs as trellis-node
 #   attached them and the same pods with both programs detached from both host veths;
-#   medians, ratio with / without (target >= 0.95).
+#   medians, ratio with / without (target >= 0.95). Then 3 request/response rounds with the
+#   programs on and the kernel's BPF run-time statistics enabled (only then: they add two
+#   clock reads to every run): each program's own run time per packet, the four summed
+#   per transaction.
 # realize (default 30 changes): a fresh 3-node sandbox with a pod per node; a NetworkPolicy
 #   isolating every pod is created and deleted in turn; each change is timed until every
 #   node's NetworkStatus reports PolicyReady=True with the policyHash of the new set of

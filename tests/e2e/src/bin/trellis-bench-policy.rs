@@ -97,7 +97,7 @@ use trellis_e2e::{
     datapath, operator, samples,
     support::{Stats, quantile},
 };
-use trellis_node::bpf::{AttachMode, Datapath};
+use trellis_node::bpf::{AttachMode, Datapath, Program};
 
 #[derive(Parser)]
 #[command(
@@ -152,6 +152,11 @@ struct TrafficArgs {
     /// same time (throughput is reported as not measured).
     #[arg(long)]
     rr_only: bool,
+    /// Request/response rounds after the others, with the programs on and the kernel's
+    /// run-time statistics enabled (off during the measured rounds: they add two clock
+    /// reads to every run): each program's own run time per packet. 0: none.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(0..=100))]
+    run_time_rounds: u32,
     #[command(flatten)]
     common: Common,
 }
@@ -806,6 +811,18 @@ impl Hook {
         }
     }
 
+    /// Each program's accumulated run time and runs, as the kernel counts them while
+    /// run-time statistics are enabled.
+    fn runs(&self) -> anyhow::Result<[(Duration, u64); 2]> {
+        let [a, b] = Program::ALL.map(|p| {
+            self.dp
+                .program_info(p)
+                .map(|i| (i.run_time(), i.run_count()))
+                .with_context(|| format!("reading {}'s statistics on {}", p.name(), self.pod))
+        });
+        Ok([a?, b?])
+    }
+
     /// Packets the node's programs counted, every reason and direction.
     fn packets(&self) -> anyhow::Result<u64> {
         let counters = self.dp.counters()?;
@@ -1072,8 +1089,106 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
         h.set(true)?;
     }
     iperf_server.stop().await;
+    let run_time = run_time(&hooks, server_ip, &client_netns, args).await?;
     report_traffic(args, entries, &with, &without);
+    report_run_time(&run_time);
     Ok(())
+}
+
+/// One program on one pod's veth in the run-time pass: nanoseconds per run, each round.
+struct RunTime {
+    what: String,
+    ns_per_run: Vec<f64>,
+    runs: u64,
+}
+
+/// The run-time pass: `--run-time-rounds` request/response rounds with statistics on.
+async fn run_time(
+    hooks: &[Hook; 2],
+    server_ip: IpAddr,
+    client_netns: &Path,
+    args: &TrafficArgs,
+) -> anyhow::Result<Vec<RunTime>> {
+    let mut out: Vec<RunTime> = hooks
+        .iter()
+        .flat_map(|h| {
+            Program::ALL.map(|p| RunTime {
+                what: format!("{} on {}'s veth", p.name(), h.pod),
+                ns_per_run: Vec::new(),
+                runs: 0,
+            })
+        })
+        .collect();
+    if args.run_time_rounds == 0 {
+        return Ok(out);
+    }
+    // Enabled for as long as the descriptor is open.
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .context("enabling the kernel's BPF run-time statistics (BPF_ENABLE_STATS)")?;
+    for round in 0..args.run_time_rounds {
+        let before = hooks
+            .iter()
+            .map(Hook::runs)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let seconds = args.seconds;
+        let client_netns = client_netns.to_owned();
+        let rr = join(in_netns(&client_netns, move || {
+            request_response(SocketAddr::new(server_ip, RR_PORT), seconds)
+        }))
+        .await?;
+        let after = hooks
+            .iter()
+            .map(Hook::runs)
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let deltas = before.iter().flatten().zip(after.iter().flatten());
+        for (slot, ((t0, n0), (t1, n1))) in out.iter_mut().zip(deltas) {
+            let runs = n1 - n0;
+            if runs == 0 {
+                bail!("run-time round {}: {} did not run", round + 1, slot.what);
+            }
+            slot.ns_per_run
+                .push((*t1 - *t0).as_nanos() as f64 / runs as f64);
+            slot.runs += runs;
+        }
+        eprintln!(
+            "run-time round {} {rr:8.0} transactions/s (statistics on): {} ns per run",
+            round + 1,
+            out.iter()
+                .map(|r| format!("{:.0}", r.ns_per_run.last().copied().unwrap_or(f64::NAN)))
+                .collect::<Vec<_>>()
+                .join(" / ")
+        );
+    }
+    Ok(out)
+}
+
+fn report_run_time(run_time: &[RunTime]) {
+    if run_time.iter().all(|r| r.ns_per_run.is_empty()) {
+        return;
+    }
+    println!();
+    println!(
+        "The programs' own run time in request/response traffic (kernel BPF_STATS_RUN_TIME, \
+         {} rounds; medians)",
+        run_time[0].ns_per_run.len()
+    );
+    println!("| program | ns per run | per round | runs |");
+    println!("|---|---|---|---|");
+    for r in run_time {
+        println!(
+            "| {} | {:.0} | {} | {} |",
+            r.what,
+            median(&r.ns_per_run),
+            joined(r.ns_per_run.iter().copied(), 0),
+            r.runs
+        );
+    }
+    let per_transaction: f64 = run_time.iter().map(|r| median(&r.ns_per_run)).sum();
+    println!("one transaction runs each once: {per_transaction:.0} ns");
+    println!(
+        "RESULT bench=run-time ns_per_transaction={per_transaction:.0} ns_per_run={}",
+        joined(run_time.iter().map(|r| median(&r.ns_per_run)), 0)
+    );
 }
 
 /// Entries of the table the endpoint `hook` names for its ingress.
