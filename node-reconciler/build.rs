@@ -54,10 +54,16 @@ fn main() {
             .and_then(|n| n.strip_suffix(".c"))
             .expect("a .bpf.c file name");
         // `<stem>.o` pins its maps by name; `<stem>.unpinned.o` is the same
-        // code without the pinning attribute (see bpf/lib/maps.h).
+        // code without the pinning attribute (see bpf/lib/maps.h);
+        // `<stem>.helper-reads.o`, unpinned too, reads every header with
+        // bpf_skb_load_bytes (see bpf/lib/parse.h): the tests run on both.
         for (object, defines) in [
             (format!("{stem}.o"), &[][..]),
             (format!("{stem}.unpinned.o"), &["-DTRELLIS_UNPINNED"][..]),
+            (
+                format!("{stem}.helper-reads.o"),
+                &["-DTRELLIS_UNPINNED", "-DTRELLIS_HELPER_READS"][..],
+            ),
         ] {
             let output = Command::new(&clang)
                 .args(["-O2", "-g", "-target", "bpf", "-Wall", "-Werror"])

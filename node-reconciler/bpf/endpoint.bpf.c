@@ -122,7 +122,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 dir)
 	/* A tag the device offloaded is not in the data: still not plain IP. */
 	if (skb->vlan_present)
 		return drop(TRELLIS_DROP_NOT_IP, dir);
-	if (bpf_skb_load_bytes(skb, 12, &eth_proto, sizeof(eth_proto)))
+	if (eth_proto_of(skb, &eth_proto))
 		return drop(TRELLIS_DROP_MALFORMED, dir);
 	if (eth_proto == bpf_htons(ETH_P_ARP))
 		return pass(TRELLIS_PASS_ARP, dir);

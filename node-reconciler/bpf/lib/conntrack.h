@@ -159,31 +159,42 @@ static __always_inline int ct_related(struct __sk_buff *skb, __u32 endpoint, __u
 	return 0;
 }
 
-/* Step 2 of 0004: CT_ESTABLISHED, CT_REPLY, CT_RELATED, or CT_NEW. */
+/*
+ * Step 2 of 0004: CT_ESTABLISHED, CT_REPLY, CT_RELATED, or CT_NEW.
+ *
+ * A packet that may be either is looked up as a reply first when its source
+ * port is below its destination port, else as the connection itself: a
+ * client's port comes from its kernel's ephemeral range (Linux: 32768 and
+ * up), above the ports services listen on, so this finds most packets with
+ * one lookup instead of two for every reply. A wrong guess costs the second
+ * lookup, as before, and only decides which of two entries a packet
+ * refreshes in the one case both exist (each side opened the same tuple).
+ */
 static __always_inline int ct_lookup(struct __sk_buff *skb, __u32 endpoint, __u8 dir,
 				     const struct trellis_pkt *p, __u64 now)
 {
 	struct trellis_ct_key k;
 	struct trellis_ct_value *v;
-	int matches;
+	int matches, reply_first;
 
 	if (p->icmp == ICMP_KIND_ERROR)
 		return ct_related(skb, endpoint, dir, p, now) ? CT_RELATED : CT_NEW;
 	matches = ct_matches(p);
-	if (matches & CT_MATCH_FORWARD) {
-		ct_key_of(&k, endpoint, dir, &p->t, 0);
+	reply_first = p->ports && bpf_ntohs(p->t.sport) < bpf_ntohs(p->t.dport);
+	for (int i = 0; i < 2; i++) {
+		int reply = (i == 0) == reply_first;
+
+		if (!(matches & (reply ? CT_MATCH_REPLY : CT_MATCH_FORWARD)))
+			continue;
+		if (reply)
+			ct_key_of(&k, endpoint, dir ^ 1, &p->t, 1);
+		else
+			ct_key_of(&k, endpoint, dir, &p->t, 0);
 		v = ct_find(&k, now);
 		if (v) {
-			ct_refresh(v, p->t.proto, ct_flags_of(p), now);
-			return CT_ESTABLISHED;
-		}
-	}
-	if (matches & CT_MATCH_REPLY) {
-		ct_key_of(&k, endpoint, dir ^ 1, &p->t, 1);
-		v = ct_find(&k, now);
-		if (v) {
-			ct_refresh(v, p->t.proto, TRELLIS_CT_SEEN_REPLY | ct_flags_of(p), now);
-			return CT_REPLY;
+			ct_refresh(v, p->t.proto,
+				   (reply ? TRELLIS_CT_SEEN_REPLY : 0) | ct_flags_of(p), now);
+			return reply ? CT_REPLY : CT_ESTABLISHED;
 		}
 	}
 	return CT_NEW;

@@ -204,14 +204,28 @@ impl Datapath {
     /// they are private to this value.
     pub fn load(pin_dir: Option<&Path>) -> Result<Datapath, BpfError> {
         let pins = pin_dir.map(prepare_pin_dir).transpose()?;
-        let mut loader = EbpfLoader::new();
-        let object = match &pins {
-            Some(dir) => {
-                loader.default_map_pin_directory(dir);
-                OBJECT
-            }
-            None => OBJECT_UNPINNED,
+        let object = if pins.is_some() {
+            OBJECT
+        } else {
+            OBJECT_UNPINNED
         };
+        Datapath::load_object(pins, object)
+    }
+
+    /// Loads another build of the same programs, unpinned: an object of
+    /// build.rs's whose maps have no pinning attribute. The tests load
+    /// `endpoint.bpf.helper-reads.o` with it, the build that reads every
+    /// header through the helper (see `bpf/lib/parse.h`).
+    #[doc(hidden)]
+    pub fn load_unpinned_object(object: &[u8]) -> Result<Datapath, BpfError> {
+        Datapath::load_object(None, object)
+    }
+
+    fn load_object(pins: Option<PathBuf>, object: &[u8]) -> Result<Datapath, BpfError> {
+        let mut loader = EbpfLoader::new();
+        if let Some(dir) = &pins {
+            loader.default_map_pin_directory(dir);
+        }
         let mut ebpf = loader.load(object).map_err(|e| BpfError::Load {
             pin_dir: pins.clone(),
             source: Box::new(e),
