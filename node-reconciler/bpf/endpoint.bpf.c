@@ -131,7 +131,14 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 dir)
 	if (parse_packet(skb, bpf_ntohs(eth_proto), &p))
 		return drop(TRELLIS_DROP_MALFORMED, dir);
 
-	now = bpf_ktime_get_ns();
+	/*
+	 * The coarse clock (CLOCK_MONOTONIC at the last tick): lifetimes are
+	 * seconds to hours and an entry is refreshed at most once a second, so
+	 * a tick's lag does not matter, and it is a read of the timekeeper
+	 * where bpf_ktime_get_ns() calls the clocksource through a pointer
+	 * (behind a retpoline on mitigated machines) on every packet.
+	 */
+	now = bpf_ktime_get_coarse_ns();
 	if (p.frag == FRAG_LATER) {
 		isolated = ep.flags & (dir == TRELLIS_DIR_INGRESS ? TRELLIS_EP_INGRESS_ISOLATED
 								  : TRELLIS_EP_EGRESS_ISOLATED);

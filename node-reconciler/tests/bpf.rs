@@ -166,6 +166,12 @@ fn read(dp: &Datapath, k: &CtKey) -> CtEntry {
 }
 
 /// The `plens` of a table holding `keys`.
+/// `CLOCK_MONOTONIC` now, in nanoseconds.
+fn monotonic_ns() -> u64 {
+    let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
+    t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
+}
+
 fn plens(keys: &[PolicyKey]) -> u32 {
     keys.iter().fold(0, |m, k| {
         m | if k.proto == 0 {
@@ -885,8 +891,19 @@ fn connections_expire_and_tcp_lives_longer_than_udp_and_icmp() {
             L4::tcp(40000, 80, TCP_SYN),
             NotIsolated,
         );
+        let before = monotonic_ns();
         sent(dp, a, POD_A, REMOTE, L4::udp(5000, 53), NotIsolated);
+        let after = monotonic_ns();
         sent(dp, a, POD_A, REMOTE, L4::EchoRequest { id: 4 }, NotIsolated);
+        // Expiry is on CLOCK_MONOTONIC (what the ABI says trellis-node can
+        // compare it with), read at a tick's resolution: UDP lives 60 s
+        // from the packet, give or take one tick (at most 10 ms, HZ >= 100).
+        let udp_expires = read(dp, &key(PROTO_UDP, 5000, 53)).expires_ns;
+        let minute = 60_000_000_000;
+        assert!(
+            udp_expires + 10_000_000 >= before + minute && udp_expires <= after + minute,
+            "UDP entry expires at {udp_expires}, sent between {before} and {after}"
+        );
         let (tcp, udp, icmp) = (
             key(PROTO_TCP, 40000, 80),
             key(PROTO_UDP, 5000, 53),

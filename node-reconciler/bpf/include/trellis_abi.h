@@ -125,7 +125,7 @@ struct trellis_ct_key {
 };
 
 struct trellis_ct_value {
-	__u64 expires_ns; /* bpf_ktime_get_ns() clock: CLOCK_MONOTONIC */
+	__u64 expires_ns; /* CLOCK_MONOTONIC (bpf_ktime_get_coarse_ns(): tick resolution) */
 	__u32 flags;
 	__u32 pad;
 };

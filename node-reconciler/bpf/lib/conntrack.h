@@ -17,7 +17,7 @@
  *   policy decides each one.
  * - any other protocol (GRE, ESP, ...): addresses, ports 0.
  *
- * Entries expire (expires_ns, on bpf_ktime_get_ns()); an expired entry is
+ * Entries expire (expires_ns, on bpf_ktime_get_coarse_ns()); an expired entry is
  * a miss, and the LRU map recycles it.
  */
 #ifndef TRELLIS_CONNTRACK_H

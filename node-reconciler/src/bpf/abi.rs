@@ -661,7 +661,8 @@ impl fmt::Display for CtKey {
 /// `struct trellis_ct_value`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct CtEntry {
-    /// `CLOCK_MONOTONIC` nanoseconds (the clock of `bpf_ktime_get_ns`).
+    /// `CLOCK_MONOTONIC` nanoseconds, at the resolution of a tick (the
+    /// programs read `bpf_ktime_get_coarse_ns`).
     pub expires_ns: u64,
     /// `CT_SEEN_REPLY`, `CT_CLOSING`.
     pub flags: u32,
