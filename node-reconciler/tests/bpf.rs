@@ -111,17 +111,15 @@ impl Node {
     }
 
     fn fill(&self, dp: &mut Datapath) {
-        {
-            for (addr, id) in [
-                (POD_A, ID_A),
-                (POD_A6, ID_A),
-                (POD_B, ID_B),
-                (POD_B6, ID_B),
-                (REMOTE, ID_R),
-                (REMOTE6, ID_R),
-            ] {
-                dp.set_ipcache(host(addr), ids(id, id)).expect("ipcache");
-            }
+        for (addr, id) in [
+            (POD_A, ID_A),
+            (POD_A6, ID_A),
+            (POD_B, ID_B),
+            (POD_B6, ID_B),
+            (REMOTE, ID_R),
+            (REMOTE6, ID_R),
+        ] {
+            dp.set_ipcache(host(addr), ids(id, id)).expect("ipcache");
         }
     }
 }
@@ -165,13 +163,13 @@ fn read(dp: &Datapath, k: &CtKey) -> CtEntry {
     dp.conntrack(k).expect("read").expect("tracked")
 }
 
-/// The `plens` of a table holding `keys`.
 /// `CLOCK_MONOTONIC` now, in nanoseconds.
 fn monotonic_ns() -> u64 {
     let t = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).expect("clock_gettime");
     t.tv_sec() as u64 * 1_000_000_000 + t.tv_nsec() as u64
 }
 
+/// The `plens` of a table holding `keys`.
 fn plens(keys: &[PolicyKey]) -> u32 {
     keys.iter().fold(0, |m, k| {
         m | if k.proto == 0 {
@@ -228,20 +226,19 @@ fn both_programs_verify_well_within_the_kernels_limits() {
 }
 
 fn verified_within_limits(dp: &Datapath, build: &str, program: Program) {
-    {
-        let info = dp.program_info(program).expect("program info");
-        let verified = info.verified_instruction_count().expect("kernel ≥ 5.16");
-        eprintln!(
-            "{program:?} ({build}): {verified} instructions verified, {} bytes translated, {} jitted",
-            info.size_translated().unwrap_or_default(),
-            info.size_jitted()
-        );
-        // The limit is 1,000,000. About 25,000 today: twice that means
-        // something made the verifier walk paths again that it should not
-        // (see trellis_decide in endpoint.bpf.c).
-        assert!(verified < 50_000, "{program:?}: {verified}");
-        assert_eq!(info.gpl_compatible(), Some(true));
-    }
+    let info = dp.program_info(program).expect("program info");
+    let verified = info.verified_instruction_count().expect("kernel ≥ 5.16");
+    eprintln!(
+        "{program:?} ({build}): {verified} instructions verified, {} bytes translated, {} jitted",
+        info.size_translated().unwrap_or_default(),
+        info.size_jitted()
+    );
+    // The limit is 1,000,000. About 27,000 today: twice that means
+    // something made the verifier walk paths again that it should not
+    // (see trellis_decide in endpoint.bpf.c, and why parse_direct is
+    // separate from the helper path in lib/parse.h).
+    assert!(verified < 50_000, "{program:?} ({build}): {verified}");
+    assert_eq!(info.gpl_compatible(), Some(true));
 }
 
 #[test]
@@ -818,21 +815,20 @@ fn a_reply_passes_an_isolated_ingress_with_no_entries() {
             .isolate(Direction::Ingress, 2, 0);
         dp.set_endpoint(a, &entry).expect("endpoint");
         for (pod, peer) in [(POD_A, REMOTE), (POD_A6, REMOTE6)] {
+            // A client port above the server's, as from an ephemeral
+            // range: each packet's first lookup finds the connection. One
+            // below it (79): every first lookup (a reply when the source
+            // port is the lower) misses, the second finds it.
+            for client in [40000, 79] {
+                let out = |flags| frame(pod, peer, L4::tcp(client, 80, flags));
+                let back = |flags| frame(peer, pod, L4::tcp(80, client, flags));
+                expect(dp, FromPod, a, &out(TCP_SYN), PolicyAllow);
+                expect(dp, ToPod, a, &back(TCP_SYN | TCP_ACK), Reply);
+                expect(dp, FromPod, a, &out(TCP_ACK), Established);
+                expect(dp, ToPod, a, &back(TCP_ACK), Reply);
+            }
             let out = |flags| frame(pod, peer, L4::tcp(40000, 80, flags));
             let back = |flags| frame(peer, pod, L4::tcp(80, 40000, flags));
-            expect(dp, FromPod, a, &out(TCP_SYN), PolicyAllow);
-            expect(dp, ToPod, a, &back(TCP_SYN | TCP_ACK), Reply);
-            expect(dp, FromPod, a, &out(TCP_ACK), Established);
-            expect(dp, ToPod, a, &back(TCP_ACK), Reply);
-            // A client port below the server's: every packet's first
-            // lookup (a reply when the source port is the lower) misses,
-            // the second finds the connection.
-            let low_out = |flags| frame(pod, peer, L4::tcp(79, 80, flags));
-            let low_back = |flags| frame(peer, pod, L4::tcp(80, 79, flags));
-            expect(dp, FromPod, a, &low_out(TCP_SYN), PolicyAllow);
-            expect(dp, ToPod, a, &low_back(TCP_SYN | TCP_ACK), Reply);
-            expect(dp, FromPod, a, &low_out(TCP_ACK), Established);
-            expect(dp, ToPod, a, &low_back(TCP_ACK), Reply);
             // R opening its own connection to A is not a reply.
             got(dp, a, peer, pod, L4::tcp(80, 40001, TCP_SYN), NoMatch);
             got(dp, a, peer, pod, L4::tcp(80, 78, TCP_SYN), NoMatch);

@@ -905,6 +905,14 @@ async fn iperf(client_netns: &str, server: IpAddr, seconds: u64) -> anyhow::Resu
     Ok((bps / 1e9, retransmits))
 }
 
+/// One request/response measurement from the client pod's namespace to the server's echo.
+async fn rr_round(client_netns: &Path, server_ip: IpAddr, seconds: u64) -> anyhow::Result<f64> {
+    join(in_netns(client_netns, move || {
+        request_response(SocketAddr::new(server_ip, RR_PORT), seconds)
+    }))
+    .await
+}
+
 /// Request/response: one byte each way on one TCP_NODELAY connection for `seconds`;
 /// transactions per second.
 fn request_response(addr: SocketAddr, seconds: u64) -> anyhow::Result<f64> {
@@ -1049,11 +1057,7 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
             } else {
                 iperf(&client.netns, server_ip, args.seconds).await?
             };
-            let seconds = args.seconds;
-            let rr = join(in_netns(&client_netns, move || {
-                request_response(SocketAddr::new(server_ip, RR_PORT), seconds)
-            }))
-            .await?;
+            let rr = rr_round(&client_netns, server_ip, args.seconds).await?;
             let after: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
             let packets = after - before;
             // With the programs every packet is counted; without, none may be.
@@ -1126,20 +1130,10 @@ async fn run_time(
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .context("enabling the kernel's BPF run-time statistics (BPF_ENABLE_STATS)")?;
     for round in 0..args.run_time_rounds {
-        let before = hooks
-            .iter()
-            .map(Hook::runs)
-            .collect::<anyhow::Result<Vec<_>>>()?;
-        let seconds = args.seconds;
-        let client_netns = client_netns.to_owned();
-        let rr = join(in_netns(&client_netns, move || {
-            request_response(SocketAddr::new(server_ip, RR_PORT), seconds)
-        }))
-        .await?;
-        let after = hooks
-            .iter()
-            .map(Hook::runs)
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let runs = || -> anyhow::Result<Vec<_>> { hooks.iter().map(Hook::runs).collect() };
+        let before = runs()?;
+        let rr = rr_round(client_netns, server_ip, args.seconds).await?;
+        let after = runs()?;
         let deltas = before.iter().flatten().zip(after.iter().flatten());
         for (slot, ((t0, n0), (t1, n1))) in out.iter_mut().zip(deltas) {
             let runs = n1 - n0;
