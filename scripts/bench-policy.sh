@@ -24,13 +24,18 @@
 #   the control's (a')/(a).
 # traffic (default 7 rounds of 5 s): a fresh 2-node sandbox, a client pod on one node and a
 #   server pod on the other, NetworkPolicies giving the server's ingress table >= 1,000
-#   entries (1,000 ipBlock /32s) plus the client's ports; iperf3 (one stream) and a 1-byte
-#   ping-pong on one connection, alternating (ABBA) between the programs as trellis-node
-#   attached them and the same pods with both programs detached from both host veths;
-#   medians, ratio with / without (target >= 0.95). Then 3 request/response rounds with the
+#   entries (1,000 ipBlock /32s) plus the client's ports; iperf3 (one stream, a run per state
+#   and round, ABBA) and a 1-byte ping-pong on one connection kept for the whole run, in
+#   100 ms slices alternating (ABBA) between the programs as trellis-node attached them and
+#   the same pods with both programs detached from both host veths; medians, ratio with /
+#   without, and for request/response the median of the adjacent slices' ratios with its
+#   95 % confidence interval (target >= 0.95). Then 3 request/response rounds with the
 #   programs on and the kernel's BPF run-time statistics enabled (only then: they add two
 #   clock reads to every run): each program's own run time per packet, the four summed
 #   per transaction.
+#   TRELLIS_BENCH_RR_CPU=N: the ping-pong's client and echo threads on CPU N, the sandbox
+#   and everything else on the other CPUs (taskset): the whole path on one CPU with nothing
+#   else on it, no wake-ups across CPUs; the programs' share of the path is largest there.
 # realize (default 30 changes): a fresh 3-node sandbox with a pod per node; a NetworkPolicy
 #   isolating every pod is created and deleted in turn; each change is timed until every
 #   node's NetworkStatus reports PolicyReady=True with the policyHash of the new set of
@@ -98,8 +103,19 @@ traffic() {
     *) echo "traffic: the fourth argument is 'rr' (request/response only) or nothing, not '$only'" >&2; return 2 ;;
   esac
   [[ -n $scratch ]] || build_sandbox
-  machine "traffic: $rounds rounds of $seconds s, hook $hook${only:+, $only only}"
-  "$target/release/trellis-bench-policy" traffic --rounds "$rounds" --seconds "$seconds" \
+  local pin=()
+  if [[ -n ${TRELLIS_BENCH_RR_CPU:-} ]]; then
+    local cpu=$TRELLIS_BENCH_RR_CPU others
+    others=$(seq 0 $(($(nproc) - 1)) | grep -vx -- "$cpu" | paste -sd, || true)
+    if [[ ! $cpu =~ ^[0-9]+$ ]] || ((cpu >= $(nproc))) || [[ -z $others ]]; then
+      echo "traffic: TRELLIS_BENCH_RR_CPU=$cpu is not one of CPUs 0..$(($(nproc) - 1)) with another left for the rest" >&2
+      return 2
+    fi
+    pin=(taskset -c "$others")
+    extra+=(--rr-cpus "$cpu")
+  fi
+  machine "traffic: $rounds rounds of $seconds s, hook $hook${only:+, $only only}${TRELLIS_BENCH_RR_CPU:+, request/response on CPU $TRELLIS_BENCH_RR_CPU alone}"
+  "${pin[@]}" "$target/release/trellis-bench-policy" traffic --rounds "$rounds" --seconds "$seconds" \
     --hook "$hook" "${extra[@]}" --state-dir "$scratch/sandbox"
 }
 

@@ -12,19 +12,27 @@
 //!           → the server's ingress table holds >= N entries (read back from the node's maps)
 //!   servers iperf3 -s in the server's namespace (ip netns exec); a 1-byte echo server
 //!           (a thread of this process inside the server's namespace)
-//!   rounds  R times, the two states in ABBA order:
-//!             with     the programs on both pods' host veths, on the hook trellis-node uses
-//!                      (clsact filters; this process's load of the same object, with the
-//!                      node's maps, swapped in once at the start, as a trellis-node restart
-//!                      does)
-//!             without  both programs detached from both veths (Datapath::detach on that
-//!                      load), same pods, same path
-//!           each: iperf3 -c (one TCP stream, S s, first second omitted), then request/
-//!           response (1 byte each way on one TCP_NODELAY connection, S s); before each, a
-//!           check that the state is what it says (a SYN to the server's closed port 5203
-//!           is dropped with, refused without), after each the node's counters moved (with)
-//!           or not (without)
-//!   report  medians per state, ratio with / without (target >= 0.95)
+//!   states  with     the programs on both pods' host veths, on the hook trellis-node uses
+//!                    (clsact filters; this process's load of the same object, with the
+//!                    node's maps, swapped in once at the start, as a trellis-node restart
+//!                    does)
+//!           without  both programs detached from both veths (Datapath::detach on that
+//!                    load), same pods, same path
+//!           each checked once before the rounds by what it does: a SYN to the server's
+//!           closed port 5203 is dropped with, refused without
+//!   rounds  R times:
+//!           iperf3 -c (one TCP stream, S s, first second omitted) in each state, ABBA
+//!           order from round to round (not with --rr-only)
+//!           request/response: 1 byte each way on one TCP_NODELAY connection, opened once
+//!           with the programs on and kept for the whole run, on a thread of its own (and
+//!           the echo's: pinned with --rr-cpus); S s per state in slices of --rr-slice-ms
+//!           (100 ms), the states alternating slice by slice (ABBA)
+//!           after each measurement the nodes' counters moved (with: at least a packet per
+//!           transaction) or not at all (without)
+//!   report  medians per state and of the per-round ratios; for request/response also the
+//!           median of the ratios of adjacent slices (a paired comparison: the machine's
+//!           own swings, which last longer than a slice, fall on both sides of a pair) with
+//!           a 95 % confidence interval (target >= 0.95)
 //!
 //! realize   fresh sandbox, 3 nodes + IPPool default-ipv4; pods trellis-bench/p1..p3, one per
 //!           node; p2 serves TCP 80 (a thread of this process in its namespace)
@@ -137,7 +145,7 @@ struct Common {
 #[derive(Args)]
 struct TrafficArgs {
     /// Rounds; each measures both states (ABBA order).
-    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, default_value_t = 7, value_parser = clap::value_parser!(u32).range(1..=1000))]
     rounds: u32,
     /// Seconds per measurement (iperf3 runs one more, omitted).
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=600))]
@@ -152,6 +160,14 @@ struct TrafficArgs {
     /// same time (throughput is reported as not measured).
     #[arg(long)]
     rr_only: bool,
+    /// Request/response alternates between the states in slices this long (milliseconds),
+    /// `seconds` per state in each round, on one connection kept for the whole run.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(10..=60000))]
+    rr_slice_ms: u32,
+    /// Request/response's client and echo threads pinned: CLIENT[,SERVER] CPU numbers (one
+    /// number: both on it). Unset: wherever the scheduler puts them.
+    #[arg(long, value_delimiter = ',', num_args = 1..=2)]
+    rr_cpus: Vec<usize>,
     /// Request/response rounds after the others, with the programs on and the kernel's
     /// run-time statistics enabled (off during the measured rounds: they add two clock
     /// reads to every run): each program's own run time per packet. 0: none.
@@ -625,15 +641,23 @@ async fn join<T: Send + 'static>(
         .map_err(|_| anyhow::anyhow!("a thread in a pod's namespace panicked"))?
 }
 
-/// A TCP server inside a pod's namespace: echoes every byte back (`echo`), or accepts and
-/// closes. Ends when dropped.
+/// What a [`Server`] does with a connection.
+#[derive(Clone, Copy)]
+enum Serve {
+    /// Accepts and closes.
+    Close,
+    /// Echoes every byte back, on a thread of its own (pinned to this CPU, if any).
+    Echo(Option<usize>),
+}
+
+/// A TCP server inside a pod's namespace. Ends when dropped.
 struct Server {
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Server {
-    fn start(netns: &Path, port: u16, echo: bool) -> anyhow::Result<Server> {
+    fn start(netns: &Path, port: u16, serve: Serve) -> anyhow::Result<Server> {
         let stop = Arc::new(AtomicBool::new(false));
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
         let flag = stop.clone();
@@ -653,15 +677,15 @@ impl Server {
             // the meantime, so nobody waits for the poll.
             listener.set_nonblocking(true)?;
             while !flag.load(Ordering::Relaxed) {
-                match listener.accept() {
-                    Ok((stream, _)) if echo => {
-                        std::thread::spawn(move || echo_bytes(stream));
+                match (listener.accept(), serve) {
+                    (Ok((stream, _)), Serve::Echo(cpu)) => {
+                        std::thread::spawn(move || echo_bytes(stream, cpu));
                     }
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                    (Ok(_), Serve::Close) => {}
+                    (Err(e), _) if e.kind() == ErrorKind::WouldBlock => {
                         std::thread::sleep(Duration::from_millis(1));
                     }
-                    Err(e) => return Err(e).context("accepting"),
+                    (Err(e), _) => return Err(e).context("accepting"),
                 }
             }
             Ok(())
@@ -689,7 +713,15 @@ impl Drop for Server {
     }
 }
 
-fn echo_bytes(mut stream: TcpStream) {
+/// Echoes until the peer closes; a thread that cannot be pinned closes the connection at
+/// once (its client reports it).
+fn echo_bytes(mut stream: TcpStream, cpu: Option<usize>) {
+    if let Some(cpu) = cpu
+        && let Err(e) = pin_to(cpu)
+    {
+        eprintln!("echo server: {e:#}");
+        return;
+    }
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_nodelay(true);
     let mut b = [0u8; 1];
@@ -905,36 +937,173 @@ async fn iperf(client_netns: &str, server: IpAddr, seconds: u64) -> anyhow::Resu
     Ok((bps / 1e9, retransmits))
 }
 
-/// One request/response measurement from the client pod's namespace to the server's echo.
-async fn rr_round(client_netns: &Path, server_ip: IpAddr, seconds: u64) -> anyhow::Result<f64> {
-    join(in_netns(client_netns, move || {
-        request_response(SocketAddr::new(server_ip, RR_PORT), seconds)
-    }))
-    .await
+/// The request/response connection: one TCP_NODELAY connection from the client pod to the
+/// server's echo, made once and kept for the whole run, and used by a thread of its own
+/// (pinned to a CPU if asked) that runs slices of transactions on request.
+struct RrConnection {
+    slices: std::sync::mpsc::Sender<Duration>,
+    done: std::sync::mpsc::Receiver<anyhow::Result<(u64, Duration)>>,
+    thread: Option<std::thread::JoinHandle<anyhow::Result<()>>>,
 }
 
-/// Request/response: one byte each way on one TCP_NODELAY connection for `seconds`;
-/// transactions per second.
-fn request_response(addr: SocketAddr, seconds: u64) -> anyhow::Result<f64> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .with_context(|| format!("connecting to {addr}"))?;
-    s.set_nodelay(true)?;
+impl RrConnection {
+    fn open(client_netns: &Path, server_ip: IpAddr, cpu: Option<usize>) -> anyhow::Result<Self> {
+        let addr = SocketAddr::new(server_ip, RR_PORT);
+        let (slices, todo) = std::sync::mpsc::channel::<Duration>();
+        let (report, done) = std::sync::mpsc::channel();
+        let thread = in_netns(client_netns, move || {
+            if let Some(cpu) = cpu {
+                pin_to(cpu)?;
+            }
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
+                .with_context(|| format!("connecting to {addr}"))?;
+            s.set_nodelay(true)?;
+            // A short warm-up, reported as the first slice: the connection's first packets
+            // go through policy, the rest are established.
+            let start = Instant::now();
+            let warm_up = (0..100).try_for_each(|_| transact(&mut s));
+            if report
+                .send(warm_up.map(|()| (100, start.elapsed())))
+                .is_err()
+            {
+                return Ok(());
+            }
+            while let Ok(length) = todo.recv() {
+                let start = Instant::now();
+                let mut n = 0u64;
+                let result = loop {
+                    if start.elapsed() >= length {
+                        break Ok((n, start.elapsed()));
+                    }
+                    if let Err(e) = transact(&mut s) {
+                        break Err(e);
+                    }
+                    n += 1;
+                };
+                let failed = result.is_err();
+                if report.send(result).is_err() || failed {
+                    break;
+                }
+            }
+            Ok(())
+        });
+        let mut conn = RrConnection {
+            slices,
+            done,
+            thread: Some(thread),
+        };
+        conn.next()?;
+        Ok(conn)
+    }
+
+    /// Transactions back to back for `length`: how many, and the time they took.
+    fn transact_for(&mut self, length: Duration) -> anyhow::Result<(u64, Duration)> {
+        if self.slices.send(length).is_err() {
+            return Err(self.ended());
+        }
+        self.next()
+    }
+
+    fn next(&mut self) -> anyhow::Result<(u64, Duration)> {
+        match tokio::task::block_in_place(|| self.done.recv()) {
+            Ok(result) => result,
+            Err(_) => Err(self.ended()),
+        }
+    }
+
+    /// Why the connection's thread ended.
+    fn ended(&mut self) -> anyhow::Error {
+        match self.thread.take().map(std::thread::JoinHandle::join) {
+            Some(Ok(Err(e))) => e.context("request/response"),
+            Some(Err(_)) => anyhow::anyhow!("the request/response thread panicked"),
+            _ => anyhow::anyhow!("the request/response thread ended"),
+        }
+    }
+}
+
+impl Drop for RrConnection {
+    fn drop(&mut self) {
+        // Its sender gone, the thread's loop ends.
+        let (gone, _) = std::sync::mpsc::channel();
+        self.slices = gone;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// One byte each way.
+fn transact(s: &mut TcpStream) -> anyhow::Result<()> {
     let mut b = [1u8; 1];
-    // A short warm-up: the connection's first packets go through policy, the rest are
-    // established.
-    for _ in 0..100 {
-        s.write_all(&b)?;
-        s.read_exact(&mut b)?;
+    s.write_all(&b).context("request")?;
+    s.read_exact(&mut b).context("response")?;
+    Ok(())
+}
+
+/// Pins the calling thread to `cpu`.
+fn pin_to(cpu: usize) -> anyhow::Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    set.set(cpu).with_context(|| format!("CPU {cpu}"))?;
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("pinning a thread to CPU {cpu}"))
+}
+
+/// Request/response in one round.
+struct RrRound {
+    /// Per state (`[without, with]`): transactions, time, packets counted.
+    states: [(u64, Duration, u64); 2],
+    /// Each pair of adjacent slices: the rate with / the rate without.
+    pairs: Vec<f64>,
+}
+
+/// Request/response in one round: `slices` pairs of slices of `slice` on the same
+/// connection, the states alternating slice by slice (ABBA), so that what the machine does
+/// meanwhile falls on both alike. After each slice, the nodes' counters must have moved by
+/// at least one packet per transaction (with) or not at all (without).
+async fn rr_slices(
+    hooks: &mut [Hook; 2],
+    conn: &mut RrConnection,
+    slices: u32,
+    slice: Duration,
+    round: u32,
+) -> anyhow::Result<RrRound> {
+    let mut out = RrRound {
+        states: [(0u64, Duration::ZERO, 0u64); 2],
+        pairs: Vec::new(),
+    };
+    for k in 0..slices {
+        let mut rates = [0.0; 2];
+        let order = if k % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        for attached in order {
+            for h in hooks.iter_mut() {
+                h.set(attached)?;
+            }
+            let before: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
+            let (n, took) = conn.transact_for(slice)?;
+            let after: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
+            let packets = after - before;
+            if (attached && packets < n) || (!attached && packets != 0) {
+                bail!(
+                    "round {}, slice {}: the programs counted {packets} packets in {n} \
+                     transactions {} them: the state is not what it should be",
+                    round + 1,
+                    k + 1,
+                    if attached { "with" } else { "without" }
+                );
+            }
+            rates[usize::from(attached)] = n as f64 / took.as_secs_f64();
+            let o = &mut out.states[usize::from(attached)];
+            o.0 += n;
+            o.1 += took;
+            o.2 += packets;
+        }
+        out.pairs.push(rates[1] / rates[0]);
     }
-    let length = Duration::from_secs(seconds);
-    let start = Instant::now();
-    let mut n = 0u64;
-    while start.elapsed() < length {
-        s.write_all(&b)?;
-        s.read_exact(&mut b)?;
-        n += 1;
-    }
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    Ok(out)
 }
 
 /// What one state measured in one round.
@@ -1035,55 +1204,82 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
     for h in &mut hooks {
         h.set(true)?;
     }
-    let _echo = Server::start(&server.netns_path(), RR_PORT, true)?;
+    let _echo = Server::start(
+        &server.netns_path(),
+        RR_PORT,
+        Serve::Echo(args.rr_cpus.last().copied()),
+    )?;
     let iperf_server = Iperf::start(&server.netns, timeout).await?;
     let client_netns = client.netns_path();
+    // Each state checked by what it does before the first round: the counters after every
+    // measurement check it from then on.
+    for attached in [false, true] {
+        for h in &mut hooks {
+            h.set(attached)?;
+        }
+        check_state(&client_netns, server_ip, attached).await?;
+    }
+    // Opened with the programs on: its first packets go through policy.
+    let mut conn = RrConnection::open(&client_netns, server_ip, args.rr_cpus.first().copied())?;
+    let slice = Duration::from_millis(args.rr_slice_ms.into());
+    let slices = u32::try_from(args.seconds * 1000 / u64::from(args.rr_slice_ms))
+        .unwrap_or(u32::MAX)
+        .max(1);
     let mut with = Vec::new();
     let mut without = Vec::new();
+    let mut pairs = Vec::new();
     for round in 0..args.rounds {
-        let order = if round % 2 == 0 {
-            [true, false]
-        } else {
-            [false, true]
-        };
-        for attached in order {
-            for h in &mut hooks {
-                h.set(attached)?;
-            }
-            check_state(&client_netns, server_ip, attached).await?;
-            let before: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
-            let (gbps, retransmits) = if args.rr_only {
-                (f64::NAN, 0)
+        // iperf3, one run per state (ABBA from round to round): [without, with].
+        let mut throughput = [(f64::NAN, 0u64, 0u64); 2];
+        if !args.rr_only {
+            let order = if round % 2 == 0 {
+                [true, false]
             } else {
-                iperf(&client.netns, server_ip, args.seconds).await?
+                [false, true]
             };
-            let rr = rr_round(&client_netns, server_ip, args.seconds).await?;
-            let after: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
-            let packets = after - before;
-            // With the programs every packet is counted; without, none may be.
-            if (attached && packets < 1000) || (!attached && packets != 0) {
-                bail!(
-                    "round {}: the programs counted {packets} packets {} them: the state is not \
-                     what it should be",
-                    round + 1,
-                    if attached { "with" } else { "without" }
-                );
+            for attached in order {
+                for h in &mut hooks {
+                    h.set(attached)?;
+                }
+                let before: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
+                let (gbps, retransmits) = iperf(&client.netns, server_ip, args.seconds).await?;
+                let after: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
+                let packets = after - before;
+                // With the programs every packet is counted; without, none may be.
+                if (attached && packets < 1000) || (!attached && packets != 0) {
+                    bail!(
+                        "round {}: the programs counted {packets} packets in iperf3's run {} \
+                         them: the state is not what it should be",
+                        round + 1,
+                        if attached { "with" } else { "without" }
+                    );
+                }
+                throughput[usize::from(attached)] = (gbps, retransmits, packets);
             }
+        }
+        let rr = rr_slices(&mut hooks, &mut conn, slices, slice, round).await?;
+        pairs.extend(&rr.pairs);
+        for attached in [true, false] {
+            let i = usize::from(attached);
+            let (gbps, retransmits, iperf_packets) = throughput[i];
+            let (n, took, rr_packets) = rr.states[i];
             let sample = Sample {
                 gbps,
                 retransmits,
-                rr,
-                packets,
+                rr: n as f64 / took.as_secs_f64(),
+                packets: iperf_packets + rr_packets,
             };
             eprintln!(
-                "round {} {:<16} {gbps:6.2} Gbit/s ({retransmits} retransmits), {rr:8.0} \
-                 transactions/s, {packets} packets counted",
+                "round {} {:<16} {gbps:6.2} Gbit/s ({retransmits} retransmits), {:8.0} \
+                 transactions/s, {} packets counted",
                 round + 1,
                 if attached {
                     "with programs"
                 } else {
                     "without programs"
                 },
+                sample.rr,
+                sample.packets,
             );
             (if attached { &mut with } else { &mut without }).push(sample);
         }
@@ -1093,8 +1289,8 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
         h.set(true)?;
     }
     iperf_server.stop().await;
-    let run_time = run_time(&hooks, server_ip, &client_netns, args).await?;
-    report_traffic(args, entries, &with, &without);
+    let run_time = run_time(&hooks, &mut conn, args).await?;
+    report_traffic(args, entries, &with, &without, &pairs);
     report_run_time(&run_time);
     Ok(())
 }
@@ -1109,8 +1305,7 @@ struct RunTime {
 /// The run-time pass: `--run-time-rounds` request/response rounds with statistics on.
 async fn run_time(
     hooks: &[Hook; 2],
-    server_ip: IpAddr,
-    client_netns: &Path,
+    conn: &mut RrConnection,
     args: &TrafficArgs,
 ) -> anyhow::Result<Vec<RunTime>> {
     let mut out: Vec<RunTime> = hooks
@@ -1132,7 +1327,8 @@ async fn run_time(
     for round in 0..args.run_time_rounds {
         let runs = || -> anyhow::Result<Vec<_>> { hooks.iter().map(Hook::runs).collect() };
         let before = runs()?;
-        let rr = rr_round(client_netns, server_ip, args.seconds).await?;
+        let (n, took) = conn.transact_for(Duration::from_secs(args.seconds))?;
+        let rr = n as f64 / took.as_secs_f64();
         let after = runs()?;
         let deltas = before.iter().flatten().zip(after.iter().flatten());
         for (slot, ((t0, n0), (t1, n1))) in out.iter_mut().zip(deltas) {
@@ -1246,7 +1442,28 @@ fn joined(v: impl IntoIterator<Item = f64>, precision: usize) -> String {
         .join(",")
 }
 
-fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: &[Sample]) {
+/// The median of `v` and a 95 % confidence interval for it, from order statistics (no
+/// assumption about the distribution): `(median, low, high)`.
+fn median_ci(v: &[f64]) -> (f64, f64, f64) {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let n = s.len();
+    if n == 0 {
+        return (f64::NAN, f64::NAN, f64::NAN);
+    }
+    let half = 1.96 * (n as f64).sqrt() / 2.0;
+    let lo = ((n as f64 / 2.0 - half).floor().max(0.0)) as usize;
+    let hi = ((n as f64 / 2.0 + half).ceil() as usize).min(n - 1);
+    (median(&s), s[lo], s[hi])
+}
+
+fn report_traffic(
+    args: &TrafficArgs,
+    entries: usize,
+    with: &[Sample],
+    without: &[Sample],
+    pairs: &[f64],
+) {
     let gbps = |s: &[Sample]| s.iter().map(|x| x.gbps).collect::<Vec<_>>();
     let rr = |s: &[Sample]| s.iter().map(|x| x.rr).collect::<Vec<_>>();
     let (wg, og) = (median(&gbps(with)), median(&gbps(without)));
@@ -1278,9 +1495,10 @@ fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: 
     };
     println!();
     println!(
-        "Pod to pod across nodes ({CLIENT_NODE} → {SERVER_NODE}), {} rounds of {} s each, \
+        "Pod to pod across nodes ({CLIENT_NODE} → {SERVER_NODE}), {} rounds of {} s per state, \
+         request/response alternating between the states every {} ms within each round; \
          medians; the server's ingress table: {entries} entries",
-        args.rounds, args.seconds
+        args.rounds, args.seconds, args.rr_slice_ms
     );
     println!(
         "| state | TCP throughput (iperf3, 1 stream) | per round | request/response (1 byte) | per round |"
@@ -1308,6 +1526,12 @@ fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: 
         "| median of the per-round ratios | {} | | {rmed:.3}x | |",
         tp(format!("{tmed:.3}x"))
     );
+    let (pmed, plo, phi) = median_ci(pairs);
+    println!(
+        "| median of the {}-ms slice pairs' ratios (95 % CI) | | | {pmed:.3}x ({plo:.3}–{phi:.3}) | {} pairs |",
+        args.rr_slice_ms,
+        pairs.len()
+    );
     let retrans = |s: &[Sample]| s.iter().map(|x| x.retransmits).sum::<u64>();
     println!(
         "retransmits: {} with, {} without; packets the programs counted per round with them: {}",
@@ -1321,12 +1545,15 @@ fn report_traffic(args: &TrafficArgs, entries: usize, with: &[Sample], without: 
     println!(
         "RESULT bench=traffic rounds={} seconds={} entries={entries} with_gbps={wg:.3} \
          without_gbps={og:.3} gbps_ratio={:.3} with_rr={wr:.0} without_rr={or:.0} rr_ratio={:.3} \
-         gbps_round_ratio={tmed:.3} rr_round_ratio={rmed:.3} hook={} \
+         gbps_round_ratio={tmed:.3} rr_round_ratio={rmed:.3} rr_slice_ms={} \
+         rr_pair_ratio={pmed:.3} rr_pair_ratio_ci={plo:.3}-{phi:.3} rr_pairs={} hook={} \
          with_gbps_runs={} without_gbps_runs={} with_rr_runs={} without_rr_runs={}",
         args.rounds,
         args.seconds,
         wg / og,
         wr / or,
+        args.rr_slice_ms,
+        pairs.len(),
         args.hook
             .to_possible_value()
             .map(|v| v.get_name().to_owned())
@@ -1374,7 +1601,7 @@ async fn realize(cp: &ControlPlane, args: &RealizeArgs) -> anyhow::Result<()> {
     let (probe_from, _) = &pods[0];
     let (probe_to, probe_ip) = &pods[1];
     let probe_addr = SocketAddr::new(*probe_ip, PROBE_PORT);
-    let _listener = Server::start(&probe_to.netns_path(), PROBE_PORT, false)?;
+    let _listener = Server::start(&probe_to.netns_path(), PROBE_PORT, Serve::Close)?;
     let probe_netns = probe_from.netns_path();
 
     let (hash, _) = enforced_everywhere(&kube, &statuses, &nodes, begin, timeout).await?;
