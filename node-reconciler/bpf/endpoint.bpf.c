@@ -36,8 +36,10 @@ static __always_inline int is_pass(__u32 reason)
 }
 
 /*
- * Steps 2 to 4 for a parsed packet that is not a later fragment; returns
- * the reason of the verdict.
+ * The rest of step 2 (an ICMP error about a tracked connection) and steps
+ * 3 and 4, for a parsed packet that is not a later fragment and that
+ * conntrack did not find as established or a reply; returns the reason of
+ * the verdict.
  *
  * A global function, on purpose (the one exception to header-only inline
  * code): the verifier checks it once, on its own, with its arguments
@@ -61,14 +63,8 @@ __attribute__((noinline)) int trellis_decide(struct __sk_buff *skb,
 		return TRELLIS_DROP_MALFORMED;
 	dir &= 1;
 
-	switch (ct_lookup(skb, ifindex, dir, p, now)) {
-	case CT_ESTABLISHED:
-		return TRELLIS_PASS_ESTABLISHED;
-	case CT_REPLY:
-		return TRELLIS_PASS_REPLY;
-	case CT_RELATED:
+	if (p->icmp == ICMP_KIND_ERROR && ct_related(skb, ifindex, dir, p, now))
 		return TRELLIS_PASS_RELATED;
-	}
 
 	if (dir == TRELLIS_DIR_INGRESS) {
 		isolated = ep->flags & TRELLIS_EP_INGRESS_ISOLATED;
@@ -149,7 +145,22 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 dir)
 		return drop(TRELLIS_DROP_FRAGMENT, dir);
 	}
 
-	reason = trellis_decide(skb, &p, &ep, dir, now);
+	/*
+	 * Established connections and replies, nearly every packet, are found
+	 * here rather than in trellis_decide(): a call and return fewer. ICMP
+	 * errors parse the packet they quote, which is the general path's work
+	 * and stays in there for the verifier's sake.
+	 */
+	switch (p.icmp == ICMP_KIND_ERROR ? CT_NEW : ct_lookup(ifindex, dir, &p, now)) {
+	case CT_ESTABLISHED:
+		reason = TRELLIS_PASS_ESTABLISHED;
+		break;
+	case CT_REPLY:
+		reason = TRELLIS_PASS_REPLY;
+		break;
+	default:
+		reason = trellis_decide(skb, &p, &ep, dir, now);
+	}
 	if (!is_pass(reason))
 		return drop(reason, dir);
 	if (p.frag == FRAG_FIRST)

@@ -44,7 +44,6 @@
 #define CT_NEW 0
 #define CT_ESTABLISHED 1
 #define CT_REPLY 2
-#define CT_RELATED 3
 
 /* Which lookups a packet takes part in. */
 #define CT_MATCH_FORWARD 1 /* may be an established connection, may start one */
@@ -160,7 +159,8 @@ static __always_inline int ct_related(struct __sk_buff *skb, __u32 endpoint, __u
 }
 
 /*
- * Step 2 of 0004: CT_ESTABLISHED, CT_REPLY, CT_RELATED, or CT_NEW.
+ * Step 2 of 0004 for a packet that is not an ICMP error (ct_related() is
+ * for those): CT_ESTABLISHED, CT_REPLY, or CT_NEW.
  *
  * A packet that may be either is looked up as a reply first when its source
  * port is below its destination port, else as the connection itself: a
@@ -170,15 +170,13 @@ static __always_inline int ct_related(struct __sk_buff *skb, __u32 endpoint, __u
  * lookup, as before, and only decides which of two entries a packet
  * refreshes in the one case both exist (each side opened the same tuple).
  */
-static __always_inline int ct_lookup(struct __sk_buff *skb, __u32 endpoint, __u8 dir,
-				     const struct trellis_pkt *p, __u64 now)
+static __always_inline int ct_lookup(__u32 endpoint, __u8 dir, const struct trellis_pkt *p,
+				     __u64 now)
 {
 	struct trellis_ct_key k;
 	struct trellis_ct_value *v;
 	int matches, reply_first;
 
-	if (p->icmp == ICMP_KIND_ERROR)
-		return ct_related(skb, endpoint, dir, p, now) ? CT_RELATED : CT_NEW;
 	matches = ct_matches(p);
 	reply_first = p->ports && bpf_ntohs(p->t.sport) < bpf_ntohs(p->t.dport);
 	for (int i = 0; i < 2; i++) {
