@@ -1060,7 +1060,7 @@ struct RrRound {
 /// connection, the states alternating slice by slice (ABBA), so that what the machine does
 /// meanwhile falls on both alike. After each slice, the nodes' counters must have moved by
 /// at least one packet per transaction (with) or not at all (without).
-async fn rr_slices(
+fn rr_slices(
     hooks: &mut [Hook; 2],
     conn: &mut RrConnection,
     slices: u32,
@@ -1257,7 +1257,7 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
                 throughput[usize::from(attached)] = (gbps, retransmits, packets);
             }
         }
-        let rr = rr_slices(&mut hooks, &mut conn, slices, slice, round).await?;
+        let rr = rr_slices(&mut hooks, &mut conn, slices, slice, round)?;
         pairs.extend(&rr.pairs);
         for attached in [true, false] {
             let i = usize::from(attached);
