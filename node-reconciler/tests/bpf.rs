@@ -233,7 +233,7 @@ fn verified_within_limits(dp: &Datapath, build: &str, program: Program) {
         info.size_translated().unwrap_or_default(),
         info.size_jitted()
     );
-    // The limit is 1,000,000. About 27,000 today: twice that means
+    // The limit is 1,000,000. About 30,000 today: twice that means
     // something made the verifier walk paths again that it should not
     // (see trellis_decide in endpoint.bpf.c, and why parse_direct is
     // separate from the helper path in lib/parse.h).

@@ -1082,19 +1082,12 @@ fn rr_slices(
             for h in hooks.iter_mut() {
                 h.set(attached)?;
             }
-            let before: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
+            let before = counted(hooks)?;
             let (n, took) = conn.transact_for(slice)?;
-            let after: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
-            let packets = after - before;
-            if (attached && packets < n) || (!attached && packets != 0) {
-                bail!(
-                    "round {}, slice {}: the programs counted {packets} packets in {n} \
-                     transactions {} them: the state is not what it should be",
-                    round + 1,
-                    k + 1,
-                    if attached { "with" } else { "without" }
-                );
-            }
+            let packets = counted(hooks)? - before;
+            check_counted(attached, packets, n, || {
+                format!("round {}, slice {} ({n} transactions)", round + 1, k + 1)
+            })?;
             rates[usize::from(attached)] = n as f64 / took.as_secs_f64();
             let o = &mut out.states[usize::from(attached)];
             o.0 += n;
@@ -1104,6 +1097,30 @@ fn rr_slices(
         out.pairs.push(rates[1] / rates[0]);
     }
     Ok(out)
+}
+
+/// Packets both nodes' programs have counted so far.
+fn counted(hooks: &[Hook]) -> anyhow::Result<u64> {
+    hooks.iter().map(Hook::packets).sum()
+}
+
+/// The state check after a measurement: with the programs every packet is counted (at
+/// least `at_least`); without, none may be. `what`: the measurement, for the error.
+fn check_counted(
+    attached: bool,
+    packets: u64,
+    at_least: u64,
+    what: impl FnOnce() -> String,
+) -> anyhow::Result<()> {
+    if (attached && packets < at_least) || (!attached && packets != 0) {
+        bail!(
+            "{}: the programs counted {packets} packets {} them: the state is not what it \
+             should be",
+            what(),
+            if attached { "with" } else { "without" }
+        );
+    }
+    Ok(())
 }
 
 /// What one state measured in one round.
@@ -1241,19 +1258,12 @@ async fn traffic(cp: &ControlPlane, args: &TrafficArgs) -> anyhow::Result<()> {
                 for h in &mut hooks {
                     h.set(attached)?;
                 }
-                let before: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
+                let before = counted(&hooks)?;
                 let (gbps, retransmits) = iperf(&client.netns, server_ip, args.seconds).await?;
-                let after: u64 = hooks.iter().map(Hook::packets).sum::<anyhow::Result<_>>()?;
-                let packets = after - before;
-                // With the programs every packet is counted; without, none may be.
-                if (attached && packets < 1000) || (!attached && packets != 0) {
-                    bail!(
-                        "round {}: the programs counted {packets} packets in iperf3's run {} \
-                         them: the state is not what it should be",
-                        round + 1,
-                        if attached { "with" } else { "without" }
-                    );
-                }
+                let packets = counted(&hooks)? - before;
+                check_counted(attached, packets, 1000, || {
+                    format!("round {}, iperf3's run", round + 1)
+                })?;
                 throughput[usize::from(attached)] = (gbps, retransmits, packets);
             }
         }
